@@ -1,0 +1,31 @@
+# memdistill: does distilling a diffusion model change how much of its training data it memorizes?
+#
+# Stages (one rule file each, data flowing one way through files):
+#   fetch -> subset -> train_teacher -> distill -> sample -> search -> metrics -> tables
+# With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
+# the paper grid is config/config.yaml (profiles/slurm sets it).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+if not config:
+
+    configfile: "config/embedded.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/subset.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/search.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/tables.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

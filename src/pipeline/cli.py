@@ -1,0 +1,147 @@
+"""`python -m pipeline <stage> ...`: the thin commands the Snakemake rules call.
+
+Each command parses plain arguments (JSON for config fragments), sets up logging, and calls one
+library function; all science lives in the modules it imports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def cmd_fetch(a):
+    from .data import fetch
+
+    fetch(a.url, a.dest, md5=a.md5, sha256=a.sha256)
+
+
+def cmd_subset(a):
+    from .data import build_subset, load_source, write_subset
+
+    images, labels = load_source(a.dataset)
+    subset = build_subset(images, labels, a.spec)
+    write_subset(a.out, subset, {"dataset": json.dumps(a.dataset), "spec": json.dumps(a.spec)})
+    logging.info("subset: %d unique images, %d with repeats, groups %s", len(subset), len(subset.expanded_indices()),
+                 sorted(set(subset.group.tolist())))
+
+
+def cmd_train_teacher(a):
+    from .teacher import train_teacher
+
+    train_teacher(a.subset, a.out, a.spec, a.net, a.checkpoint_dir)
+
+
+def cmd_distill(a):
+    from .distill.cd import distill_cd
+
+    methods = {"cd": distill_cd}
+    methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir)
+
+
+def cmd_sample(a):
+    from .sample import write_shard
+
+    write_shard(a.model, a.out, a.sampler_name, a.sampler, a.shard, a.shard_size, a.num_samples, a.seed,
+                a.model_id, a.batch_size)
+
+
+def cmd_manifest(a):
+    from .sample import write_manifest
+
+    write_manifest(a.shards, a.out, a.shard_size, a.num_samples)
+
+
+def cmd_search(a):
+    from .search import search_samples
+
+    summary = search_samples(a.subset, a.manifest, a.out, a.space, a.ratio)
+    logging.info("memorized: %.2f%% of %d samples", 100 * summary["mem_ratio"], summary["n_samples"])
+
+
+def cmd_feature_net(a):
+    from .data import load_source
+    from .quality import train_digits_classifier
+
+    images, labels = load_source(a.dataset)
+    train_digits_classifier(images, labels, a.out, epochs=a.epochs)
+
+
+def cmd_reference_stats(a):
+    from .data import load_source
+    from .quality import write_reference_stats
+
+    images, _ = load_source(a.dataset)
+    write_reference_stats(a.kind, a.feature_net, images, a.out)
+
+
+def cmd_metrics(a):
+    from .metrics import write_metrics
+
+    write_metrics(a.model_id, a.sampler_name, a.neighbours, a.manifest, a.quality_kind, a.feature_net,
+                  a.reference_stats, a.model_stats, a.out)
+
+
+def cmd_table(a):
+    from .tables import write_table
+
+    rows = write_table(a.title, a.rows, a.metrics, a.csv, a.md)
+    print(open(a.md).read())
+    logging.info("table with %d rows written to %s", len(rows), a.md)
+
+
+def cmd_figure(a):
+    from .tables import neighbour_figure
+
+    neighbour_figure(a.manifest, a.neighbours, a.subset, a.out, count=a.count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, **args):
+        s = sub.add_parser(name)
+        for flag, kw in args.items():
+            s.add_argument("--" + flag.replace("_", "-"), dest=flag, **kw)
+        s.set_defaults(func=fn)
+
+    req = {"required": True}
+    js = {"required": True, "type": _json}
+    add("fetch", cmd_fetch, url=req, dest=req, md5={}, sha256={})
+    add("subset", cmd_subset, dataset=js, spec=js, out=req)
+    add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={})
+    add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
+        out=req, checkpoint_dir={})
+    add("sample", cmd_sample, model=req, model_id=req, sampler_name=req, sampler=js, shard={"required": True, "type": int},
+        shard_size={"required": True, "type": int}, num_samples={"required": True, "type": int},
+        seed={"required": True, "type": int}, batch_size={"type": int, "default": 256}, out=req)
+    add("manifest", cmd_manifest, shards={"required": True, "nargs": "+"}, shard_size={"required": True, "type": int},
+        num_samples={"required": True, "type": int}, out=req)
+    add("search", cmd_search, subset=req, manifest=req, space={"default": "pixels"}, ratio={"type": float}, out=req)
+    add("feature-net", cmd_feature_net, dataset=js, epochs={"type": int, "default": 30}, out=req)
+    add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset=js, out=req)
+    add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
+        feature_net=req, reference_stats=req, model_stats=req, out=req)
+    add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req)
+    add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Training subsets: which source images a model sees, and how many times each one.
+
+A subset stores each distinct image once with a `repeat` count rather than storing copies, so
+nearest-neighbour memorization search counts a repeated image once while training still sees it
+`repeat` times (via `expanded_indices`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.io import CorruptFileError, read_image_table, write_image_table
+
+SUBSET_COLUMNS = ("index", "label", "repeat", "group")
+
+
+@dataclass
+class Subset:
+    """Unique images of a training set with their source index, label, repeat count and group."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    repeat: np.ndarray
+    group: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.index = np.asarray(self.index, dtype=np.int64)
+        self.repeat = np.asarray(self.repeat, dtype=np.int64)
+        self.group = np.asarray(self.group, dtype=str)
+        n = len(self.images)
+        if self.images.ndim != 4:
+            raise ValueError(f"subset images must be NHWC, got shape {self.images.shape}")
+        for name in ("labels", "index", "repeat", "group"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"subset {name} has {len(getattr(self, name))} rows, images have {n}")
+        if n and self.repeat.min() < 1:
+            raise ValueError("subset repeat counts must be >= 1")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def expanded_indices(self) -> np.ndarray:
+        """Row positions with each row repeated `repeat` times: the list one training epoch walks."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.repeat)
+
+
+def build_subset(images: np.ndarray, labels: np.ndarray, spec: dict) -> Subset:
+    """Select a subset of (images, labels) as described by `spec` (kind "uniform" or "repetition").
+
+    Selection depends only on the spec and its seed, so rebuilding gives the identical subset.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    kind = spec.get("kind")
+    rng = np.random.default_rng(_require(spec, "seed"))
+    if kind == "uniform":
+        n = int(_require(spec, "n"))
+        if not 0 <= n <= len(labels):
+            raise ValueError(f"uniform subset asks for n={n} images but the dataset has {len(labels)}")
+        chosen = rng.choice(len(labels), size=n, replace=False)
+        repeat = np.ones(n, dtype=np.int64)
+        group = np.full(n, "uniform")
+    elif kind == "repetition":
+        chosen, repeat, group = _repetition(labels, spec, rng)
+    else:
+        raise ValueError(f"unknown subset kind {kind!r}; known kinds: repetition, uniform")
+    return _collapse_duplicates(images, labels, np.asarray(chosen, dtype=np.int64), repeat, group)
+
+
+def _require(spec: dict, key: str):
+    if key not in spec:
+        raise ValueError(f"subset spec {spec!r} is missing {key!r}")
+    return spec[key]
+
+
+def _repetition(labels: np.ndarray, spec: dict, rng: np.random.Generator):
+    """K images of each repeated class seen R times, plus M singles from the remaining classes.
+
+    This is the localized-memorization setting (e.g. 50 CIFAR images of classes 0 and 1 repeated
+    5x plus 1000 from classes 2-9), where memorization should concentrate on the repeated group.
+    """
+    classes = [int(c) for c in _require(spec, "repeated_classes")]
+    per_class = int(_require(spec, "per_class"))
+    repeats = int(_require(spec, "repeats"))
+    others = int(_require(spec, "others"))
+    if repeats < 1 or per_class < 0 or others < 0:
+        raise ValueError(f"repetition spec needs repeats >= 1, per_class >= 0, others >= 0: {spec!r}")
+    chosen, repeat, group = [], [], []
+    for c in classes:
+        pool = np.flatnonzero(labels == c)
+        if per_class > len(pool):
+            raise ValueError(f"class {c} has {len(pool)} images, repetition spec asks for per_class={per_class}")
+        chosen.append(rng.choice(pool, size=per_class, replace=False))
+        repeat.append(np.full(per_class, repeats, dtype=np.int64))
+        group.append(np.full(per_class, "repeated"))
+    pool = np.flatnonzero(~np.isin(labels, classes))
+    if others > len(pool):
+        raise ValueError(f"only {len(pool)} images outside classes {classes}, repetition spec asks for others={others}")
+    chosen.append(rng.choice(pool, size=others, replace=False))
+    repeat.append(np.ones(others, dtype=np.int64))
+    group.append(np.full(others, "non_repeated"))
+    return np.concatenate(chosen), np.concatenate(repeat), np.concatenate(group)
+
+
+def _collapse_duplicates(images, labels, chosen, repeat, group) -> Subset:
+    """Merge byte-identical images into one row (smallest source index, summed repeats).
+
+    A merged row is "repeated" if any of its copies was, since it is then seen more than once.
+    Rows come out sorted by source index so the written file does not depend on draw order.
+    """
+    order = np.argsort(chosen, kind="stable")
+    chosen, repeat, group = chosen[order], repeat[order], group[order]
+    first: dict[bytes, int] = {}
+    keep: list[int] = []
+    repeat = repeat.copy()
+    group = group.astype(object)
+    for pos, src in enumerate(chosen):
+        key = np.ascontiguousarray(images[src]).tobytes()
+        if key in first:
+            row = first[key]
+            repeat[row] += repeat[pos]
+            if group[row] != group[pos]:
+                group[row] = "repeated"
+        else:
+            first[key] = pos
+            keep.append(pos)
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    idx = chosen[keep_arr]
+    return Subset(
+        images=np.asarray(images)[idx] if len(idx) else np.zeros((0, *np.shape(images)[1:]), np.uint8),
+        labels=labels[idx],
+        index=idx,
+        repeat=repeat[keep_arr],
+        group=np.asarray(group[keep_arr].tolist(), dtype=str),
+    )
+
+
+def write_subset(path: str | os.PathLike, subset: Subset, metadata: dict | None = None) -> None:
+    """Write a subset as an image table (atomically) with index, label, repeat and group columns."""
+    write_image_table(
+        path,
+        subset.images,
+        {
+            "index": subset.index,
+            "label": subset.labels,
+            "repeat": subset.repeat,
+            "group": [str(g) for g in subset.group],
+        },
+        metadata or {},
+    )
+
+
+def read_subset(path: str | os.PathLike) -> Subset:
+    """Read a subset written by `write_subset`; CorruptFileError if a subset column is missing."""
+    images, table, _ = read_image_table(path)
+    missing = [c for c in SUBSET_COLUMNS if c not in table.column_names]
+    if missing:
+        raise CorruptFileError(f"{path}: not a subset file, missing column(s) {missing}")
+    col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in SUBSET_COLUMNS}
+    return Subset(
+        images=images,
+        labels=col["label"],
+        index=col["index"],
+        repeat=col["repeat"],
+        group=np.asarray(col["group"].tolist(), dtype=str),
+    )

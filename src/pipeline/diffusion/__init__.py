@@ -1,0 +1,16 @@
+"""The one EDM/consistency core shared by teacher training, distillation and sampling."""
+from .karras import karras_sigmas
+from .precond import ConsistencyFunction, EDMDenoiser, consistency_scalings, edm_scalings
+from .solvers import consistency_sample, euler_step, heun_sample, heun_step
+
+__all__ = [
+    "karras_sigmas",
+    "edm_scalings",
+    "consistency_scalings",
+    "EDMDenoiser",
+    "ConsistencyFunction",
+    "euler_step",
+    "heun_step",
+    "heun_sample",
+    "consistency_sample",
+]

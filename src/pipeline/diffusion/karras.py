@@ -1,0 +1,18 @@
+"""The Karras et al. (2022) noise-level grid used by the EDM sampler and by consistency distillation."""
+from __future__ import annotations
+
+import torch
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  dtype=torch.float64) -> torch.Tensor:
+    """n noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho).
+
+    Same grid as diffusers' EDMEulerScheduler (checked in tests) but returned as a plain tensor,
+    since consistency distillation indexes it per sample rather than stepping a stateful scheduler.
+    """
+    if n < 2:
+        raise ValueError(f"a Karras grid needs at least 2 levels, got {n}")
+    ramp = torch.linspace(0, 1, n, dtype=dtype)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho

@@ -1,0 +1,27 @@
+"""The EDM denoising loss (Karras et al. 2022, Eq. 8 with the log-normal sigma distribution)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .precond import EDMDenoiser
+
+
+@dataclass(frozen=True)
+class EDMLoss:
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2: unit loss at every noise level."""
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+    def __call__(self, denoiser: EDMDenoiser, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample weighted loss, shape (batch,). y is a batch of clean images in [-1, 1]."""
+        rnd = torch.randn(y.shape[0], device=y.device, dtype=y.dtype, generator=generator)
+        sigma = (rnd * self.p_std + self.p_mean).exp()
+        n = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator) * sigma.reshape(-1, 1, 1, 1)
+        d = denoiser(y + n, sigma)
+        return (self.weight(sigma).reshape(-1, 1, 1, 1) * (d - y) ** 2).flatten(1).mean(1)

@@ -1,0 +1,34 @@
+"""Stage 6a: one JSON per (model, sampler) with the memorization figures and the quality metric."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .io import read_json, write_json
+from .memorization import summarize
+from .quality import compute_quality
+from .sample import read_samples
+
+
+def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifest_path: str | Path,
+                  quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
+                  model_stats_path: str | Path, out_path: str | Path) -> dict:
+    images, _, manifest = read_samples(manifest_path)
+    neighbours = pq.read_table(neighbours_path)
+    if neighbours.num_rows != manifest["num_samples"]:
+        raise ValueError(f"{neighbours_path} has {neighbours.num_rows} rows, {manifest_path} lists {manifest['num_samples']} samples")
+    space = (neighbours.schema.metadata or {}).get(b"space", b"pixels").decode()
+    model_stats = read_json(model_stats_path)
+    result = {
+        "model": model,
+        "sampler": sampler,
+        "nfe": manifest["nfe"],
+        "num_samples": manifest["num_samples"],
+        "memorization": {"space": space, **summarize(neighbours)},
+        "quality": compute_quality(quality_kind, feature_net, images, reference_stats),
+        "training": {k: model_stats.get(k) for k in ("steps", "batch_size", "images_seen", "seconds", "final_loss",
+                                                       "parameters", "method", "unique_images")},
+    }
+    write_json(out_path, result)
+    return result

@@ -1,0 +1,61 @@
+"""Model directories between stages: safetensors weights + a JSON that says how to rebuild the network.
+
+Weights are never unpickled: safetensors holds tensors only, and the architecture is rebuilt from
+the JSON through `nets.build_net`, so a model directory is safe to load from anywhere.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .diffusion import ConsistencyFunction, EDMDenoiser
+from .io import atomic_output, write_json
+from .nets import build_net
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STATS = "stats.json"
+
+
+def model_meta(kind: str, net_cfg: Mapping[str, Any], resolution: int, channels: int,
+               sigma_data: float, sigma_min: float, sigma_max: float, **extra) -> dict:
+    if kind not in ("edm", "consistency"):
+        raise ValueError(f"unknown model kind {kind!r}")
+    return dict(kind=kind, net=dict(net_cfg), resolution=resolution, channels=channels,
+                sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, **extra)
+
+
+def build_model(meta: Mapping[str, Any]) -> EDMDenoiser:
+    net = build_net(meta["net"], meta["resolution"], meta["channels"])
+    if meta["kind"] == "edm":
+        return EDMDenoiser(net, meta["sigma_data"])
+    return ConsistencyFunction(net, meta["sigma_data"], meta["sigma_min"])
+
+
+def save_model(out_dir: str | Path, model: torch.nn.Module, meta: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+    """Write weights, config and stats; the weights go last-but-one and stats last, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_output(out_dir / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    write_json(out_dir / CONFIG, dict(meta))
+    write_json(out_dir / STATS, dict(stats))
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[EDMDenoiser, dict]:
+    """Rebuild a model from its directory; a missing file names the rule that writes it."""
+    model_dir = Path(model_dir)
+    for name in (WEIGHTS, CONFIG):
+        if not (model_dir / name).exists():
+            raise FileNotFoundError(
+                f"{model_dir / name} is missing: it is written by the train_teacher or distill rule "
+                f"(snakemake {model_dir / name})")
+    meta = json.loads((model_dir / CONFIG).read_text())
+    model = build_model(meta)
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS), device="cpu"))
+    return model.to(device).eval().requires_grad_(False), meta

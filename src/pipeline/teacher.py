@@ -1,0 +1,59 @@
+"""Stage 2: train an EDM teacher on a subset (no augmentation: the study forbids it)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from accelerate import Accelerator
+
+from .data import read_subset
+from .diffusion import EDMDenoiser
+from .diffusion.loss import EDMLoss
+from .io import images_to_unit
+from .modelio import model_meta, save_model
+from .nets import build_net, count_parameters
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+class EDMObjective:
+    """Denoising score matching with EDM's preconditioning, sigma distribution and loss weight."""
+
+    def __init__(self, model: EDMDenoiser, loss: EDMLoss):
+        self.model = model
+        self.edm_loss = loss
+
+    def loss(self, model, y, generator):
+        return self.edm_loss(model, y, generator)
+
+    def after_step(self, model, step):
+        pass
+
+    def extra_modules(self):
+        return {}
+
+
+def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], net_cfg: Mapping[str, Any],
+                  checkpoint_dir: str | Path | None = None) -> dict:
+    accelerator = Accelerator()
+    subset = read_subset(subset_path)
+    images = torch.from_numpy(images_to_unit(subset.images))
+    _, channels, resolution, _ = images.shape
+    edm = cfg.get("edm", {})
+    sigma_data = edm.get("sigma_data", 0.5)
+    model = EDMDenoiser(build_net(net_cfg, resolution, channels), sigma_data)
+    objective = EDMObjective(model, EDMLoss(edm.get("p_mean", -1.2), edm.get("p_std", 1.2), sigma_data))
+    tcfg = TrainConfig.from_dict(cfg["train"])
+    log.info("teacher: %d unique images (%d with repeats), %d parameters, %d processes",
+             len(subset), len(subset.expanded_indices()), count_parameters(model), accelerator.num_processes)
+    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir)
+    stats.update(parameters=count_parameters(model), subset=str(subset_path), unique_images=len(subset))
+    if accelerator.is_main_process:
+        meta = model_meta("edm", net_cfg, resolution, channels, sigma_data,
+                          edm.get("sigma_min", 0.002), edm.get("sigma_max", 80.0))
+        save_model(out_dir, ema, meta, stats)
+    accelerator.end_training()
+    return stats

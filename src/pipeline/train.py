@@ -1,0 +1,198 @@
+"""The accelerate training loop shared by teacher training and every distillation method.
+
+A method supplies an objective (what to minimize, and what to update after each optimizer step);
+this loop owns everything else: data sharding across processes, optimizer, learning-rate ramp,
+weight EMA, gradient clipping, resumable checkpoints, progress and loss logging.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_rampup_steps: int = 0
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: float | None = 0.05
+    grad_clip: float | None = None
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if k == "betas" else v) for k, v in d.items() if k in names}
+        return cls(**kw)
+
+
+class Objective(Protocol):
+    model: torch.nn.Module
+
+    def loss(self, model: torch.nn.Module, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None: ...
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]: ...
+
+
+def ema_beta(cfg: TrainConfig, images_seen: int) -> float:
+    """EDM's EMA: half-life in images, ramped up over the first part of training."""
+    halflife = cfg.ema_halflife_kimg * 1000
+    if cfg.ema_rampup_ratio is not None:
+        halflife = min(halflife, images_seen * cfg.ema_rampup_ratio)
+    return 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - beta)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class _IndexStream:
+    """Epoch-style shuffled indices for one process: every training row is seen once per epoch.
+
+    Subsets here fit in device memory, so batches are gathered from a resident tensor instead of a
+    DataLoader, which would spend more time in worker plumbing than in the model on small images.
+    """
+
+    def __init__(self, rows: np.ndarray, seed: int, rank: int):
+        self.rows = rows
+        self.rng = np.random.default_rng([seed, rank])
+        self.buf = np.empty(0, dtype=np.int64)
+
+    def take(self, n: int) -> np.ndarray:
+        while self.buf.size < n:
+            self.buf = np.concatenate([self.buf, self.rng.permutation(self.rows)])
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state, "buf": self.buf.tolist()}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+        self.buf = np.asarray(state["buf"], dtype=np.int64)
+
+
+def _optimizer(cfg: TrainConfig, params):
+    opts = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+    if cfg.optimizer not in opts:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {sorted(opts)}")
+    return opts[cfg.optimizer](params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: TrainConfig,
+          accelerator: Accelerator, checkpoint_dir: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """Run `cfg.steps` optimizer steps; return (EMA model on CPU, stats).
+
+    images: unique training images (N, C, H, W) in [-1, 1]; rows: positions into `images`, with a
+    row repeated as often as that image is repeated in the training set. The global batch is split
+    evenly across processes, so the same config gives the same effective batch on 1 or N GPUs.
+    """
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    local_batch = cfg.batch_size // world
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    images = images.to(device)
+
+    model = objective.model
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    model, opt = accelerator.prepare(model, opt)
+    stream = _IndexStream(rows, cfg.seed, accelerator.process_index)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + accelerator.process_index)
+
+    start, history = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    extras = {"ema": ema, **objective.extra_modules()}
+    for m in extras.values():
+        m.to(device)
+    if ckpt and (ckpt / "progress.json").exists():
+        start, history = _load_checkpoint(ckpt, accelerator, extras, stream, gen)
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process,
+               desc="train", mininterval=5)
+    running = []
+    for step in bar:
+        if cfg.lr_rampup_steps:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0)
+        y = images[torch.from_numpy(stream.take(local_batch)).to(device)]
+        loss = objective.loss(model, y, gen).mean()
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for p in model.parameters():  # EDM: keep a rare inf/nan from poisoning the weights
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        opt.step()
+        images_seen = (step + 1) * cfg.batch_size
+        ema_update(ema, accelerator.unwrap_model(model), ema_beta(cfg, images_seen))
+        objective.after_step(accelerator.unwrap_model(model), step)
+        running.append(loss.detach())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mean = accelerator.gather(torch.stack(running).mean().reshape(1)).mean().item()
+            running = []
+            history.append({"step": step + 1, "loss": mean, "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{mean:.4f}")
+            log.info("step %d loss %.5f", step + 1, mean)
+        if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, accelerator, extras, stream, gen, step + 1, history)
+    accelerator.wait_for_everyone()
+    stats = {"steps": cfg.steps, "batch_size": cfg.batch_size, "processes": world,
+             "images_seen": cfg.steps * cfg.batch_size, "seconds": time.time() - t0,
+             "final_loss": history[-1]["loss"] if history else math.nan, "history": history,
+             "train_config": asdict(cfg)}
+    return ema.to("cpu"), stats
+
+
+def _save_checkpoint(ckpt: Path, accelerator, extras, stream, gen, step, history):
+    accelerator.save_state(str(ckpt / "accelerate"))
+    if accelerator.is_main_process:
+        torch.save({k: m.state_dict() for k, m in extras.items()}, ckpt / "extras.pt")
+        torch.save({"stream": stream.state_dict(), "gen": gen.get_state()}, ckpt / f"rng-{accelerator.process_index}.pt")
+        (ckpt / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt: Path, accelerator, extras, stream, gen):
+    accelerator.load_state(str(ckpt / "accelerate"))
+    saved = torch.load(ckpt / "extras.pt", map_location=accelerator.device, weights_only=True)
+    for k, m in extras.items():
+        m.load_state_dict(saved[k])
+    rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        stream.load_state_dict(rng["stream"])
+        gen.set_state(rng["gen"])
+    progress = json.loads((ckpt / "progress.json").read_text())
+    return progress["step"], progress["history"]

@@ -1,0 +1,285 @@
+"""Data layer: sources, subsets and checksummed fetch, all offline and fast."""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import (
+    KNOWN_FILES,
+    ChecksumError,
+    FetchError,
+    Subset,
+    build_subset,
+    fetch,
+    load_source,
+    read_subset,
+    verify,
+    write_subset,
+)
+from pipeline.io import CorruptFileError, write_image_table
+
+# ---------------------------------------------------------------- sources
+
+
+def test_digits_shape_dtype_range_and_labels():
+    images, labels = load_source({"source": "digits"})
+    assert images.shape == (1797, 16, 16, 1)
+    assert images.dtype == np.uint8 and labels.dtype == np.int64
+    assert images.min() == 0 and images.max() == 255
+    assert set(np.unique(labels)) == set(range(10))
+
+
+def test_digits_deterministic_and_native_resolution():
+    a, la = load_source({"source": "digits", "resolution": 16})
+    b, lb = load_source({"source": "digits", "resolution": 16})
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    native, _ = load_source({"source": "digits", "resolution": 8})
+    from sklearn.datasets import load_digits
+
+    expected = np.round(load_digits().images * 255 / 16).astype(np.uint8)
+    assert np.array_equal(native[..., 0], expected)
+    big, _ = load_source({"source": "digits", "resolution": 32})
+    assert big.shape == (1797, 32, 32, 1)
+
+
+def test_digits_rejects_bad_resolution():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        load_source({"source": "digits", "resolution": 12})
+
+
+def test_unknown_source_lists_known():
+    with pytest.raises(ValueError, match="cifar10.*digits"):
+        load_source({"source": "mnist"})
+
+
+def _fake_cifar(path, per_batch=3, seed=0):
+    """Write a tiny archive in the real cifar-10-python layout; return the raw rows per member."""
+    rng = np.random.default_rng(seed)
+    rows = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+            data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+            labels = [(i + j) % 10 for j in range(per_batch)]
+            rows[name] = (data, labels)
+            blob = pickle.dumps({b"data": data, b"labels": labels, b"batch_label": name.encode()})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return rows
+
+
+def test_cifar_tarball_read_back_exactly(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    rows = _fake_cifar(archive)
+    images, labels = load_source({"source": "cifar10", "archive": str(archive)})
+    assert images.shape == (15, 32, 32, 3) and images.dtype == np.uint8
+    train_data = np.concatenate([rows[f"data_batch_{k}"][0] for k in range(1, 6)])
+    train_labels = sum((rows[f"data_batch_{k}"][1] for k in range(1, 6)), [])
+    assert labels.tolist() == train_labels and labels.dtype == np.int64
+    # channel-major: byte c*1024 + y*32 + x of a row is pixel (y, x), channel c
+    n, y, x, c = 7, 2, 5, 1
+    assert images[n, y, x, c] == train_data[n, c * 1024 + y * 32 + x]
+    for c in range(3):
+        assert np.array_equal(images[:, :, :, c].reshape(15, 1024), train_data[:, c * 1024 : (c + 1) * 1024])
+
+    test_images, test_labels = load_source({"source": "cifar10", "archive": str(archive), "split": "test"})
+    assert test_images.shape == (3, 32, 32, 3)
+    assert test_labels.tolist() == rows["test_batch"][1]
+    assert test_images[0, 31, 0, 2] == rows["test_batch"][0][0, 2 * 1024 + 31 * 32 + 0]
+
+
+def test_cifar_missing_archive_message(tmp_path):
+    missing = tmp_path / "nope" / "cifar-10-python.tar.gz"
+    with pytest.raises(FileNotFoundError) as info:
+        load_source({"source": "cifar10", "archive": str(missing)})
+    assert str(missing) in str(info.value) and "fetch_cifar10" in str(info.value)
+
+
+def test_cifar_truncated_archive_is_corrupt(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _fake_cifar(archive)
+    archive.write_bytes(archive.read_bytes()[:200])
+    with pytest.raises(CorruptFileError, match="fetch_cifar10"):
+        load_source({"source": "cifar10", "archive": str(archive)})
+
+
+# ---------------------------------------------------------------- subsets
+
+
+def _toy(n=200, classes=10, seed=1):
+    """Distinct random images with labels cycling through the classes."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256  # guarantees distinct rows together with the next line
+    images[:, 0, 0, 1] = np.arange(n) // 256
+    return images, np.arange(n, dtype=np.int64) % classes
+
+
+def test_uniform_subset():
+    images, labels = _toy()
+    spec = {"kind": "uniform", "n": 50, "seed": 3}
+    s = build_subset(images, labels, spec)
+    assert len(s) == 50 and len(np.unique(s.index)) == 50
+    assert np.all(np.diff(s.index) > 0)
+    assert np.array_equal(s.images, images[s.index]) and np.array_equal(s.labels, labels[s.index])
+    assert np.all(s.repeat == 1) and set(s.group) == {"uniform"}
+    assert np.array_equal(s.expanded_indices(), np.arange(50))
+    again = build_subset(images, labels, spec)
+    assert np.array_equal(again.index, s.index) and np.array_equal(again.images, s.images)
+    other = build_subset(images, labels, {**spec, "seed": 4})
+    assert not np.array_equal(other.index, s.index)
+
+
+def test_uniform_subset_too_large():
+    images, labels = _toy(20)
+    with pytest.raises(ValueError, match="n=21"):
+        build_subset(images, labels, {"kind": "uniform", "n": 21, "seed": 0})
+
+
+def test_unknown_kind():
+    images, labels = _toy(20)
+    with pytest.raises(ValueError, match="repetition, uniform"):
+        build_subset(images, labels, {"kind": "weird", "seed": 0})
+
+
+def test_repetition_subset():
+    images, labels = _toy(300)
+    spec = {"kind": "repetition", "repeated_classes": [0, 1], "per_class": 5, "repeats": 4, "others": 40, "seed": 7}
+    s = build_subset(images, labels, spec)
+    rep = s.group == "repeated"
+    non = s.group == "non_repeated"
+    assert rep.sum() == 10 and non.sum() == 40 and len(s) == 50
+    assert np.all(s.repeat[rep] == 4) and np.all(s.repeat[non] == 1)
+    assert np.bincount(s.labels[rep], minlength=2)[:2].tolist() == [5, 5]
+    assert set(s.labels[rep].tolist()) <= {0, 1}
+    assert not set(s.labels[non].tolist()) & {0, 1}
+    assert np.all(np.diff(s.index) > 0)
+    expanded = s.expanded_indices()
+    assert len(expanded) == 10 * 4 + 40
+    assert np.array_equal(np.bincount(expanded, minlength=len(s)), s.repeat)
+    again = build_subset(images, labels, spec)
+    assert np.array_equal(again.index, s.index) and np.array_equal(again.group, s.group)
+
+
+def test_repetition_not_enough_images():
+    images, labels = _toy(30)
+    with pytest.raises(ValueError, match="per_class=4"):
+        build_subset(images, labels, {"kind": "repetition", "repeated_classes": [0], "per_class": 4, "repeats": 2, "others": 0, "seed": 0})
+
+
+def test_identical_images_collapse():
+    images, labels = _toy(40, classes=2)
+    # plant copies: 4 == 10 == 30 (class 0) and 7 == 21 (class 1)
+    images[10] = images[4]
+    images[30] = images[4]
+    images[21] = images[7]
+    s = build_subset(images, labels, {"kind": "uniform", "n": 40, "seed": 0})
+    assert len(s) == 37 and len(s.expanded_indices()) == 40
+    for gone in (10, 30, 21):
+        assert gone not in s.index
+    assert s.repeat[s.index == 4].item() == 3 and s.repeat[s.index == 7].item() == 2
+    assert len({img.tobytes() for img in s.images}) == len(s)
+
+    # a copy drawn as "repeated" and another as "non_repeated" merges into one "repeated" row
+    images, labels = _toy(40, classes=4)
+    images[5] = images[0]  # class 0 (repeated) and class 1 (non-repeated)
+    spec = {"kind": "repetition", "repeated_classes": [0], "per_class": 10, "repeats": 3, "others": 30, "seed": 0}
+    s = build_subset(images, labels, spec)
+    row = s.index == 0
+    assert 5 not in s.index
+    assert s.group[row].item() == "repeated" and s.repeat[row].item() == 4
+    assert len(s) == 39 and len(s.expanded_indices()) == 10 * 3 + 30
+
+
+def test_subset_round_trip(tmp_path):
+    images, labels = _toy(100)
+    spec = {"kind": "repetition", "repeated_classes": [2], "per_class": 3, "repeats": 5, "others": 7, "seed": 1}
+    s = build_subset(images, labels, spec)
+    path = tmp_path / "sub" / "subset.parquet"
+    write_subset(path, s, {"spec": "x"})
+    back = read_subset(path)
+    assert isinstance(back, Subset)
+    for name in ("images", "labels", "index", "repeat", "group"):
+        assert np.array_equal(getattr(back, name), getattr(s, name)), name
+    assert back.index.dtype == np.int64 and back.repeat.dtype == np.int64
+    assert pq.read_schema(path).metadata[b"spec"] == b"x"
+
+
+def test_read_subset_missing_columns(tmp_path):
+    path = tmp_path / "bad.parquet"
+    write_image_table(path, np.zeros((2, 4, 4, 1), np.uint8), {"index": pa.array([0, 1])}, {})
+    with pytest.raises(CorruptFileError, match="repeat"):
+        read_subset(path)
+
+
+# ---------------------------------------------------------------- fetch
+
+
+def test_known_files_cifar():
+    entry = KNOWN_FILES["cifar10"]
+    assert entry["dest"] == "cifar-10-python.tar.gz" and len(entry["md5"]) == 32
+
+
+def test_fetch_file_url(tmp_path):
+    src = tmp_path / "src.bin"
+    payload = bytes(range(256)) * 1000
+    src.write_bytes(payload)
+    md5 = hashlib.md5(payload).hexdigest()
+    sha = hashlib.sha256(payload).hexdigest()
+    dest = tmp_path / "out" / "file.bin"
+    assert fetch(src.as_uri(), dest, md5=md5, sha256=sha) == dest
+    assert dest.read_bytes() == payload
+    verify(dest, md5=md5, sha256=sha)
+    # an existing verified file is kept without touching the source
+    src.unlink()
+    fetch(src.as_uri(), dest, md5=md5)
+    assert dest.read_bytes() == payload
+    assert [p.name for p in dest.parent.iterdir()] == ["file.bin"]
+
+
+def test_fetch_wrong_checksum_leaves_nothing(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"hello")
+    dest = tmp_path / "out" / "file.bin"
+    wrong = "0" * 32
+    with pytest.raises(ChecksumError) as info:
+        fetch(src.as_uri(), dest, md5=wrong)
+    msg = str(info.value)
+    assert str(dest) in msg and wrong in msg and hashlib.md5(b"hello").hexdigest() in msg
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+
+
+def test_fetch_replaces_stale_file(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"good")
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(b"stale")
+    fetch(src.as_uri(), dest, sha256=hashlib.sha256(b"good").hexdigest())
+    assert dest.read_bytes() == b"good"
+
+
+def test_fetch_unreachable(tmp_path):
+    dest = tmp_path / "cifar-10-python.tar.gz"
+    md5 = KNOWN_FILES["cifar10"]["md5"]
+    with pytest.raises(FetchError) as info:
+        fetch("http://127.0.0.1:9/x", dest, md5=md5, timeout=5)
+    msg = str(info.value)
+    assert str(dest) in msg and "http://127.0.0.1:9/x" in msg and "offline" in msg and md5 in msg
+    assert not isinstance(info.value, ChecksumError)
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_verify_mismatch(tmp_path):
+    f = tmp_path / "a"
+    f.write_bytes(b"abc")
+    verify(f)
+    verify(f, sha256=hashlib.sha256(b"abc").hexdigest().upper())
+    with pytest.raises(ChecksumError, match=str(f)):
+        verify(f, sha256="f" * 64)

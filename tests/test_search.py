@@ -1,0 +1,229 @@
+"""nearest_neighbours and the L2 ratio criterion against brute-force float64 numpy."""
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline.memorization import l2_ratio_memorized, memorization_table, summarize
+from pipeline.search import faiss_gpu_available, nearest_neighbours
+
+
+def brute_force(queries, database, k=2):
+    """Exact float64 distances by direct differences; ties broken by database index."""
+    q = np.asarray(queries, dtype=np.float64)
+    db = np.asarray(database, dtype=np.float64)
+    dist = np.sqrt(((q[:, None, :] - db[None, :, :]) ** 2).sum(-1))
+    order = np.lexsort((np.broadcast_to(np.arange(len(db)), dist.shape), dist), axis=-1)[:, :k]
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+def planted(rng, n_train=500, dim=64, n_random=260, n_copies=20, n_halfway=20):
+    """Random train/queries plus near-copies of known rows and midpoints of close row pairs.
+
+    Each halfway pair is (row i, row i + a unit step), so its midpoint is 0.5 from both and far
+    from every other row: its two nearest neighbours are exactly that pair, ratio 1.
+    """
+    train = rng.standard_normal((n_train, dim))
+    rows = rng.choice(n_train, n_copies + 2 * n_halfway, replace=False)
+    copy_src, first, second = np.split(rows, [n_copies, n_copies + n_halfway])
+    step = rng.standard_normal((n_halfway, dim))
+    train[second] = train[first] + step / np.linalg.norm(step, axis=1, keepdims=True)
+    copies = train[copy_src] + 1e-3 * rng.standard_normal((n_copies, dim))
+    halfway = 0.5 * (train[first] + train[second])
+    queries = np.concatenate([copies, halfway, rng.standard_normal((n_random, dim))])
+    return train, queries, copy_src, np.stack([first, second], axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("candidates,batch_size", [(16, 65536), (2, 64)])
+def test_matches_brute_force_with_planted_samples(seed, candidates, batch_size):
+    rng = np.random.default_rng(seed)
+    train, queries, copy_src, pairs = planted(rng)
+    n_halfway = len(pairs)
+    n_copies = len(copy_src)
+    idx, dist = nearest_neighbours(
+        queries, train, k=2, candidates=candidates, device="cpu", batch_size=batch_size
+    )
+    ref_idx, ref_dist = brute_force(queries, train)
+    assert idx.dtype == np.int64 and dist.dtype == np.float64
+    assert idx.shape == dist.shape == (len(queries), 2)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12, atol=0)
+    # Midpoints are exact ties (d1 == d2 up to rounding), whose order is arbitrary.
+    tie = np.isclose(ref_dist[:, 0], ref_dist[:, 1], rtol=1e-12, atol=0)
+    assert tie.sum() == n_halfway
+    np.testing.assert_array_equal(idx[~tie], ref_idx[~tie])
+    np.testing.assert_array_equal(np.sort(idx[tie], axis=1), np.sort(ref_idx[tie], axis=1))
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+    mem = l2_ratio_memorized(dist[:, 0], dist[:, 1])
+    np.testing.assert_array_equal(mem, ref_dist[:, 0] < ref_dist[:, 1] / 3)
+    assert mem[:n_copies].all()
+    np.testing.assert_array_equal(idx[:n_copies, 0], copy_src)
+    halfway = slice(n_copies, n_copies + n_halfway)
+    assert not mem[halfway].any()
+    np.testing.assert_array_equal(np.sort(idx[halfway], axis=1), np.sort(pairs, axis=1))
+    np.testing.assert_allclose(dist[halfway, 0] / dist[halfway, 1], 1.0, rtol=1e-9)
+    assert not mem[n_copies + n_halfway :].any()
+
+
+def test_larger_k_matches_brute_force():
+    rng = np.random.default_rng(7)
+    train = rng.standard_normal((200, 16))
+    queries = rng.standard_normal((50, 16))
+    idx, dist = nearest_neighbours(queries, train, k=5, candidates=3, device="cpu")
+    ref_idx, ref_dist = brute_force(queries, train, k=5)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
+
+
+def test_float64_rerank_fixes_float32_near_tie():
+    # True distances 0.39999999 (row 0) < 0.40000001 (row 1); after float32 rounding of the
+    # vectors, FAISS sees row 1 as closer.
+    dim = 8
+    train = np.zeros((3, dim))
+    train[0, 0], train[1, 0], train[2, 0] = 0.1, 0.9, 5.0
+    query = np.zeros((1, dim))
+    query[0, 0] = 0.49999999
+
+    flat = faiss.IndexFlatL2(dim)
+    flat.add(train.astype(np.float32))
+    _, faiss_idx = flat.search(query.astype(np.float32), 2)
+    assert faiss_idx[0].tolist() == [1, 0], "construction no longer misleads float32 search"
+
+    idx, dist = nearest_neighbours(query, train, k=2, device="cpu")
+    ref_idx, ref_dist = brute_force(query, train)
+    assert idx[0].tolist() == ref_idx[0].tolist() == [0, 1]
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-15)
+    assert dist[0, 0] < dist[0, 1]
+
+
+def test_uint8_inputs_do_not_wrap_around():
+    train = np.array([[0, 0], [250, 250], [10, 10]], dtype=np.uint8)
+    query = np.array([[255, 255]], dtype=np.uint8)
+    idx, dist = nearest_neighbours(query, train, k=2, device="cpu")
+    assert idx[0].tolist() == [1, 2]
+    np.testing.assert_allclose(dist[0], [5 * np.sqrt(2), 245 * np.sqrt(2)])
+
+
+def test_duplicates_must_be_removed_before_search():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((100, 32))
+    train = np.concatenate([base, base[[7, 7, 7]]])
+    exact_copy = base[[7]]
+    noisy_copy = base[[7]] + 1e-4 * rng.standard_normal((1, 32))
+
+    _, dist = nearest_neighbours(exact_copy, train, device="cpu")
+    assert dist[0, 1] == 0.0
+    with pytest.raises(ValueError, match="duplicate"):
+        l2_ratio_memorized(dist[:, 0], dist[:, 1])
+    _, dist = nearest_neighbours(noisy_copy, train, device="cpu")
+    np.testing.assert_allclose(dist[0, 0], dist[0, 1])
+    assert not l2_ratio_memorized(dist[:, 0], dist[:, 1])[0]
+
+    unique = np.unique(train, axis=0)
+    assert len(unique) == 100
+    target = int(np.flatnonzero((unique == base[7]).all(axis=1))[0])
+    for query in (exact_copy, noisy_copy):
+        idx, dist = nearest_neighbours(query, unique, device="cpu")
+        assert idx[0, 0] == target
+        assert l2_ratio_memorized(dist[:, 0], dist[:, 1])[0]
+
+
+def test_threshold_is_strict():
+    assert not l2_ratio_memorized(np.array([1.0]), np.array([3.0]))[0]
+    assert l2_ratio_memorized(np.array([np.nextafter(1.0, 0.0)]), np.array([3.0]))[0]
+    assert l2_ratio_memorized(np.array([0.0]), np.array([3.0]))[0]
+
+    train = np.zeros((3, 4))
+    train[0, 0], train[1, 0], train[2, 0] = 1.0, 3.0, 10.0
+    idx, dist = nearest_neighbours(np.zeros((1, 4)), train, device="cpu")
+    assert dist[0].tolist() == [1.0, 3.0]
+    table = memorization_table(idx, dist, ["a", "b", "c"], [0, 1, 2], ["s0"])
+    assert table.column("memorized").to_pylist() == [False]
+    assert table.column("ratio").to_pylist() == [1.0 / 3.0]
+
+
+def test_memorization_table_and_summary_by_group():
+    indices = np.array([[0, 1], [0, 2], [1, 0], [2, 3], [3, 2]])
+    d1 = np.array([0.1, 0.2, 0.5, 0.9, 1.0])
+    distances = np.stack([d1, np.ones(5)], axis=1)
+    groups = np.array(["repeated", "repeated", "other", "other"])
+    labels = np.array([0, 1, 5, 6])
+    table = memorization_table(indices, distances, groups, labels, [10, 11, 12, 13, 14])
+
+    assert table.column_names == [
+        "sample_id", "nn1_index", "nn1_distance", "nn2_index", "nn2_distance",
+        "ratio", "memorized", "nn1_group", "nn1_label",
+    ]
+    assert table.column("memorized").to_pylist() == [True, True, False, False, False]
+    assert table.column("nn1_group").to_pylist() == [
+        "repeated", "repeated", "repeated", "other", "other"
+    ]
+    assert table.column("nn1_label").to_pylist() == [0, 0, 1, 5, 6]
+    assert table.column("nn2_index").to_pylist() == [1, 2, 0, 3, 2]
+
+    summary = summarize(table)
+    json.dumps(summary)
+    assert summary["n_samples"] == 5
+    assert summary["mem_ratio"] == pytest.approx(0.4)
+    assert summary["ratio_mean"] == pytest.approx(0.54)
+    assert summary["ratio_median"] == pytest.approx(0.5)
+    assert summary["ratio_p05"] == pytest.approx(0.12)
+    assert summary["nn1_distance_median"] == pytest.approx(0.5)
+    assert summary["by_group"] == {
+        "other": {"n_samples": 2, "mem_ratio": 0.0},
+        "repeated": {"n_samples": 3, "mem_ratio": pytest.approx(2 / 3)},
+    }
+    assert type(summary["n_samples"]) is int and type(summary["ratio_p05"]) is float
+    assert type(summary["by_group"]["other"]["n_samples"]) is int
+
+
+def test_memorization_table_rejects_duplicate_training_images():
+    with pytest.raises(ValueError, match="duplicate"):
+        memorization_table(np.array([[0, 1]]), np.array([[0.0, 0.0]]), ["g", "g"], [0, 0], [0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(queries=np.zeros(4), database=np.zeros((3, 4))), "2-D"),
+        (dict(queries=np.zeros((2, 4)), database=np.zeros((3, 5))), "dims"),
+        (dict(queries=np.zeros((2, 4)), database=np.zeros((1, 4))), "fewer than k"),
+        (dict(queries=np.full((2, 4), np.nan), database=np.zeros((3, 4))), "NaN"),
+        (dict(queries=np.zeros((2, 4)), database=np.full((3, 4), np.inf)), "NaN/inf"),
+        (dict(queries=np.zeros((2, 4)), database=np.eye(4), k=0), "k must be"),
+        (dict(queries=np.zeros((2, 4)), database=np.eye(4), device="tpu"), "device"),
+    ],
+)
+def test_search_input_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nearest_neighbours(**kwargs)
+
+
+def test_memorization_input_validation():
+    with pytest.raises(ValueError, match="k>=2"):
+        memorization_table(np.array([[0]]), np.array([[1.0]]), ["g"], [0], [0])
+    with pytest.raises(ValueError, match="sample_ids"):
+        memorization_table(np.array([[0, 1]]), np.array([[1.0, 2.0]]), ["g", "h"], [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        memorization_table(np.array([[5, 1]]), np.array([[1.0, 2.0]]), ["g", "h"], [0, 1], [0])
+    with pytest.raises(ValueError, match="must not exceed"):
+        l2_ratio_memorized(np.array([2.0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="empty"):
+        summarize(memorization_table(np.empty((0, 2), int), np.empty((0, 2)), [], [], []))
+
+
+def test_empty_queries():
+    idx, dist = nearest_neighbours(np.zeros((0, 4)), np.eye(4), device="cpu")
+    assert idx.shape == dist.shape == (0, 2)
+
+
+@pytest.mark.skipif(faiss_gpu_available(), reason="faiss has GPU support here")
+def test_cuda_without_faiss_gpu_raises_clearly():
+    with pytest.raises(RuntimeError, match="no GPU support"):
+        nearest_neighbours(np.zeros((2, 4)), np.eye(4), device="cuda")
+    idx, _ = nearest_neighbours(np.eye(4)[:2], np.eye(4), device="auto")
+    assert idx[:, 0].tolist() == [0, 1]

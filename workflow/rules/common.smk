@@ -1,0 +1,116 @@
+# Config validation, name lookups and command lines shared by every rule file.
+import json
+import re
+import sys
+from pathlib import Path
+
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+
+from pipeline import config as pconfig
+from pipeline.sample import num_shards
+
+CFG = pconfig.validate(config, source="the Snakemake config")
+MODELS = pconfig.models_of(CFG)
+STUDENTS = CFG.get("students", {})
+SPACE = CFG["memorization"].get("space", "pixels")
+
+# Every rule runs the package from this checkout, whichever environment it runs in.
+PIPELINE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
+
+
+def _names(names):
+    names = list(names)
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) if names else "(?!)"
+
+
+wildcard_constraints:
+    subset=_names(CFG["subsets"]),
+    teacher=_names(CFG["teachers"]),
+    student=_names(STUDENTS),
+    model=_names(MODELS),
+    sampler=_names(CFG["samplers"]),
+    table=_names(CFG["tables"]),
+    space=_names([SPACE]),
+    shard=r"\d{5}",
+
+
+def as_json(obj):
+    return json.dumps(obj, sort_keys=True)
+
+
+def compute(entry):
+    return entry.get("compute", {})
+
+
+def accelerate_launch(spec):
+    """`accelerate launch` for a rule's compute spec: CPU here, N GPUs (optionally DeepSpeed ZeRO) on a cluster."""
+    c = compute(spec)
+    gpus = c.get("gpus", 0)
+    args = ["accelerate launch", "--num_machines 1", "--mixed_precision no", "--dynamo_backend no"]
+    if gpus == 0:
+        args += ["--cpu", "--num_processes 1"]
+    elif gpus == 1:
+        args += ["--num_processes 1"]
+    else:
+        args += ["--multi_gpu", f"--num_processes {gpus}"]
+    if c.get("deepspeed_zero_stage"):
+        args += ["--use_deepspeed", f"--zero_stage {c['deepspeed_zero_stage']}"]
+    return f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} " + " ".join(args) + " -m pipeline"
+
+
+def gpu_resources(spec, runtime=60, mem_mb=8000):
+    c = compute(spec)
+    return dict(
+        gpu=c.get("gpus", 0),
+        runtime=c.get("runtime", runtime),
+        mem_mb=c.get("mem_mb", mem_mb),
+        cpus_per_task=c.get("cpus_per_task", 2),
+    )
+
+
+def model_files(model):
+    d = pconfig.model_dir(CFG, model)
+    return {"weights": f"{d}/model.safetensors", "config": f"{d}/config.json", "stats": f"{d}/stats.json"}
+
+
+def subset_file(subset):
+    return f"results/subsets/{subset}.parquet"
+
+
+def dataset_inputs(dataset_cfg):
+    """Raw files a dataset source reads (none for digits: it ships with scikit-learn)."""
+    if dataset_cfg["source"] == "cifar10":
+        return [dataset_cfg.get("archive", CIFAR10_ARCHIVE)]
+    return []
+
+
+def dataset_spec(dataset_cfg):
+    spec = dict(dataset_cfg)
+    if spec["source"] == "cifar10":
+        spec.setdefault("archive", CIFAR10_ARCHIVE)
+    return spec
+
+
+SAMPLING = CFG["sampling"]
+NUM_SHARDS = num_shards(SAMPLING["num_samples"], SAMPLING["shard_size"])
+
+
+def shard_files(model, sampler):
+    return [f"results/samples/{model}/{sampler}/shard-{k:05d}.parquet" for k in range(NUM_SHARDS)]
+
+
+def table_files(table):
+    return [f"results/tables/{table}.csv", f"results/tables/{table}.md"]
+
+
+def figure_file(model, sampler):
+    return f"results/figures/{model}/{sampler}-neighbours.png"
+
+
+def all_targets():
+    out = []
+    for table in CFG["tables"]:
+        out += table_files(table)
+    out += [figure_file(m, s) for m, s in pconfig.all_pairs(CFG)]
+    return out

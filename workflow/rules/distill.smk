@@ -1,0 +1,40 @@
+# Stage 3: distillation of a teacher into a student (consistency distillation now; PD, DMD and
+# LCM plug in as further methods of the same rule).
+
+
+def student_teacher(wc):
+    return STUDENTS[wc.student]["teacher"]
+
+
+rule distill:
+    input:
+        subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.student)),
+        teacher=lambda wc: model_files(student_teacher(wc))["weights"],
+        teacher_config=lambda wc: model_files(student_teacher(wc))["config"],
+    output:
+        weights="results/students/{student}/model.safetensors",
+        config="results/students/{student}/config.json",
+        stats="results/students/{student}/stats.json",
+    params:
+        launch=lambda wc: accelerate_launch(STUDENTS[wc.student]),
+        method=lambda wc: STUDENTS[wc.student]["method"],
+        spec=lambda wc: as_json({k: v for k, v in STUDENTS[wc.student].items() if k not in ("teacher", "method", "compute")}),
+        teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc)),
+        out=lambda wc: f"results/students/{wc.student}",
+        ckpt=lambda wc: f"checkpoints/students/{wc.student}",
+    threads: lambda wc: compute(STUDENTS[wc.student]).get("cpus_per_task", 2)
+    resources:
+        gpu=lambda wc: gpu_resources(STUDENTS[wc.student])["gpu"],
+        runtime=lambda wc: gpu_resources(STUDENTS[wc.student], runtime=24 * 60)["runtime"],
+        mem_mb=lambda wc: gpu_resources(STUDENTS[wc.student])["mem_mb"],
+        cpus_per_task=lambda wc: gpu_resources(STUDENTS[wc.student])["cpus_per_task"],
+    log:
+        "logs/distill/{student}.log",
+    benchmark:
+        "results/benchmarks/distill/{student}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} distill --method {params.method} --subset {input.subset} "
+        "--teacher {params.teacher_dir} --spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt} "
+        "> {log} 2>&1"

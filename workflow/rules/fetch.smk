@@ -1,0 +1,40 @@
+# External datasets and weights, fetched on the login node (localrules) with checksums.
+# Jobs never download: a missing file names the rule here that provides it.
+from pipeline.data.fetch import KNOWN_FILES
+from pipeline.inception import INCEPTION_FILE
+
+CIFAR10_ARCHIVE = "data/raw/" + KNOWN_FILES["cifar10"]["dest"]
+INCEPTION_WEIGHTS = CFG["quality"].get("weights", "data/weights/" + INCEPTION_FILE["name"])
+
+
+localrules:
+    fetch_cifar10,
+    fetch_inception,
+
+
+rule fetch_cifar10:
+    output:
+        CIFAR10_ARCHIVE,
+    params:
+        url=KNOWN_FILES["cifar10"]["url"],
+        md5=KNOWN_FILES["cifar10"]["md5"],
+    log:
+        "logs/fetch/cifar10.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PIPELINE} fetch --url {params.url} --dest {output} --md5 {params.md5} > {log} 2>&1"
+
+
+rule fetch_inception:
+    output:
+        INCEPTION_WEIGHTS,
+    params:
+        url=INCEPTION_FILE["url"],
+        checksum=f"--sha256 {INCEPTION_FILE['sha256']}" if INCEPTION_FILE["sha256"] else "",
+    log:
+        "logs/fetch/inception.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "{PIPELINE} fetch --url {params.url} --dest {output} {params.checksum} > {log} 2>&1"

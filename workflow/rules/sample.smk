@@ -1,0 +1,52 @@
+# Stage 4: samples into fixed-size Parquet shards, one job per shard (seeds depend only on
+# (seed, sample index), so the shards are the same however many jobs write them).
+
+
+rule sample_shard:
+    input:
+        weights=lambda wc: model_files(wc.model)["weights"],
+        config=lambda wc: model_files(wc.model)["config"],
+    output:
+        "results/samples/{model}/{sampler}/shard-{shard}.parquet",
+    params:
+        model_dir=lambda wc: pconfig.model_dir(CFG, wc.model),
+        sampler=lambda wc: as_json(CFG["samplers"][wc.sampler]),
+        shard=lambda wc: int(wc.shard),
+        shard_size=SAMPLING["shard_size"],
+        num_samples=SAMPLING["num_samples"],
+        batch_size=SAMPLING.get("batch_size", 256),
+        seed=CFG["seed"],
+    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    resources:
+        gpu=gpu_resources(SAMPLING)["gpu"],
+        runtime=gpu_resources(SAMPLING, runtime=120)["runtime"],
+        mem_mb=gpu_resources(SAMPLING)["mem_mb"],
+        cpus_per_task=gpu_resources(SAMPLING)["cpus_per_task"],
+    log:
+        "logs/sample/{model}/{sampler}/shard-{shard}.log",
+    benchmark:
+        "results/benchmarks/sample/{model}/{sampler}/shard-{shard}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} {PIPELINE} sample --model {params.model_dir} --model-id {wildcards.model} "
+        "--sampler-name {wildcards.sampler} --sampler {params.sampler:q} --shard {params.shard} "
+        "--shard-size {params.shard_size} --num-samples {params.num_samples} --seed {params.seed} "
+        "--batch-size {params.batch_size} --out {output} > {log} 2>&1"
+
+
+rule sample_manifest:
+    input:
+        lambda wc: shard_files(wc.model, wc.sampler),
+    output:
+        "results/samples/{model}/{sampler}/manifest.json",
+    params:
+        shard_size=SAMPLING["shard_size"],
+        num_samples=SAMPLING["num_samples"],
+    log:
+        "logs/sample_manifest/{model}/{sampler}.log",
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "{PIPELINE} manifest --shards {input} --shard-size {params.shard_size} "
+        "--num-samples {params.num_samples} --out {output} > {log} 2>&1"

@@ -1,0 +1,37 @@
+# Stage 6b: the study's tables (one row per configured model and sampler) and neighbour figures.
+
+
+rule table:
+    input:
+        lambda wc: [f"results/metrics/{m}/{s}.json" for m, s in pconfig.table_pairs(CFG, wc.table)],
+    output:
+        csv="results/tables/{table}.csv",
+        md="results/tables/{table}.md",
+    params:
+        title=lambda wc: CFG["tables"][wc.table].get("title", wc.table),
+        rows=lambda wc: as_json(CFG["tables"][wc.table]["rows"]),
+    log:
+        "logs/table/{table}.log",
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "{PIPELINE} table --title {params.title:q} --rows {params.rows:q} --metrics {input} "
+        "--csv {output.csv} --md {output.md} > {log} 2>&1"
+
+
+rule neighbour_figure:
+    input:
+        manifest="results/samples/{model}/{sampler}/manifest.json",
+        neighbours=f"results/neighbours/{SPACE}/{{model}}/{{sampler}}.parquet",
+        subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
+    output:
+        "results/figures/{model}/{sampler}-neighbours.png",
+    params:
+        figure_samples=CFG["memorization"].get("figure_samples", 32),
+    log:
+        "logs/neighbour_figure/{model}/{sampler}.log",
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "{PIPELINE} figure --manifest {input.manifest} --neighbours {input.neighbours} --subset {input.subset} "
+        "--count {params.figure_samples} --out {output} > {log} 2>&1"

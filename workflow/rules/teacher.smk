@@ -1,0 +1,32 @@
+# Stage 2: EDM teachers, through `accelerate launch` (1 CPU process here, N GPUs on a cluster).
+# Resumable state goes to checkpoints/, deliberately not a declared output.
+
+
+rule train_teacher:
+    input:
+        lambda wc: subset_file(CFG["teachers"][wc.teacher]["subset"]),
+    output:
+        weights="results/teachers/{teacher}/model.safetensors",
+        config="results/teachers/{teacher}/config.json",
+        stats="results/teachers/{teacher}/stats.json",
+    params:
+        launch=lambda wc: accelerate_launch(CFG["teachers"][wc.teacher]),
+        net=lambda wc: as_json(CFG["nets"][CFG["teachers"][wc.teacher]["net"]]),
+        spec=lambda wc: as_json({k: v for k, v in CFG["teachers"][wc.teacher].items() if k in ("edm", "train")}),
+        out=lambda wc: f"results/teachers/{wc.teacher}",
+        ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
+    threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)
+    resources:
+        gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
+        runtime=lambda wc: gpu_resources(CFG["teachers"][wc.teacher], runtime=24 * 60)["runtime"],
+        mem_mb=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["mem_mb"],
+        cpus_per_task=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["cpus_per_task"],
+    log:
+        "logs/train_teacher/{teacher}.log",
+    benchmark:
+        "results/benchmarks/train_teacher/{teacher}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} train-teacher --subset {input} --net {params.net:q} "
+        "--spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt} > {log} 2>&1"
