@@ -20,8 +20,10 @@ def _json(text: str):
 
 def cmd_fetch(a):
     from .data import fetch
+    from .io import sha256_file
 
-    fetch(a.url, a.dest, md5=a.md5, sha256=a.sha256)
+    path = fetch(a.url, a.dest, md5=a.md5, sha256=a.sha256)
+    logging.info("%s ready, sha256 %s", path, sha256_file(path))
 
 
 def cmd_subset(a):
@@ -55,7 +57,7 @@ def cmd_sample(a):
 
 
 def cmd_manifest(a):
-    from .sample import write_manifest
+    from .shards import write_manifest
 
     write_manifest(a.shards, a.out, a.shard_size, a.num_samples)
 

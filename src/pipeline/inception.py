@@ -18,14 +18,9 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from tqdm import tqdm
 
-INCEPTION_FILE = {
-    "name": "inception-2015-12-05.pt",
-    "url": "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-    # Neither clean-fid 0.1.35 (downloads_helper.py downloads without any check) nor its docs
-    # publish a checksum for this file, so none is invented here: fill in the digest when the
-    # file is first fetched on a login node (`snakemake fetch_inception`), and verify it there.
-    "sha256": None,
-}
+from .data.fetch import KNOWN_FILES
+
+INCEPTION_FILE = {"name": KNOWN_FILES["inception"]["dest"], **KNOWN_FILES["inception"]}
 
 FEATURE_DIM = 2048
 RESOLUTION = 299

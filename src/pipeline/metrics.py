@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from .io import read_json, write_json
 from .memorization import summarize
 from .quality import compute_quality
-from .sample import read_samples
+from .shards import read_samples
 
 
 def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifest_path: str | Path,

@@ -143,7 +143,7 @@ def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", 
     from .embed import embed
     from .io import atomic_output
     from .memorization import DEFAULT_RATIO, memorization_table, summarize
-    from .sample import read_samples
+    from .shards import read_samples
 
     subset = read_subset(subset_path)
     images, table, manifest = read_samples(manifest_path)

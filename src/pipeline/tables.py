@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from .data import read_subset
 from .io import atomic_output, read_json
-from .sample import read_samples
+from .shards import read_samples
 
 
 def _pct(x: float | None) -> str:

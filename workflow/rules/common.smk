@@ -1,5 +1,6 @@
 # Config validation, name lookups and command lines shared by every rule file.
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -8,15 +9,16 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 
 from pipeline import config as pconfig
-from pipeline.sample import num_shards
+from pipeline.shards import num_shards
 
 CFG = pconfig.validate(config, source="the Snakemake config")
 MODELS = pconfig.models_of(CFG)
 STUDENTS = CFG.get("students", {})
 SPACE = CFG["memorization"].get("space", "pixels")
 
-# Every rule runs the package from this checkout, whichever environment it runs in.
-PIPELINE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
+# Every rule runs the package from this checkout (`python -m pipeline ...`), whichever
+# environment it runs in; the prefix keeps Snakemake's strict bash mode.
+shell.prefix(f'set -euo pipefail; export PYTHONPATH="{SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
 
 
 def _names(names):
@@ -56,7 +58,7 @@ def accelerate_launch(spec):
         args += ["--multi_gpu", f"--num_processes {gpus}"]
     if c.get("deepspeed_zero_stage"):
         args += ["--use_deepspeed", f"--zero_stage {c['deepspeed_zero_stage']}"]
-    return f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} " + " ".join(args) + " -m pipeline"
+    return " ".join(args) + " -m pipeline"
 
 
 def gpu_resources(spec, runtime=60, mem_mb=8000):
@@ -114,3 +116,32 @@ def all_targets():
         out += table_files(table)
     out += [figure_file(m, s) for m, s in pconfig.all_pairs(CFG)]
     return out
+
+
+def student_teacher(wc):
+    return STUDENTS[wc.student]["teacher"]
+
+
+def output_dir(wc, output):
+    """The model directory of a training rule, derived from its declared weights file."""
+    return os.path.dirname(output.weights)
+
+
+# Quality metric: reference statistics and the network that embeds images for it.
+QUALITY = CFG["quality"]
+REFERENCE = CFG["datasets"][QUALITY["reference"]]
+REFERENCE_STATS = f"results/quality/reference/{QUALITY['kind']}-{QUALITY['reference']}.npz"
+DIGITS_CLASSIFIER = "results/quality/digits-classifier"
+
+
+def feature_net_arg(wc, input):
+    """What the quality metric embeds with: the digits classifier's directory, or clean-fid's Inception weights."""
+    if QUALITY["kind"] == "digits_fd":
+        return os.path.dirname(input.feature_net)
+    return input.feature_net
+
+
+def feature_net_input():
+    if QUALITY["kind"] == "digits_fd":
+        return f"{DIGITS_CLASSIFIER}/model.safetensors"
+    return INCEPTION_WEIGHTS

@@ -2,10 +2,6 @@
 # LCM plug in as further methods of the same rule).
 
 
-def student_teacher(wc):
-    return STUDENTS[wc.student]["teacher"]
-
-
 rule distill:
     input:
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.student)),
@@ -20,7 +16,7 @@ rule distill:
         method=lambda wc: STUDENTS[wc.student]["method"],
         spec=lambda wc: as_json({k: v for k, v in STUDENTS[wc.student].items() if k not in ("teacher", "method", "compute")}),
         teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc)),
-        out=lambda wc: f"results/students/{wc.student}",
+        out=output_dir,
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",
     threads: lambda wc: compute(STUDENTS[wc.student]).get("cpus_per_task", 2)
     resources:

@@ -1,10 +1,10 @@
 # External datasets and weights, fetched on the login node (localrules) with checksums.
 # Jobs never download: a missing file names the rule here that provides it.
 from pipeline.data.fetch import KNOWN_FILES
-from pipeline.inception import INCEPTION_FILE
 
-CIFAR10_ARCHIVE = "data/raw/" + KNOWN_FILES["cifar10"]["dest"]
-INCEPTION_WEIGHTS = CFG["quality"].get("weights", "data/weights/" + INCEPTION_FILE["name"])
+CIFAR10_ARCHIVE = os.path.join("data", "raw", KNOWN_FILES["cifar10"]["dest"])
+INCEPTION_FILE = KNOWN_FILES["inception"]
+INCEPTION_WEIGHTS = CFG["quality"].get("weights", os.path.join("data", "weights", INCEPTION_FILE["dest"]))
 
 
 localrules:
@@ -23,7 +23,7 @@ rule fetch_cifar10:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PIPELINE} fetch --url {params.url} --dest {output} --md5 {params.md5} > {log} 2>&1"
+        "python -m pipeline fetch --url {params.url} --dest {output} --md5 {params.md5} > {log} 2>&1"
 
 
 rule fetch_inception:
@@ -37,4 +37,4 @@ rule fetch_inception:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PIPELINE} fetch --url {params.url} --dest {output} {params.checksum} > {log} 2>&1"
+        "python -m pipeline fetch --url {params.url} --dest {output} {params.checksum} > {log} 2>&1"

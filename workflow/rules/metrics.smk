@@ -1,24 +1,5 @@
 # Stage 6a: quality (Frechet distance to a reference set) and memorization per (model, sampler).
 
-QUALITY = CFG["quality"]
-REFERENCE = CFG["datasets"][QUALITY["reference"]]
-REFERENCE_STATS = f"results/quality/reference/{QUALITY['kind']}-{QUALITY['reference']}.npz"
-DIGITS_CLASSIFIER = "results/quality/digits-classifier"
-
-
-def feature_net_path():
-    """What the quality metric embeds with: our digits classifier, or clean-fid's Inception weights."""
-    if QUALITY["kind"] == "digits_fd":
-        return DIGITS_CLASSIFIER
-    return INCEPTION_WEIGHTS
-
-
-def feature_net_input():
-    if QUALITY["kind"] == "digits_fd":
-        return f"{DIGITS_CLASSIFIER}/model.safetensors"
-    return INCEPTION_WEIGHTS
-
-
 rule train_feature_net:
     output:
         weights=f"{DIGITS_CLASSIFIER}/model.safetensors",
@@ -26,7 +7,7 @@ rule train_feature_net:
     params:
         dataset=as_json(dataset_spec(REFERENCE)),
         epochs=QUALITY.get("classifier_epochs", 30),
-        out=DIGITS_CLASSIFIER,
+        out=lambda wc, output: os.path.dirname(output.weights),
     threads: 1
     log:
         "logs/train_feature_net/digits-classifier.log",
@@ -35,7 +16,7 @@ rule train_feature_net:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {PIPELINE} feature-net --dataset {params.dataset:q} --epochs {params.epochs} "
+        "OMP_NUM_THREADS={threads} python -m pipeline feature-net --dataset {params.dataset:q} --epochs {params.epochs} "
         "--out {params.out} > {log} 2>&1"
 
 
@@ -47,7 +28,7 @@ rule reference_stats:
         REFERENCE_STATS,
     params:
         kind=QUALITY["kind"],
-        feature_net=feature_net_path(),
+        feature_net=feature_net_arg,
         dataset=as_json(dataset_spec(REFERENCE)),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
@@ -60,7 +41,7 @@ rule reference_stats:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {PIPELINE} reference-stats --kind {params.kind} --feature-net {params.feature_net} "
+        "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
         "--dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
 
@@ -75,7 +56,7 @@ rule metrics:
         "results/metrics/{model}/{sampler}.json",
     params:
         kind=QUALITY["kind"],
-        feature_net=feature_net_path(),
+        feature_net=feature_net_arg,
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -87,7 +68,7 @@ rule metrics:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {PIPELINE} metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
+        "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
         "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
         "--feature-net {params.feature_net} --reference-stats {input.reference} --model-stats {input.model_stats} "
         "--out {output} > {log} 2>&1"

@@ -29,7 +29,7 @@ rule sample_shard:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {PIPELINE} sample --model {params.model_dir} --model-id {wildcards.model} "
+        "OMP_NUM_THREADS={threads} python -m pipeline sample --model {params.model_dir} --model-id {wildcards.model} "
         "--sampler-name {wildcards.sampler} --sampler {params.sampler:q} --shard {params.shard} "
         "--shard-size {params.shard_size} --num-samples {params.num_samples} --seed {params.seed} "
         "--batch-size {params.batch_size} --out {output} > {log} 2>&1"
@@ -48,5 +48,5 @@ rule sample_manifest:
     conda:
         "../envs/report.yaml"
     shell:
-        "{PIPELINE} manifest --shards {input} --shard-size {params.shard_size} "
+        "python -m pipeline manifest --shards {input} --shard-size {params.shard_size} "
         "--num-samples {params.num_samples} --out {output} > {log} 2>&1"

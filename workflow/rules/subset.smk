@@ -16,4 +16,4 @@ rule subset:
     conda:
         "../envs/data.yaml"
     shell:
-        "{PIPELINE} subset --dataset {params.dataset:q} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m pipeline subset --dataset {params.dataset:q} --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -15,7 +15,7 @@ rule table:
     conda:
         "../envs/report.yaml"
     shell:
-        "{PIPELINE} table --title {params.title:q} --rows {params.rows:q} --metrics {input} "
+        "python -m pipeline table --title {params.title:q} --rows {params.rows:q} --metrics {input} "
         "--csv {output.csv} --md {output.md} > {log} 2>&1"
 
 
@@ -33,5 +33,5 @@ rule neighbour_figure:
     conda:
         "../envs/report.yaml"
     shell:
-        "{PIPELINE} figure --manifest {input.manifest} --neighbours {input.neighbours} --subset {input.subset} "
+        "python -m pipeline figure --manifest {input.manifest} --neighbours {input.neighbours} --subset {input.subset} "
         "--count {params.figure_samples} --out {output} > {log} 2>&1"

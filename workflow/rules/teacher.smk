@@ -13,7 +13,7 @@ rule train_teacher:
         launch=lambda wc: accelerate_launch(CFG["teachers"][wc.teacher]),
         net=lambda wc: as_json(CFG["nets"][CFG["teachers"][wc.teacher]["net"]]),
         spec=lambda wc: as_json({k: v for k, v in CFG["teachers"][wc.teacher].items() if k in ("edm", "train")}),
-        out=lambda wc: f"results/teachers/{wc.teacher}",
+        out=output_dir,
         ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
     threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)
     resources:

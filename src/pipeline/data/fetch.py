@@ -16,11 +16,19 @@ from tqdm import tqdm
 
 from pipeline.io import atomic_output
 
-KNOWN_FILES: dict[str, dict[str, str]] = {
+KNOWN_FILES: dict[str, dict[str, str | None]] = {
     "cifar10": {
         "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "md5": "c58f30108f718f92721af3b95e74349a",
         "dest": "cifar-10-python.tar.gz",
+    },
+    # clean-fid's TorchScript Inception. Neither clean-fid 0.1.35 (its downloader checks nothing)
+    # nor its docs publish a digest, so none is invented here: the fetch rule logs the sha256 of
+    # what it fetched, to be pinned here once verified on a login node.
+    "inception": {
+        "url": "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+        "sha256": None,
+        "dest": "inception-2015-12-05.pt",
     },
 }
 

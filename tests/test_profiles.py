@@ -1,0 +1,214 @@
+"""Static checks of the Snakemake profiles and the conda environment files.
+
+Fast (one cached `snakemake --help` plus one tiny dry run) and independent of the
+workflow's own rules and configs, which may not exist yet.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "profiles" / "slurm" / "config.yaml"
+LOCAL = ROOT / "profiles" / "local" / "config.yaml"
+ENVS = ROOT / "workflow" / "envs"
+ENV_NAMES = ("data", "torch", "search", "report")
+GPU_RULES = ("train_teacher", "distill", "sample_shard", "search")
+
+
+def load(path: Path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+@functools.lru_cache(maxsize=None)
+def snakemake_long_options() -> frozenset[str]:
+    """Every `--long-option` snakemake (with its installed plugins) accepts."""
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return frozenset(re.findall(r"(?<![\w-])--([a-z0-9][a-z0-9-]*)", out))
+
+
+def walk(obj, key=None):
+    """Yield (key, value) for every mapping entry and `key=value` list item, recursively."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k, v
+            yield from walk(v, k)
+    elif isinstance(obj, list):
+        for item in obj:
+            if isinstance(item, str) and "=" in item:
+                k, v = item.split("=", 1)
+                yield k.split(":")[-1].strip(), v
+            else:
+                yield from walk(item, key)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    return load(SLURM)
+
+
+@pytest.fixture(scope="module")
+def local():
+    return load(LOCAL)
+
+
+# --- SLURM profile -----------------------------------------------------------------
+
+def test_slurm_uses_executor_plugin(slurm):
+    assert slurm["executor"] == "slurm"
+    for key in ("jobs", "latency-wait", "retries"):
+        assert isinstance(slurm[key], int) and slurm[key] >= 0, key
+
+
+def test_no_gpu_request_through_slurm_extra(slurm, local):
+    for profile in (slurm, local):
+        for k, v in walk(profile):
+            if k == "slurm_extra":
+                assert not re.search(r"gres|gpu", str(v), re.I), f"GPUs via slurm_extra: {v!r}"
+            assert k != "gres", "request GPUs with the plugin's `gpu` resource, not `gres`"
+
+
+def test_default_resources_partition_and_account(slurm):
+    res = slurm["default-resources"]
+    assert isinstance(res, dict)
+    for name in ("slurm_partition", "slurm_account"):
+        assert res.get(name), f"default-resources lacks {name}"
+        # one documented place: an environment variable, quoted to stay a string
+        assert re.fullmatch(r"'\$MEMDISTILL_SLURM_[A-Z_]+'", res[name]), res[name]
+    assert isinstance(res["runtime"], int) and isinstance(res["mem_mb"], int)
+
+
+def test_gpu_rules_only_get_a_partition(slurm):
+    sets = slurm.get("set-resources", {})
+    for rule, res in sets.items():
+        assert set(res) <= {"slurm_partition", "gpu_model", "runtime", "mem_mb", "constraint"}, rule
+        # GPU counts come from the rules (config `compute.gpus`), never from the profile
+        assert "gpu" not in res and "gres" not in res, rule
+    for rule in GPU_RULES:
+        assert "GPU_PARTITION" in sets[rule]["slurm_partition"], rule
+
+
+def rule_blocks() -> dict[str, str]:
+    """Rule name -> its source text, from workflow/rules/*.smk (may be empty)."""
+    blocks = {}
+    for f in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        parts = re.split(r"^(?:rule|checkpoint)\s+(\w+)\s*:", f.read_text(), flags=re.M)
+        blocks.update(zip(parts[1::2], parts[2::2]))
+    return blocks
+
+
+def test_set_resources_name_existing_rules(slurm):
+    blocks = rule_blocks()
+    if not blocks:
+        pytest.skip("no rules written yet")
+    missing = set(slurm.get("set-resources", {})) - set(blocks)
+    assert not missing, f"set-resources for rules that do not exist: {sorted(missing)}"
+
+
+def test_every_gpu_rule_goes_to_the_gpu_partition(slurm):
+    gpu_rules = {name for name, text in rule_blocks().items() if re.search(r"^\s*gpu\s*=", text, re.M)}
+    if not gpu_rules:
+        pytest.skip("no GPU rules written yet")
+    sets = slurm.get("set-resources", {})
+    routed = {r for r in sets if "GPU_PARTITION" in str(sets[r].get("slurm_partition", ""))}
+    assert gpu_rules <= routed, f"GPU rules left on the CPU partition: {sorted(gpu_rules - routed)}"
+
+
+def test_configfiles(slurm, local):
+    assert slurm["configfile"] == "config/config.yaml"
+    assert local["configfile"] == "config/embedded.yaml"
+
+
+@pytest.mark.parametrize("path", [SLURM, LOCAL], ids=["slurm", "local"])
+def test_profile_keys_are_snakemake_options(path):
+    valid = snakemake_long_options()
+    assert "configfile" in valid and "executor" in valid  # sanity of the parsing
+    unknown = set(load(path)) - valid
+    assert not unknown, f"{path.relative_to(ROOT)}: not snakemake options: {sorted(unknown)}"
+
+
+def test_local_profile(local):
+    assert local["cores"] == "all"
+    assert local["keep-going"] is False
+    assert local["printshellcmds"] is True and local["rerun-incomplete"] is True
+    assert "executor" not in local
+    assert "software-deployment-method" not in local  # opt-in, see its comment
+
+
+@pytest.mark.workflow
+def test_slurm_profile_dry_run(tmp_path):
+    """The profile loads in Snakemake 9: configfile key, env-var resources, GPU partition."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("marker: paper-grid\n")
+    (tmp_path / "Snakefile").write_text(textwrap.dedent("""
+        assert config["marker"] == "paper-grid", config
+        rule train_teacher:
+            output: "t.txt"
+            resources: gpu=4, runtime=600, mem_mb=64000, cpus_per_task=16
+            shell: "touch {output}"
+        rule subset:
+            output: "s.txt"
+            shell: "touch {output}"
+        """))
+    env = dict(
+        os.environ,
+        MEMDISTILL_SLURM_ACCOUNT="acct1",
+        MEMDISTILL_SLURM_PARTITION="all",  # a Python builtin name: must stay a string
+        MEMDISTILL_SLURM_GPU_PARTITION="gpu-a100",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", str(SLURM.parent), "-n",
+         "--sdm", "env-modules", "--", "t.txt", "s.txt"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    jobs = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):.*?resources: ([^\n]*)", log, re.S)}
+    assert "slurm_partition=gpu-a100" in jobs["train_teacher"] and "gpu=4" in jobs["train_teacher"]
+    assert "slurm_partition=all" in jobs["subset"] and "slurm_account=acct1" in jobs["subset"]
+
+
+# --- conda environments ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_env_file(name):
+    env = load(ENVS / f"{name}.yaml")
+    assert isinstance(env["channels"], list) and env["channels"]
+    deps = env["dependencies"]
+    conda = [d for d in deps if isinstance(d, str)]
+    assert "python=3.11" in conda, "python must be pinned to 3.11"
+    pip = [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]
+    for spec in conda + pip:
+        assert re.search(r"(==?|<|>)\d", spec), f"{name}.yaml: unpinned {spec!r}"
+    names = {re.split(r"[=<> ]", s, maxsplit=1)[0] for s in conda + pip}
+    # the package's own needs (run as `python -m pipeline` with PYTHONPATH=src)
+    assert {"numpy", "pyarrow", "pyyaml", "jsonschema", "pillow", "tqdm"} <= names, name
+    if name == "torch":
+        assert {"pytorch", "torchvision", "accelerate", "diffusers", "clean-fid", "faiss-cpu"} <= names
+    if name == "search":
+        assert "faiss-gpu" in names and "pytorch" not in names
+    if name in ("data", "report"):
+        assert not names & {"pytorch", "faiss-gpu", "faiss-cpu"}, name
+
+
+def test_rules_point_at_existing_envs():
+    used = {
+        m.group(1)
+        for f in (ROOT / "workflow" / "rules").glob("*.smk")
+        for m in re.finditer(r"conda:\s*\n?\s*[\"']\.\./envs/([\w.-]+)[\"']", f.read_text())
+    }
+    if not used:
+        pytest.skip("no conda directives written yet")
+    assert used <= {f"{n}.yaml" for n in ENV_NAMES}, used
