@@ -4,14 +4,16 @@
 #   fetch -> subset -> train_teacher -> distill -> sample -> search -> metrics -> tables
 # With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
 # the paper grid is config/config.yaml (profiles/slurm sets it).
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-if not config:
+if not workflow.overwrite_configfiles:
 
-    configfile: "config/embedded.yaml"
+    configfile: os.path.join(workflow.basedir, "config", "embedded.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -196,11 +196,13 @@ def test_env_file(name):
     # the package's own needs (run as `python -m pipeline` with PYTHONPATH=src)
     assert {"numpy", "pyarrow", "pyyaml", "jsonschema", "pillow", "tqdm"} <= names, name
     if name == "torch":
-        assert {"pytorch", "torchvision", "accelerate", "diffusers", "clean-fid", "faiss-cpu"} <= names
+        assert {"torch", "torchvision", "accelerate", "diffusers", "clean-fid", "faiss-cpu"} <= names
+        assert {"torch==2.14.1", "torchvision==0.29.1"} <= {s.split("#")[0].strip() for s in pip}, \
+            "the cluster env pins the same torch as requirements.txt"
     if name == "search":
-        assert "faiss-gpu" in names and "pytorch" not in names
+        assert "faiss-gpu" in names and not names & {"torch", "pytorch"}
     if name in ("data", "report"):
-        assert not names & {"pytorch", "faiss-gpu", "faiss-cpu"}, name
+        assert not names & {"torch", "pytorch", "faiss-gpu", "faiss-cpu"}, name
 
 
 def test_rules_point_at_existing_envs():

@@ -191,7 +191,7 @@ def _load_checkpoint(ckpt: Path, accelerator, extras, stream, gen):
         m.load_state_dict(saved[k])
     rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
+        rng = torch.load(rng_file, weights_only=True)
         stream.load_state_dict(rng["stream"])
         gen.set_state(rng["gen"])
     progress = json.loads((ckpt / "progress.json").read_text())

@@ -23,9 +23,9 @@ rule sample_shard:
         mem_mb=gpu_resources(SAMPLING)["mem_mb"],
         cpus_per_task=gpu_resources(SAMPLING)["cpus_per_task"],
     log:
-        "logs/sample/{model}/{sampler}/shard-{shard}.log",
+        "logs/sample_shard/{model}/{sampler}/shard-{shard}.log",
     benchmark:
-        "results/benchmarks/sample/{model}/{sampler}/shard-{shard}.tsv"
+        "results/benchmarks/sample_shard/{model}/{sampler}/shard-{shard}.tsv"
     conda:
         "../envs/torch.yaml"
     shell:

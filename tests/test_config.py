@@ -1,0 +1,311 @@
+"""Config loading and validation (schema + cross-references) and the name helpers the rules use.
+
+Fast: no Snakemake, no torch. Every error test checks that the message names the offending key
+by its dotted path, since that is what a user sees when a run stops before its first job.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config as pconfig
+from pipeline.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "config" / "embedded.yaml"
+PAPER = ROOT / "config" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def _embedded_raw() -> dict:
+    with open(EMBEDDED) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture
+def cfg(_embedded_raw) -> dict:
+    """A fresh, mutable copy of the embedded default (raw YAML, not yet validated)."""
+    return copy.deepcopy(_embedded_raw)
+
+
+def error_of(cfg: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        pconfig.validate(cfg)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+
+@pytest.mark.parametrize("path", [EMBEDDED, PAPER], ids=["embedded", "paper"])
+def test_shipped_configs_load_and_validate(path):
+    cfg = pconfig.load(path)
+    assert cfg["tables"] and cfg["teachers"]
+    # validate is idempotent and does not mutate its input
+    again = pconfig.validate(cfg)
+    assert again == cfg and again is not cfg
+
+
+def test_paper_config_is_table1_grid():
+    cfg = pconfig.load(PAPER)
+    assert sorted(cfg["teachers"]) == [f"teacher-{n}" for n in (3000, 4000, 5000, 6000)]
+    assert sorted(cfg["students"]) == [f"cd-{n}" for n in (3000, 4000, 5000, 6000)]
+    # YAML merge keys (<<: *teacher) must have been expanded with the override applied
+    for n in (3000, 4000, 5000, 6000):
+        assert cfg["teachers"][f"teacher-{n}"]["subset"] == f"cifar10-{n}"
+        assert cfg["teachers"][f"teacher-{n}"]["train"]["steps"] == 500000
+        assert cfg["students"][f"cd-{n}"]["teacher"] == f"teacher-{n}"
+    assert len(pconfig.all_pairs(cfg)) == 8
+
+
+def test_load_names_the_source_file(tmp_path, cfg):
+    cfg["bogus"] = 1
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        pconfig.load(path)
+
+
+# --------------------------------------------------------------------------- schema errors
+
+
+def test_unknown_top_level_key(cfg):
+    cfg["memorisation"] = {"ratio": 0.5}
+    msg = error_of(cfg)
+    assert "memorisation" in msg
+
+
+def test_missing_required_top_level_key(cfg):
+    del cfg["quality"]
+    assert "quality" in error_of(cfg)
+
+
+def test_unknown_key_inside_teacher_train(cfg):
+    cfg["teachers"]["teacher-48"]["train"]["stpes"] = 10
+    msg = error_of(cfg)
+    assert "teachers.teacher-48.train" in msg
+    assert "stpes" in msg
+
+
+def test_unknown_key_inside_student(cfg):
+    cfg["students"]["cd-48"]["num_scale"] = 18
+    msg = error_of(cfg)
+    assert "students.cd-48" in msg and "num_scale" in msg
+
+
+def test_wrong_type(cfg):
+    cfg["teachers"]["teacher-48"]["train"]["steps"] = "ten"
+    msg = error_of(cfg)
+    assert "teachers.teacher-48.train.steps" in msg
+    assert "'ten'" in msg
+
+
+def test_out_of_range_value(cfg):
+    cfg["memorization"]["ratio"] = 1.5
+    assert "memorization.ratio" in error_of(cfg)
+
+
+def test_uniform_subset_without_n(cfg):
+    del cfg["subsets"]["digits-48"]["n"]
+    msg = error_of(cfg)
+    assert "subsets.digits-48" in msg and "'n'" in msg
+
+
+def test_repetition_subset_needs_its_keys(cfg):
+    cfg["subsets"]["digits-48"] = {"dataset": "digits", "kind": "repetition", "seed": 0}
+    msg = error_of(cfg)
+    assert "subsets.digits-48" in msg and "repeated_classes" in msg
+
+
+def test_heun_sampler_without_steps(cfg):
+    cfg["samplers"]["heun-18"] = {"kind": "heun"}
+    msg = error_of(cfg)
+    assert "samplers.heun-18" in msg and "'steps'" in msg
+
+
+def test_consistency_sampler_without_ts(cfg):
+    cfg["samplers"]["1-step"] = {"kind": "consistency"}
+    msg = error_of(cfg)
+    assert "samplers.1-step" in msg and "'ts'" in msg
+
+
+# --------------------------------------------------------------------------- cross-references
+
+
+def test_teacher_with_undefined_subset(cfg):
+    cfg["teachers"]["teacher-48"]["subset"] = "digits-99"
+    msg = error_of(cfg)
+    assert "teachers.teacher-48.subset" in msg and "digits-99" in msg
+
+
+def test_teacher_with_undefined_net(cfg):
+    cfg["teachers"]["teacher-48"]["net"] = "unet-huge"
+    msg = error_of(cfg)
+    assert "teachers.teacher-48.net" in msg and "unet-huge" in msg
+
+
+def test_subset_with_undefined_dataset(cfg):
+    cfg["subsets"]["digits-48"]["dataset"] = "mnist"
+    msg = error_of(cfg)
+    assert "subsets.digits-48.dataset" in msg and "mnist" in msg
+
+
+def test_student_with_undefined_teacher(cfg):
+    cfg["students"]["cd-48"]["teacher"] = "teacher-99"
+    msg = error_of(cfg)
+    assert "students.cd-48.teacher" in msg and "teacher-99" in msg
+
+
+def test_table_row_with_unknown_model(cfg):
+    cfg["tables"]["demo"]["rows"][1]["model"] = "cd-99"
+    msg = error_of(cfg)
+    assert "tables.demo.rows[1].model" in msg and "cd-99" in msg
+
+
+def test_table_row_with_unknown_sampler(cfg):
+    cfg["tables"]["demo"]["rows"][0]["sampler"] = "euler-9"
+    msg = error_of(cfg)
+    assert "tables.demo.rows[0].sampler" in msg and "euler-9" in msg
+
+
+def test_teacher_row_with_consistency_sampler(cfg):
+    cfg["tables"]["demo"]["rows"][0]["sampler"] = "1-step"
+    msg = error_of(cfg)
+    assert "tables.demo.rows[0]" in msg and "heun" in msg and "teacher-48" in msg
+
+
+def test_student_row_with_heun_sampler(cfg):
+    cfg["tables"]["demo"]["rows"][1]["sampler"] = "heun-18"
+    msg = error_of(cfg)
+    assert "tables.demo.rows[1]" in msg and "consistency" in msg and "cd-48" in msg
+
+
+def test_teacher_student_name_clash(cfg):
+    cfg["students"]["teacher-48"] = cfg["students"].pop("cd-48")
+    for row in cfg["tables"]["demo"]["rows"]:
+        if row["model"] == "cd-48":
+            row["model"] = "teacher-48"
+    msg = error_of(cfg)
+    assert "teacher-48" in msg and "unique" in msg
+
+
+def test_quality_reference_must_be_a_dataset(cfg):
+    cfg["quality"]["reference"] = "cifar10"
+    msg = error_of(cfg)
+    assert "quality.reference" in msg and "cifar10" in msg
+
+
+def test_inception_fid_without_weights(cfg):
+    cfg["quality"] = {"kind": "inception_fid", "reference": "digits"}
+    msg = error_of(cfg)
+    assert "quality.weights" in msg
+
+
+def test_inception_fid_with_weights_is_valid(cfg):
+    cfg["quality"] = {"kind": "inception_fid", "reference": "digits", "weights": "data/weights/x.pt"}
+    pconfig.validate(cfg)
+
+
+def test_errors_are_collected(cfg):
+    """Several reference problems are reported together, not one per run."""
+    cfg["teachers"]["teacher-48"]["subset"] = "nope-1"
+    cfg["students"]["cd-48"]["teacher"] = "nope-2"
+    msg = error_of(cfg)
+    assert "nope-1" in msg and "nope-2" in msg
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("bad", ["a/b", "with space", "../up", "", "-lead", "tab\tname"])
+@pytest.mark.parametrize("section", ["datasets", "subsets", "nets", "teachers", "samplers", "tables"])
+def test_names_that_cannot_be_paths_are_rejected(cfg, section, bad):
+    key = next(iter(cfg[section]))
+    cfg[section][bad] = cfg[section].pop(key)
+    msg = error_of(cfg)
+    assert section in msg
+    assert repr(bad) in msg or bad in msg
+
+
+@pytest.mark.parametrize("bad", ["cd/48", "cd 48"])
+def test_student_names_that_cannot_be_paths_are_rejected(cfg, bad):
+    cfg["students"][bad] = cfg["students"].pop("cd-48")
+    for row in cfg["tables"]["demo"]["rows"]:
+        if row["model"] == "cd-48":
+            row["model"] = bad
+    msg = error_of(cfg)
+    assert "students" in msg and bad in msg
+
+
+@pytest.mark.parametrize("good", ["a.b", "x_1", "heun+18", "A-b.c_d+e"])
+def test_allowed_name_characters(cfg, good):
+    cfg["samplers"][good] = {"kind": "heun", "steps": 4}
+    pconfig.validate(cfg)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_models_of(cfg):
+    cfg = pconfig.validate(cfg)
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "cd-48": "students"}
+
+
+def test_models_of_without_students(cfg):
+    del cfg["students"]
+    cfg["tables"]["demo"]["rows"] = [cfg["tables"]["demo"]["rows"][0]]
+    cfg = pconfig.validate(cfg)
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers"}
+    assert pconfig.all_pairs(cfg) == [("teacher-48", "heun-18")]
+
+
+def test_model_dir():
+    cfg = pconfig.load(PAPER)
+    assert pconfig.model_dir(cfg, "teacher-3000") == "results/teachers/teacher-3000"
+    assert pconfig.model_dir(cfg, "cd-5000") == "results/students/cd-5000"
+    with pytest.raises(KeyError):
+        pconfig.model_dir(cfg, "nobody")
+
+
+def test_subset_of():
+    cfg = pconfig.load(PAPER)
+    assert pconfig.subset_of(cfg, "teacher-4000") == "cifar10-4000"
+    # a student trains on (and is searched against) its teacher's subset
+    for n in (3000, 4000, 5000, 6000):
+        assert pconfig.subset_of(cfg, f"cd-{n}") == f"cifar10-{n}"
+
+
+def test_dataset_of_subset():
+    cfg = pconfig.load(PAPER)
+    assert pconfig.dataset_of_subset(cfg, "cifar10-3000")["source"] == "cifar10"
+
+
+def test_table_pairs():
+    cfg = pconfig.load(EMBEDDED)
+    assert pconfig.table_pairs(cfg, "demo") == [
+        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("cd-48", "2-step"),
+    ]
+
+
+def test_all_pairs_deduplicated_in_order(cfg):
+    rows = cfg["tables"]["demo"]["rows"]
+    cfg["tables"]["first"] = {"rows": [rows[2], rows[0]]}
+    cfg["tables"]["again"] = {"rows": [rows[0], rows[1], rows[0]]}
+    cfg = pconfig.validate(cfg)
+    # tables in config order: demo, first, again
+    assert pconfig.all_pairs(cfg) == [
+        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("cd-48", "2-step"),
+    ]
+    assert pconfig.table_pairs(cfg, "again") == [
+        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("teacher-48", "heun-18"),
+    ]
+
+
+def test_all_pairs_order_follows_first_appearance(cfg):
+    rows = cfg["tables"]["demo"]["rows"]
+    cfg["tables"] = {"b": {"rows": [rows[2]]}, "a": {"rows": [rows[0], rows[2], rows[1]]}}
+    cfg = pconfig.validate(cfg)
+    assert pconfig.all_pairs(cfg) == [("cd-48", "2-step"), ("teacher-48", "heun-18"), ("cd-48", "1-step")]

@@ -1,0 +1,56 @@
+"""digits-FD: the quality column must separate real-looking digits from blurred or noisy ones."""
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from pipeline.data import load_source
+from pipeline.quality import compute_quality, frechet_from_features, train_digits_classifier, write_reference_stats
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    images, labels = load_source({"source": "digits", "resolution": 16})
+    stats = train_digits_classifier(images, labels, root / "clf", epochs=4)
+    write_reference_stats("digits_fd", root / "clf", images, root / "ref.npz")
+    return images, stats, root
+
+
+def test_classifier_learns_digits(setup):
+    _, stats, _ = setup
+    assert stats["heldout_accuracy"] > 0.85
+    assert stats["images"] == 1797
+
+
+def test_fd_orders_real_blurred_and_noise(setup):
+    images, _, root = setup
+    rng = np.random.default_rng(0)
+    real = images[rng.choice(len(images), 400, replace=False)]
+    blurred = np.stack([gaussian_filter(im.astype(float), sigma=(1.2, 1.2, 0)) for im in real]).round().astype(np.uint8)
+    noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
+    fd = {name: compute_quality("digits_fd", root / "clf", x, root / "ref.npz")["value"]
+          for name, x in (("real", real), ("blurred", blurred), ("noise", noise))}
+    assert fd["real"] < 0.5 * fd["blurred"] < 0.5 * fd["noise"]
+
+
+def test_fd_of_reference_with_itself_is_zero(setup):
+    images, _, root = setup
+    q = compute_quality("digits_fd", root / "clf", images, root / "ref.npz")
+    assert q["value"] == pytest.approx(0.0, abs=1e-3)
+    assert q["name"] == "digits-FD" and q["num_reference"] == len(images)
+
+
+def test_frechet_matches_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 1.0, (200000, 3))
+    b = rng.normal(1.0, 2.0, (200000, 3))
+    # ||mu_a - mu_b||^2 + sum(var_a + var_b - 2 sqrt(var_a var_b)) = 3 + 3 * (1 + 4 - 4)
+    assert frechet_from_features(a, b) == pytest.approx(6.0, rel=0.02)
+
+
+def test_unknown_metric_and_missing_classifier(setup, tmp_path):
+    images, _, root = setup
+    with pytest.raises(ValueError, match="unknown quality metric"):
+        compute_quality("bogus", root / "clf", images[:10], root / "ref.npz")
+    with pytest.raises(FileNotFoundError, match="train_feature_net"):
+        compute_quality("digits_fd", tmp_path / "none", images[:10], root / "ref.npz")

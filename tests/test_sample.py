@@ -1,0 +1,130 @@
+"""Sampling: per-sample seeds, shard layout independence, Parquet round trips and corrupt-shard detection."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.io import CorruptFileError, read_image_table, write_image_table
+from pipeline.modelio import load_model, model_meta, save_model
+from pipeline.nets import build_net
+from pipeline.diffusion import ConsistencyFunction, EDMDenoiser
+from pipeline.sample import generate, sample_noise, sample_seed, write_shard
+from pipeline.shards import num_shards, read_samples, shard_range, write_manifest
+
+TINY_NET = dict(block_out_channels=[8, 16], layers_per_block=1, down_block_types=["DownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4, add_attention=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random-weight EDM teacher and consistency student, saved as model directories."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    dirs = {}
+    for kind, cls in (("edm", EDMDenoiser), ("consistency", ConsistencyFunction)):
+        model = cls(build_net(TINY_NET, 8, 1))
+        meta = model_meta(kind, TINY_NET, 8, 1, 0.5, 0.002, 80.0)
+        save_model(root / kind, model, meta, {"steps": 0})
+        dirs[kind] = root / kind
+    return dirs
+
+
+def test_sample_seed_depends_only_on_run_seed_and_index():
+    assert sample_seed(0, 5) == sample_seed(0, 5)
+    seeds = {sample_seed(0, i) for i in range(1000)}
+    assert len(seeds) == 1000
+    assert sample_seed(1, 5) != sample_seed(0, 5)
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_noise_of_a_sample_does_not_depend_on_its_batch():
+    seeds = [sample_seed(3, i) for i in range(6)]
+    whole = sample_noise(seeds, 2, (1, 4, 4))
+    parts = [sample_noise(seeds[:2], 2, (1, 4, 4)), sample_noise(seeds[2:], 2, (1, 4, 4))]
+    for k in range(2):
+        assert torch.equal(whole[k], torch.cat([parts[0][k], parts[1][k]]))
+    assert not torch.equal(whole[0], whole[1])  # each step draws fresh noise
+
+
+def test_shard_ranges_cover_every_sample_once():
+    n, size = 23, 5
+    covered = [i for k in range(num_shards(n, size)) for i in shard_range(k, size, n)]
+    assert covered == list(range(n))
+    with pytest.raises(ValueError):
+        shard_range(5, size, n)
+
+
+@pytest.mark.parametrize("kind,sampler", [("edm", {"kind": "heun", "steps": 3}),
+                                          ("consistency", {"kind": "consistency", "ts": [80.0, 0.8]})])
+def test_samples_identical_whatever_the_shard_size(models, tmp_path, kind, sampler):
+    n = 7
+    images = {}
+    for shard_size, batch in ((7, 7), (3, 2)):
+        paths = []
+        for k in range(num_shards(n, shard_size)):
+            out = tmp_path / f"{shard_size}" / f"shard-{k:05d}.parquet"
+            write_shard(models[kind], out, "s", sampler, k, shard_size, n, run_seed=11, model_id="m",
+                        batch_size=batch, device="cpu")
+            paths.append(out)
+        write_manifest(paths, tmp_path / f"{shard_size}" / "manifest.json", shard_size, n)
+        imgs, table, manifest = read_samples(tmp_path / f"{shard_size}" / "manifest.json")
+        assert table.column("sample_id").to_pylist() == list(range(n))
+        assert table.column("seed").to_pylist() == [sample_seed(11, i) for i in range(n)]
+        assert set(table.column("nfe").to_pylist()) == {5 if kind == "edm" else 2}
+        assert manifest["num_samples"] == n
+        images[shard_size] = imgs
+    assert images[7].dtype == np.uint8 and images[7].shape == (n, 8, 8, 1)
+    np.testing.assert_array_equal(images[7], images[3])
+
+
+def test_sampler_must_match_model_kind(models):
+    model, meta = load_model(models["edm"])
+    with pytest.raises(ValueError, match="consistency model"):
+        generate(model, meta, {"kind": "consistency", "ts": [80.0]}, [1, 2])
+
+
+def test_missing_model_names_the_rule(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_teacher or distill"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_image_table_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 4, 3, 2), dtype=np.uint8)
+    write_image_table(tmp_path / "t.parquet", images, {"a": np.arange(5), "b": list("vwxyz")}, {"k": "v"})
+    back, table, meta = read_image_table(tmp_path / "t.parquet", expected_rows=5)
+    np.testing.assert_array_equal(back, images)
+    assert table.column("b").to_pylist() == list("vwxyz")
+    assert meta == {"k": "v"}
+    with pytest.raises(CorruptFileError, match="expected 6"):
+        read_image_table(tmp_path / "t.parquet", expected_rows=6)
+
+
+def test_truncated_and_tampered_shards_are_detected(models, tmp_path):
+    sampler = {"kind": "heun", "steps": 2}
+    paths = [tmp_path / f"shard-{k:05d}.parquet" for k in range(2)]
+    for k, p in enumerate(paths):
+        write_shard(models["edm"], p, "s", sampler, k, 4, 8, run_seed=0, model_id="m", device="cpu")
+    write_manifest(paths, tmp_path / "manifest.json", 4, 8)
+    read_samples(tmp_path / "manifest.json")
+
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError, match="checksum"):
+        read_samples(tmp_path / "manifest.json")
+    with pytest.raises(CorruptFileError, match="unreadable"):
+        read_image_table(paths[1])
+    with pytest.raises(CorruptFileError):
+        write_manifest(paths, tmp_path / "manifest2.json", 4, 8)
+    assert not (tmp_path / "manifest2.json").exists()
+
+
+def test_manifest_rejects_shards_out_of_order(models, tmp_path):
+    sampler = {"kind": "heun", "steps": 2}
+    paths = [tmp_path / f"shard-{k:05d}.parquet" for k in range(2)]
+    for k, p in enumerate(paths):
+        write_shard(models["edm"], p, "s", sampler, k, 4, 8, run_seed=0, model_id="m", device="cpu")
+    with pytest.raises(CorruptFileError, match="do not continue"):
+        write_manifest(paths[::-1], tmp_path / "manifest.json", 4, 8)
+    json.dumps(write_manifest(paths, tmp_path / "manifest.json", 4, 8))

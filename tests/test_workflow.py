@@ -1,0 +1,374 @@
+"""The Snakemake workflow itself, through its CLI: dry runs of both shipped configs, fail-fast
+config validation, per-table targets, and one tiny real end-to-end run on the digits.
+
+Every run uses `-s <repo>/Snakefile --directory <tmp>`, so nothing in the checkout is written.
+Note: Snakemake 9 prints parse-time errors (a ConfigError raised while the Snakefile is read)
+on stdout, not stderr, so error checks look at both streams.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+EMBEDDED = ROOT / "config" / "embedded.yaml"
+PAPER = ROOT / "config" / "config.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 120,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the snakemake CLI on the repo's Snakefile in `workdir`. Targets go in `args`, before
+    --configfile (which takes several values and would swallow a target placed after it)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    return subprocess.run(cmd, cwd=cwd or workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{output_of(proc)[-6000:]}"
+    return proc
+
+
+def job_stats(text: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run as {rule: count}, without the total."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Job stats:")
+    stats = {}
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if not parts or parts[0] in ("job",) or set(parts[0]) == {"-"}:
+            continue
+        if parts[0] == "total":
+            break
+        assert len(parts) == 2 and parts[1].isdigit(), f"unexpected job stats line {line!r}"
+        stats[parts[0]] = int(parts[1])
+    return stats
+
+
+def embedded() -> dict:
+    with open(EMBEDDED) as f:
+        return yaml.safe_load(f)
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def results_files(workdir: Path) -> list[Path]:
+    return [p for p in workdir.rglob("*") if p.is_file() and ".snakemake" not in p.parts]
+
+
+# --------------------------------------------------------------------------- paper config, dry
+
+
+def test_paper_config_dry_run(tmp_path):
+    proc = check(snakemake(tmp_path, "-n", configfile=PAPER))
+    stats = job_stats(output_of(proc))
+    expected = {
+        "fetch_cifar10": 1, "fetch_inception": 1, "subset": 4, "train_teacher": 4, "distill": 4,
+        "sample_manifest": 8, "search": 8, "metrics": 8, "table": 1,
+    }
+    assert {rule: stats.get(rule) for rule in expected} == expected, stats
+    # 50000 samples in shards of 5000, for 8 (model, sampler) pairs; one figure per pair
+    assert stats["sample_shard"] == 80
+    assert stats["neighbour_figure"] == 8
+    assert stats["reference_stats"] == 1
+    # Inception FID: the digits classifier is not needed
+    assert "train_feature_net" not in stats
+    assert results_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", ["--rulegraph", "--dag"])
+def test_paper_config_graphs(tmp_path, flag):
+    proc = check(snakemake(tmp_path, flag, configfile=PAPER))
+    assert proc.stdout.lstrip().startswith("digraph"), proc.stdout[:500]
+    assert proc.stdout.rstrip().endswith("}")
+    for rule in ("train_teacher", "distill", "sample_shard", "search", "metrics", "table"):
+        assert rule in proc.stdout
+
+
+# --------------------------------------------------------------------------- embedded default
+
+
+def test_embedded_default_without_configfile(tmp_path):
+    """With no --configfile the embedded digits config must be found next to the Snakefile,
+    whatever the working directory (`snakemake -s /path/to/Snakefile` from elsewhere)."""
+    proc = snakemake(tmp_path, "-n")
+    assert proc.returncode == 0, (
+        "the default config is resolved relative to the working directory, not the Snakefile:\n"
+        + output_of(proc)[-3000:]
+    )
+    stats = job_stats(output_of(proc))
+    assert stats["train_teacher"] == 1 and stats["distill"] == 1 and stats["table"] == 1
+
+
+def test_embedded_default_with_config_override(tmp_path):
+    """`--config key=value` without --configfile should override one key of the default config,
+    not replace the whole config (the Snakefile loads the default only `if not config`)."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "embedded.yaml").write_text(EMBEDDED.read_text())  # sidestep the path issue
+    proc = snakemake(tmp_path, "-n", "--config", "seed=3")
+    assert proc.returncode == 0, output_of(proc)[-3000:]
+
+
+def test_embedded_explicit_configfile_dry_run(tmp_path):
+    proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
+    stats = job_stats(output_of(proc))
+    expected = {
+        "subset": 1, "train_teacher": 1, "distill": 1, "sample_shard": 6, "sample_manifest": 3,
+        "search": 3, "metrics": 3, "neighbour_figure": 3, "table": 1,
+        "train_feature_net": 1, "reference_stats": 1,
+    }
+    assert {rule: stats.get(rule) for rule in expected} == expected, stats
+    assert "fetch_cifar10" not in stats and "fetch_inception" not in stats
+
+
+# --------------------------------------------------------------------------- bad config
+
+
+def test_bad_config_fails_fast_naming_the_key(tmp_path):
+    text = EMBEDDED.read_text()
+    assert "log_every: 200" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("log_every: 200", "log_evry: 200"))
+    start = time.monotonic()
+    proc = snakemake(tmp_path, "--cores", "1", configfile=bad)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    out = output_of(proc)
+    assert "log_evry" in out
+    assert "teachers.teacher-48.train" in out
+    assert elapsed < 60
+    # stopped before any job: nothing was produced
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+def test_bad_reference_fails_fast(tmp_path):
+    cfg = embedded()
+    cfg["students"]["cd-48"]["teacher"] = "teacher-99"
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "bad.yaml", cfg))
+    assert proc.returncode != 0
+    assert "students.cd-48.teacher" in output_of(proc) and "teacher-99" in output_of(proc)
+
+
+# --------------------------------------------------------------------------- per-table targets
+
+
+@pytest.fixture
+def two_tables(tmp_path) -> Path:
+    cfg = embedded()
+    rows = cfg["tables"]["demo"]["rows"]
+    cfg["tables"] = {
+        "teach": {"title": "teacher only", "rows": [rows[0]]},
+        "demo": {"title": "teacher and student", "rows": [rows[0], rows[1]]},
+    }
+    return write_config(tmp_path / "two.yaml", cfg)
+
+
+def test_teacher_only_table_plans_no_student_jobs(tmp_path, two_tables):
+    proc = check(snakemake(tmp_path, "results/tables/teach.md", "-n", configfile=two_tables))
+    out = output_of(proc)
+    stats = job_stats(out)
+    assert "distill" not in stats, stats
+    assert stats["train_teacher"] == 1
+    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 1 and stats["metrics"] == 1
+    assert stats["table"] == 1
+    # the default target's figures are not requested
+    assert "neighbour_figure" not in stats and "all" not in stats
+    assert "results/samples/cd-48" not in out and "results/students/" not in out
+    assert "wildcards: model=cd-48" not in out
+
+
+def test_student_table_plans_student_jobs(tmp_path, two_tables):
+    proc = check(snakemake(tmp_path, "results/tables/demo.md", "-n", configfile=two_tables))
+    out = output_of(proc)
+    stats = job_stats(out)
+    assert stats["distill"] == 1 and stats["train_teacher"] == 1
+    assert stats["sample_shard"] == 4 and stats["sample_manifest"] == 2 and stats["metrics"] == 2
+    assert "results/samples/cd-48/1-step/shard-00000.parquet" in out
+    assert "teach.md" not in out
+
+
+# --------------------------------------------------------------------------- tiny real run
+
+TINY_TABLE = "tiny"
+PAIRS = [("teacher-48", "heun-4", "teachers"), ("cd-48", "1-step", "students")]
+
+
+def tiny_config() -> dict:
+    cfg = copy.deepcopy(embedded())
+    cfg["subsets"]["digits-48"]["n"] = 16
+    cfg["teachers"]["teacher-48"]["train"].update(steps=40, batch_size=16, log_every=10)
+    cfg["students"]["cd-48"]["train"].update(steps=20, batch_size=16, log_every=10)
+    cfg["samplers"] = {"heun-4": {"kind": "heun", "steps": 4}, "1-step": {"kind": "consistency", "ts": [80.0]}}
+    cfg["sampling"].update(num_samples=24, shard_size=10, batch_size=16)
+    cfg["memorization"]["figure_samples"] = 8
+    cfg["quality"]["classifier_epochs"] = 2
+    cfg["tables"] = {TINY_TABLE: {"title": "tiny", "rows": [
+        {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
+        {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
+    ]}}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real run of the whole pipeline on a tiny config (about 2 minutes on 2 CPU cores)."""
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    config = write_config(workdir / "tiny.yaml", tiny_config())
+    start = time.monotonic()
+    proc = snakemake(workdir, "--cores", "2", "--show-failed-logs", configfile=config, timeout=900)
+    elapsed = time.monotonic() - start
+    print(f"\ntiny end-to-end snakemake run: {elapsed:.1f} s")
+    check(proc)
+    return workdir, config, elapsed
+
+
+def test_tiny_run_table(tiny_run):
+    workdir, _, _ = tiny_run
+    md = (workdir / "results" / "tables" / f"{TINY_TABLE}.md").read_text()
+    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + 2, md  # header, separator, 2 rows
+    assert "Teacher" in table_lines[2] and "Student" in table_lines[3]
+    csv_lines = (workdir / "results" / "tables" / f"{TINY_TABLE}.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 2, csv_lines
+    assert csv_lines[1].split(",")[2:4] == ["teacher-48", "heun-4"]
+    assert csv_lines[2].split(",")[2:4] == ["cd-48", "1-step"]
+
+
+@pytest.mark.parametrize("model,sampler,kind", PAIRS)
+def test_tiny_run_metrics(tiny_run, model, sampler, kind):
+    workdir, _, _ = tiny_run
+    metrics = json.loads((workdir / "results" / "metrics" / model / f"{sampler}.json").read_text())
+    assert metrics["model"] == model and metrics["sampler"] == sampler
+    assert metrics["num_samples"] == 24
+    mem = metrics["memorization"]["mem_ratio"]
+    assert 0.0 <= mem <= 1.0
+    assert math.isfinite(metrics["quality"]["value"])
+    assert metrics["nfe"] == (7 if kind == "teachers" else 1)
+
+
+@pytest.mark.parametrize("model,sampler,kind", PAIRS)
+def test_tiny_run_shards_and_manifest(tiny_run, model, sampler, kind):
+    import pyarrow.parquet as pq
+
+    workdir, _, _ = tiny_run
+    manifest = json.loads((workdir / "results" / "samples" / model / sampler / "manifest.json").read_text())
+    assert manifest["num_samples"] == 24 and manifest["shard_size"] == 10
+    assert [s["rows"] for s in manifest["shards"]] == [10, 10, 4]
+    for k, entry in enumerate(manifest["shards"]):
+        path = workdir / entry["path"]
+        assert path.name == f"shard-{k:05d}.parquet"
+        assert pq.read_metadata(path).num_rows == entry["rows"]
+
+
+@pytest.mark.parametrize("model,sampler,kind", PAIRS)
+def test_tiny_run_figures(tiny_run, model, sampler, kind):
+    from PIL import Image
+
+    workdir, _, _ = tiny_run
+    path = workdir / "results" / "figures" / model / f"{sampler}-neighbours.png"
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.verify()
+    with Image.open(path) as im:
+        im.load()
+        assert im.size[0] > 0 and im.size[1] > 0
+
+
+@pytest.mark.parametrize("model,sampler,kind", PAIRS)
+def test_tiny_run_model_dirs(tiny_run, model, sampler, kind):
+    from safetensors import safe_open
+
+    workdir, _, _ = tiny_run
+    d = workdir / "results" / kind / model
+    for name in ("model.safetensors", "config.json", "stats.json"):
+        assert (d / name).is_file() and (d / name).stat().st_size > 0, d / name
+    json.loads((d / "config.json").read_text())
+    stats = json.loads((d / "stats.json").read_text())
+    assert stats
+    with safe_open(str(d / "model.safetensors"), framework="numpy") as f:
+        assert len(list(f.keys())) > 0
+
+
+def sample_shard_file(base: Path, model: str, sampler: str, shard: int, ext: str) -> Path:
+    """The log or benchmark file of one sample_shard job."""
+    path = base / "sample_shard" / model / sampler / f"shard-{shard:05d}.{ext}"
+    assert path.exists(), path
+    return path
+
+
+def test_tiny_run_logs(tiny_run):
+    workdir, _, _ = tiny_run
+    logs = workdir / "logs"
+    expected = [
+        "subset/digits-48.log",
+        "train_teacher/teacher-48.log",
+        "distill/cd-48.log",
+        "train_feature_net/digits-classifier.log",
+        "reference_stats/digits_fd-digits.log",
+        f"table/{TINY_TABLE}.log",
+    ]
+    for model, sampler, _ in PAIRS:
+        expected += [
+            sample_shard_file(logs, model, sampler, k, "log").relative_to(logs).as_posix() for k in range(3)
+        ]
+        expected += [
+            f"sample_manifest/{model}/{sampler}.log",
+            f"search/pixels/{model}/{sampler}.log",
+            f"metrics/{model}/{sampler}.log",
+            f"neighbour_figure/{model}/{sampler}.log",
+        ]
+    missing = [p for p in expected if not (logs / p).is_file()]
+    assert not missing, missing
+    # every rule that ran (all but the `all` target) wrote a log directory
+    assert {p.name for p in logs.iterdir()} == {p.split("/")[0] for p in expected}
+    assert "step 40" in (logs / "train_teacher" / "teacher-48.log").read_text()
+
+
+def test_tiny_run_benchmarks(tiny_run):
+    workdir, _, _ = tiny_run
+    bench = workdir / "results" / "benchmarks"
+    paths = [bench / "train_teacher" / "teacher-48.tsv", bench / "distill" / "cd-48.tsv"]
+    for model, sampler, _ in PAIRS:
+        paths += [sample_shard_file(bench, model, sampler, k, "tsv") for k in range(3)]
+    for path in paths:
+        lines = path.read_text().strip().splitlines()
+        assert len(lines) == 2 and lines[0].split("\t")[0] == "s", path
+        assert float(lines[1].split("\t")[0]) > 0
+
+
+def test_tiny_run_is_up_to_date(tiny_run):
+    workdir, config, _ = tiny_run
+    for targets in ([], [f"results/tables/{TINY_TABLE}.md"]):
+        proc = check(snakemake(workdir, *targets, "-n", configfile=config))
+        assert "Nothing to be done" in output_of(proc), output_of(proc)[-3000:]
+
+
+def test_tiny_run_time(tiny_run):
+    """The whole tiny run stays well inside a CI budget on a 2-core CPU."""
+    _, _, elapsed = tiny_run
+    assert elapsed < 300, f"tiny end-to-end run took {elapsed:.0f} s"
