@@ -19,6 +19,7 @@ from pipeline.diffusion import (ConsistencyFunction, EDMDenoiser, consistency_sa
 from pipeline.diffusion.loss import EDMLoss
 from pipeline.diffusion.solvers import heun_nfe
 from pipeline.nets import build_net
+from tiny import TINY_UNET
 
 F64 = torch.float64
 MU = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=F64)
@@ -26,11 +27,6 @@ S = 0.4
 SIGMA_DATA = 0.5
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
-TINY_UNET = {
-    "block_out_channels": [8, 16], "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4, "add_attention": False,
-}
 
 
 def _col(sigma, x):

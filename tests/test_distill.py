@@ -17,6 +17,7 @@ from pipeline.diffusion import ConsistencyFunction, EDMDenoiser, karras_sigmas
 from pipeline.distill.cd import ConsistencyDistillation, cd_loss
 from pipeline.distill.distances import DISTANCES, get_distance, l2, pseudo_huber
 from pipeline.nets import build_net
+from tiny import TINY_UNET
 from pipeline.train import TrainConfig, ema_beta, ema_update
 
 F64 = torch.float64
@@ -24,11 +25,6 @@ MU = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=F64).reshape(1, 1, 2, 2)
 S = 0.4
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
-TINY_UNET = {
-    "block_out_channels": [8, 16], "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4, "add_attention": False,
-}
 
 
 def _col(sigma, x):
@@ -207,7 +203,7 @@ def test_consistency_distillation_after_step_moves_target_by_mu(mu):
     assert obj.mu == mu and obj.model is student
     assert all(not p.requires_grad for p in obj.target.parameters())
     assert obj.target is not student and obj.target.net is not student.net
-    assert set(obj.extra_modules()) == {"target", "teacher"}
+    assert set(obj.extra_modules()) == {"target"}  # the frozen teacher is reloaded from its file, not checkpointed
     old = [p.detach().clone() for p in obj.target.parameters()]
     with torch.no_grad():
         for p in student.parameters():

@@ -8,12 +8,11 @@ import torch
 from pipeline.io import CorruptFileError, read_image_table, write_image_table
 from pipeline.modelio import load_model, model_meta, save_model
 from pipeline.nets import build_net
+from tiny import TINY_UNET
 from pipeline.diffusion import ConsistencyFunction, EDMDenoiser
 from pipeline.sample import generate, sample_noise, sample_seed, write_shard
 from pipeline.shards import num_shards, read_samples, shard_range, write_manifest
 
-TINY_NET = dict(block_out_channels=[8, 16], layers_per_block=1, down_block_types=["DownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4, add_attention=False)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,8 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     dirs = {}
     for kind, cls in (("edm", EDMDenoiser), ("consistency", ConsistencyFunction)):
-        model = cls(build_net(TINY_NET, 8, 1))
-        meta = model_meta(kind, TINY_NET, 8, 1, 0.5, 0.002, 80.0)
+        model = cls(build_net(TINY_UNET, 8, 1))
+        meta = model_meta(kind, TINY_UNET, 8, 1, 0.5, 0.002, 80.0)
         save_model(root / kind, model, meta, {"steps": 0})
         dirs[kind] = root / kind
     return dirs

@@ -7,16 +7,15 @@ from accelerate import Accelerator
 from pipeline.diffusion import EDMDenoiser
 from pipeline.diffusion.loss import EDMLoss
 from pipeline.nets import build_net
+from tiny import TINY_UNET
 from pipeline.teacher import EDMObjective
 from pipeline.train import TrainConfig, train
 
-TINY_NET = dict(block_out_channels=[8, 16], layers_per_block=1, down_block_types=["DownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4, add_attention=False)
 
 
 def objective(seed=0):
     torch.manual_seed(seed)
-    return EDMObjective(EDMDenoiser(build_net(TINY_NET, 8, 1)), EDMLoss())
+    return EDMObjective(EDMDenoiser(build_net(TINY_UNET, 8, 1)), EDMLoss())
 
 
 def data():

@@ -58,7 +58,7 @@ class ConsistencyDistillation:
         ema_update(self.target, model, self.mu)
 
     def extra_modules(self):
-        return {"target": self.target, "teacher": self.teacher}
+        return {"target": self.target}
 
 
 def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: Mapping[str, Any],
