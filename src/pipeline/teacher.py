@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from .data import read_subset
 from .diffusion import EDMDenoiser
@@ -39,6 +40,8 @@ class EDMObjective:
 def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], net_cfg: Mapping[str, Any],
                   checkpoint_dir: str | Path | None = None) -> dict:
     accelerator = Accelerator()
+    tcfg = TrainConfig.from_dict(cfg["train"])
+    set_seed(tcfg.seed)  # the initial weights come from the config's seed, like everything after them
     subset = read_subset(subset_path)
     images = torch.from_numpy(images_to_unit(subset.images))
     _, channels, resolution, _ = images.shape
@@ -46,7 +49,6 @@ def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str
     sigma_data = edm.get("sigma_data", 0.5)
     model = EDMDenoiser(build_net(net_cfg, resolution, channels), sigma_data)
     objective = EDMObjective(model, EDMLoss(edm.get("p_mean", -1.2), edm.get("p_std", 1.2), sigma_data))
-    tcfg = TrainConfig.from_dict(cfg["train"])
     log.info("teacher: %d unique images (%d with repeats), %d parameters, %d processes",
              len(subset), len(subset.expanded_indices()), count_parameters(model), accelerator.num_processes)
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir)

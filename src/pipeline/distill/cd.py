@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from ..data import read_subset
 from ..diffusion import ConsistencyFunction, heun_step, karras_sigmas
@@ -64,6 +65,8 @@ class ConsistencyDistillation:
 def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: Mapping[str, Any],
                checkpoint_dir: str | Path | None = None) -> dict:
     accelerator = Accelerator()
+    tcfg = TrainConfig.from_dict(cfg["train"])
+    set_seed(tcfg.seed)
     teacher, tmeta = load_model(teacher_dir, accelerator.device)
     if tmeta["kind"] != "edm":
         raise ValueError(f"{teacher_dir} is a {tmeta['kind']} model; consistency distillation needs an EDM teacher")
@@ -74,7 +77,6 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
                                         cfg.get("target_ema", 0.95))
     subset = read_subset(subset_path)
     images = torch.from_numpy(images_to_unit(subset.images))
-    tcfg = TrainConfig.from_dict(cfg["train"])
     log.info("consistency distillation: N=%d, metric=%s, target EMA %.4f, %d parameters",
              cfg["num_scales"], cfg.get("metric", "l2"), objective.mu, count_parameters(student))
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir)
