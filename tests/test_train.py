@@ -57,3 +57,53 @@ def test_batch_must_split_across_processes():
 def test_train_config_from_plain_data():
     cfg = TrainConfig.from_dict({"steps": 3, "batch_size": 2, "lr": 0.1, "betas": [0.5, 0.6], "optimizer": "radam"})
     assert cfg.betas == (0.5, 0.6) and cfg.optimizer == "radam"
+
+
+def test_changed_config_restarts_and_longer_run_continues(tmp_path):
+    rows = np.arange(6)
+    base = dict(batch_size=4, lr=1e-3, ema_halflife_kimg=0.01, log_every=1, checkpoint_every=3)
+    straight, _ = train(objective(), data(), rows, TrainConfig(steps=9, **base), Accelerator(cpu=True))
+
+    train(objective(), data(), rows, TrainConfig(steps=6, **base), Accelerator(cpu=True), tmp_path / "ck", "run-a")
+    continued, stats = train(objective(seed=3), data(), rows, TrainConfig(steps=9, **base), Accelerator(cpu=True),
+                             tmp_path / "ck", "run-a")
+    for a, b in zip(straight.state_dict().values(), continued.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert len(stats["history"]) == 9
+
+    # Another learning rate (or another run description) must not pick up that checkpoint.
+    other = dict(base, lr=2e-3)
+    fresh, _ = train(objective(), data(), rows, TrainConfig(steps=3, **other), Accelerator(cpu=True))
+    ignored, _ = train(objective(), data(), rows, TrainConfig(steps=3, **other), Accelerator(cpu=True), tmp_path / "ck", "run-a")
+    for a, b in zip(fresh.state_dict().values(), ignored.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    renamed, _ = train(objective(seed=5), data(), rows, TrainConfig(steps=9, **base), Accelerator(cpu=True),
+                       tmp_path / "ck", "run-b")
+    assert not torch.equal(next(iter(renamed.state_dict().values())), next(iter(continued.state_dict().values())))
+
+
+def test_two_processes_with_ddp_on_cpu(tmp_path):
+    """The multi-process path (what N GPUs run) exercised with 2 CPU processes over gloo."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.data import build_subset, load_source, write_subset
+
+    images, labels = load_source({"source": "digits", "resolution": 8})
+    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 8, "seed": 0}), {})
+    spec = {"train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "log_every": 2, "checkpoint_every": 2}}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", "train-teacher",
+           "--subset", str(tmp_path / "s.parquet"), "--net", json.dumps(TINY_UNET), "--spec", json.dumps(spec),
+           "--out", str(tmp_path / "teacher"), "--checkpoint-dir", str(tmp_path / "ck")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for _ in range(2):  # the second launch resumes from the final checkpoint and rewrites the same model
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+        stats = json.loads((tmp_path / "teacher" / "stats.json").read_text())
+        assert stats["processes"] == 2 and stats["images_seen"] == 16
+        weights = (tmp_path / "teacher" / "model.safetensors").read_bytes()
+        if _ == 0:
+            first = weights
+    assert weights == first
+    assert {p.name for p in (tmp_path / "ck").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}

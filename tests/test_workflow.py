@@ -372,3 +372,16 @@ def test_tiny_run_time(tiny_run):
     """The whole tiny run stays well inside a CI budget on a 2-core CPU."""
     _, _, elapsed = tiny_run
     assert elapsed < 300, f"tiny end-to-end run took {elapsed:.0f} s"
+
+
+def test_every_rule_has_log_and_benchmark():
+    """Every file-producing rule leaves a log and a benchmark record (the `all` target rule excepted)."""
+    rules = {}
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"^(?=rule )", smk.read_text(), flags=re.M)[1:]:
+            name = re.match(r"rule (\w+):", block).group(1)
+            rules[name] = block
+    assert len(rules) >= 13
+    for name, block in rules.items():
+        assert re.search(r"^\s+log:", block, re.M), f"rule {name} has no log:"
+        assert re.search(r"^\s+benchmark:", block, re.M), f"rule {name} has no benchmark:"

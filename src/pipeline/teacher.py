@@ -1,6 +1,7 @@
 """Stage 2: train an EDM teacher on a subset (no augmentation: the study forbids it)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +13,7 @@ from accelerate.utils import set_seed
 from .data import read_subset
 from .diffusion import EDMDenoiser
 from .diffusion.loss import EDMLoss
-from .io import images_to_unit
+from .io import images_to_unit, sha256_file
 from .modelio import model_meta, save_model
 from .nets import build_net, count_parameters
 from .train import TrainConfig, train
@@ -51,7 +52,8 @@ def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str
     objective = EDMObjective(model, EDMLoss(edm.get("p_mean", -1.2), edm.get("p_std", 1.2), sigma_data))
     log.info("teacher: %d unique images (%d with repeats), %d parameters, %d processes",
              len(subset), len(subset.expanded_indices()), count_parameters(model), accelerator.num_processes)
-    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir)
+    fingerprint = json.dumps({"net": net_cfg, "edm": cfg.get("edm", {}), "subset": sha256_file(subset_path)}, sort_keys=True)
+    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint)
     stats.update(parameters=count_parameters(model), subset=str(subset_path), unique_images=len(subset))
     if accelerator.is_main_process:
         meta = model_meta("edm", net_cfg, resolution, channels, sigma_data,

@@ -20,6 +20,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .io import atomic_output
+
 log = logging.getLogger(__name__)
 
 
@@ -106,12 +108,16 @@ def _optimizer(cfg: TrainConfig, params):
 
 
 def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: TrainConfig,
-          accelerator: Accelerator, checkpoint_dir: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
+          accelerator: Accelerator, checkpoint_dir: str | Path | None = None,
+          fingerprint: str = "") -> tuple[torch.nn.Module, dict]:
     """Run `cfg.steps` optimizer steps; return (EMA model on CPU, stats).
 
     images: unique training images (N, C, H, W) in [-1, 1]; rows: positions into `images`, with a
     row repeated as often as that image is repeated in the training set. The global batch is split
     evenly across processes, so the same config gives the same effective batch on 1 or N GPUs.
+    A checkpoint is resumed only if it carries the same `fingerprint` (the caller's description of
+    data, network and method) and the same training config up to its length and logging, so a
+    changed run restarts instead of continuing a different one, while a longer run continues.
     """
     world = accelerator.num_processes
     if cfg.batch_size % world:
@@ -133,9 +139,15 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     extras = {"ema": ema, **objective.extra_modules()}
     for m in extras.values():
         m.to(device)
+    resumable = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "log_every", "checkpoint_every")}
+    fingerprint = json.dumps({"run": fingerprint, "train": resumable}, sort_keys=True)
     if ckpt and (ckpt / "progress.json").exists():
-        start, history = _load_checkpoint(ckpt, accelerator, extras, stream, gen)
-        log.info("resumed from %s at step %d", ckpt, start)
+        progress = json.loads((ckpt / "progress.json").read_text())
+        if progress.get("fingerprint") == fingerprint and progress["step"] <= cfg.steps:
+            start, history = _load_checkpoint(ckpt, accelerator, extras, stream, gen)
+            log.info("resumed from %s at step %d", ckpt, start)
+        else:
+            log.warning("ignoring checkpoint %s: it belongs to a different configuration", ckpt)
 
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process,
@@ -165,8 +177,8 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
             history.append({"step": step + 1, "loss": mean, "seconds": time.time() - t0})
             bar.set_postfix(loss=f"{mean:.4f}")
             log.info("step %d loss %.5f", step + 1, mean)
-        if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, accelerator, extras, stream, gen, step + 1, history)
+        if ckpt and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save_checkpoint(ckpt, accelerator, extras, stream, gen, step + 1, history, fingerprint)
     accelerator.wait_for_everyone()
     stats = {"steps": cfg.steps, "batch_size": cfg.batch_size, "processes": world,
              "images_seen": cfg.steps * cfg.batch_size, "seconds": time.time() - t0,
@@ -175,24 +187,33 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     return ema.to("cpu"), stats
 
 
-def _save_checkpoint(ckpt: Path, accelerator, extras, stream, gen, step, history):
+def _save_checkpoint(ckpt: Path, accelerator, extras, stream, gen, step, history, fingerprint):
+    """Everything needed to continue exactly: model/optimizer (accelerate), EMA and target, and each process's data order.
+
+    progress.json is written last, so a checkpoint interrupted half-way is never taken as complete.
+    """
     accelerator.save_state(str(ckpt / "accelerate"))
+    torch.save({"stream": stream.state_dict(), "gen": gen.get_state()}, ckpt / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save({k: m.state_dict() for k, m in extras.items()}, ckpt / "extras.pt")
-        torch.save({"stream": stream.state_dict(), "gen": gen.get_state()}, ckpt / f"rng-{accelerator.process_index}.pt")
-        (ckpt / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_output(ckpt / "progress.json") as tmp:
+            tmp.write_text(json.dumps({"step": step, "history": history, "processes": accelerator.num_processes,
+                                       "fingerprint": fingerprint}))
     accelerator.wait_for_everyone()
 
 
 def _load_checkpoint(ckpt: Path, accelerator, extras, stream, gen):
+    progress = json.loads((ckpt / "progress.json").read_text())
+    if progress.get("processes", 1) != accelerator.num_processes:
+        raise RuntimeError(f"{ckpt} was written by {progress.get('processes', 1)} processes, now running "
+                           f"{accelerator.num_processes}: delete it to restart, or relaunch with the same count")
     accelerator.load_state(str(ckpt / "accelerate"))
-    saved = torch.load(ckpt / "extras.pt", map_location=accelerator.device, weights_only=True)
+    saved = torch.load(ckpt / "extras.pt", map_location="cpu", weights_only=True)
     for k, m in extras.items():
         m.load_state_dict(saved[k])
-    rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
-        stream.load_state_dict(rng["stream"])
-        gen.set_state(rng["gen"])
-    progress = json.loads((ckpt / "progress.json").read_text())
+    rng = torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=True)
+    stream.load_state_dict(rng["stream"])
+    gen.set_state(rng["gen"])
     return progress["step"], progress["history"]

@@ -20,6 +20,8 @@ rule fetch_cifar10:
         md5=KNOWN_FILES["cifar10"]["md5"],
     log:
         "logs/fetch/cifar10.log",
+    benchmark:
+        "results/benchmarks/fetch/cifar10.tsv"
     conda:
         "../envs/data.yaml"
     shell:
@@ -34,6 +36,8 @@ rule fetch_inception:
         checksum=f"--sha256 {INCEPTION_FILE['sha256']}" if INCEPTION_FILE["sha256"] else "",
     log:
         "logs/fetch/inception.log",
+    benchmark:
+        "results/benchmarks/fetch/inception.tsv"
     conda:
         "../envs/data.yaml"
     shell:

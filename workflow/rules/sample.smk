@@ -45,6 +45,8 @@ rule sample_manifest:
         num_samples=SAMPLING["num_samples"],
     log:
         "logs/sample_manifest/{model}/{sampler}.log",
+    benchmark:
+        "results/benchmarks/sample_manifest/{model}/{sampler}.tsv"
     conda:
         "../envs/report.yaml"
     shell:

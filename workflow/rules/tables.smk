@@ -12,6 +12,8 @@ rule table:
         rows=lambda wc: as_json(CFG["tables"][wc.table]["rows"]),
     log:
         "logs/table/{table}.log",
+    benchmark:
+        "results/benchmarks/table/{table}.tsv"
     conda:
         "../envs/report.yaml"
     shell:
@@ -30,6 +32,8 @@ rule neighbour_figure:
         figure_samples=CFG["memorization"].get("figure_samples", 32),
     log:
         "logs/neighbour_figure/{model}/{sampler}.log",
+    benchmark:
+        "results/benchmarks/neighbour_figure/{model}/{sampler}.tsv"
     conda:
         "../envs/report.yaml"
     shell:

@@ -7,6 +7,7 @@ theta- is a stop-gradient EMA of theta (rate mu; mu = 0 uses the online weights)
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +18,7 @@ from accelerate.utils import set_seed
 
 from ..data import read_subset
 from ..diffusion import ConsistencyFunction, heun_step, karras_sigmas
-from ..io import images_to_unit
+from ..io import images_to_unit, sha256_file
 from ..modelio import load_model, model_meta, save_model
 from ..nets import count_parameters
 from ..train import TrainConfig, ema_update, train
@@ -79,7 +80,9 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     images = torch.from_numpy(images_to_unit(subset.images))
     log.info("consistency distillation: N=%d, metric=%s, target EMA %.4f, %d parameters",
              cfg["num_scales"], cfg.get("metric", "l2"), objective.mu, count_parameters(student))
-    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir)
+    fingerprint = json.dumps({"spec": {k: v for k, v in cfg.items() if k != "train"}, "subset": sha256_file(subset_path),
+                              "teacher": sha256_file(Path(teacher_dir) / "model.safetensors")}, sort_keys=True)
+    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint)
     stats.update(method="cd", teacher=str(teacher_dir), num_scales=cfg["num_scales"], metric=cfg.get("metric", "l2"),
                  target_ema=objective.mu, parameters=count_parameters(student))
     if accelerator.is_main_process:
