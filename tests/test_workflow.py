@@ -220,7 +220,10 @@ PAIRS = [("teacher-48", "heun-4", "teachers"), ("cd-48", "1-step", "students")]
 
 def tiny_config() -> dict:
     cfg = copy.deepcopy(embedded())
-    cfg["subsets"]["digits-48"]["n"] = 16
+    # Localized repetition (Table 4's design in miniature): 4 images each of digits 0 and 1 seen
+    # 3 times, 8 other digits once, so the table gains per-group memorization columns.
+    cfg["subsets"]["digits-48"] = {"dataset": "digits", "kind": "repetition", "repeated_classes": [0, 1],
+                                   "per_class": 4, "repeats": 3, "others": 8, "seed": 0}
     cfg["teachers"]["teacher-48"]["train"].update(steps=40, batch_size=16, log_every=10)
     cfg["students"]["cd-48"]["train"].update(steps=20, batch_size=16, log_every=10)
     cfg["samplers"] = {"heun-4": {"kind": "heun", "steps": 4}, "1-step": {"kind": "consistency", "ts": [80.0]}}
@@ -257,6 +260,20 @@ def test_tiny_run_table(tiny_run):
     assert len(csv_lines) == 1 + 2, csv_lines
     assert csv_lines[1].split(",")[2:4] == ["teacher-48", "heun-4"]
     assert csv_lines[2].split(",")[2:4] == ["cd-48", "1-step"]
+    header = table_lines[0]
+    assert "L2 Mem (repeated)" in header and "L2 Mem (non_repeated)" in header
+    assert {"mem_repeated", "mem_non_repeated"} <= set(csv_lines[0].split(","))
+
+
+@pytest.mark.parametrize("model,sampler,kind", PAIRS)
+def test_tiny_run_group_breakdown_adds_up(tiny_run, model, sampler, kind):
+    workdir, _, _ = tiny_run
+    mem = json.loads((workdir / "results" / "metrics" / model / f"{sampler}.json").read_text())["memorization"]
+    groups = mem["by_group"]
+    assert set(groups) <= {"repeated", "non_repeated"} and groups
+    assert sum(g["n_samples"] for g in groups.values()) == mem["n_samples"]
+    memorized = sum(g["n_samples"] * g["mem_ratio"] for g in groups.values())
+    assert memorized == pytest.approx(mem["n_samples"] * mem["mem_ratio"])
 
 
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)
