@@ -19,41 +19,10 @@ from pipeline.diffusion import (ConsistencyFunction, EDMDenoiser, consistency_sa
 from pipeline.diffusion.loss import EDMLoss
 from pipeline.diffusion.solvers import heun_nfe
 from pipeline.nets import build_net
+from gaussian import F64, MU, S, SIGMA_MAX, SIGMA_MIN, _col, exact_consistency, exact_denoiser, exact_flow
 from tiny import TINY_UNET
 
-F64 = torch.float64
-MU = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=F64)
-S = 0.4
 SIGMA_DATA = 0.5
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-
-
-
-def _col(sigma, x):
-    sigma = torch.as_tensor(sigma, dtype=x.dtype)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(x.shape[0])
-    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def _mu_like(x, mu=MU):
-    return mu.reshape(1, *x.shape[1:]) if x.ndim > 2 else mu
-
-
-def exact_denoiser(x, sigma, mu=MU, s=S):
-    m, sig = _mu_like(x, mu), _col(sigma, x)
-    return m + s ** 2 / (s ** 2 + sig ** 2) * (x - m)
-
-
-def exact_consistency(x, sigma, mu=MU, s=S, sigma_min=SIGMA_MIN):
-    m, sig = _mu_like(x, mu), _col(sigma, x)
-    return m + (x - m) * math.sqrt(s ** 2 + sigma_min ** 2) / (s ** 2 + sig ** 2).sqrt()
-
-
-def exact_flow(x, sigma_a, sigma_b, mu=MU, s=S):
-    """The exact PF-ODE map from sigma_a to sigma_b."""
-    m = _mu_like(x, mu)
-    return m + (x - m) * math.sqrt(s ** 2 + sigma_b ** 2) / math.sqrt(s ** 2 + sigma_a ** 2)
 
 
 class ExactEDMNet(nn.Module):

@@ -17,31 +17,11 @@ from pipeline.diffusion import ConsistencyFunction, EDMDenoiser, karras_sigmas
 from pipeline.distill.cd import ConsistencyDistillation, cd_loss
 from pipeline.distill.distances import DISTANCES, get_distance, l2, pseudo_huber
 from pipeline.nets import build_net
+from gaussian import F64, MU, S, SIGMA_MAX, SIGMA_MIN, exact_consistency, exact_denoiser
 from tiny import TINY_UNET
 from pipeline.train import TrainConfig, ema_beta, ema_update
 
-F64 = torch.float64
-MU = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=F64).reshape(1, 1, 2, 2)
-S = 0.4
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-
-
-
-def _col(sigma, x):
-    sigma = torch.as_tensor(sigma, dtype=x.dtype)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(x.shape[0])
-    return sigma.reshape(-1, 1, 1, 1)
-
-
-def exact_denoiser(x, sigma):
-    sig = _col(sigma, x)
-    return MU + S ** 2 / (S ** 2 + sig ** 2) * (x - MU)
-
-
-def exact_consistency(x, sigma):
-    sig = _col(sigma, x)
-    return MU + (x - MU) * math.sqrt(S ** 2 + SIGMA_MIN ** 2) / (S ** 2 + sig ** 2).sqrt()
+IMAGE_MU = MU.reshape(1, 1, 2, 2)  # the 4-d Gaussian as tiny 1x2x2 images
 
 
 def perturbed_consistency(x, sigma):
@@ -49,7 +29,7 @@ def perturbed_consistency(x, sigma):
 
 
 def gaussian_batch(n, seed):
-    return MU + S * torch.randn(n, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    return IMAGE_MU + S * torch.randn(n, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
 def ascending(n):

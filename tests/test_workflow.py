@@ -126,10 +126,8 @@ def test_embedded_default_without_configfile(tmp_path):
 
 
 def test_embedded_default_with_config_override(tmp_path):
-    """`--config key=value` without --configfile should override one key of the default config,
-    not replace the whole config (the Snakefile loads the default only `if not config`)."""
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "embedded.yaml").write_text(EMBEDDED.read_text())  # sidestep the path issue
+    """`--config key=value` without --configfile overrides one key of the default config
+    instead of replacing the whole config."""
     proc = snakemake(tmp_path, "-n", "--config", "seed=3")
     assert proc.returncode == 0, output_of(proc)[-3000:]
 
