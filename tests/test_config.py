@@ -52,13 +52,13 @@ def test_shipped_configs_load_and_validate(path):
 def test_paper_config_is_table1_grid():
     cfg = pconfig.load(PAPER)
     assert sorted(cfg["teachers"]) == [f"teacher-{n}" for n in (3000, 4000, 5000, 6000)]
-    assert sorted(cfg["students"]) == [f"cd-{n}" for n in (3000, 4000, 5000, 6000)]
+    assert {f"cd-{n}" for n in (3000, 4000, 5000, 6000)} <= set(cfg["students"])
     # YAML merge keys (<<: *teacher) must have been expanded with the override applied
     for n in (3000, 4000, 5000, 6000):
         assert cfg["teachers"][f"teacher-{n}"]["subset"] == f"cifar10-{n}"
         assert cfg["teachers"][f"teacher-{n}"]["train"]["steps"] == 500000
         assert cfg["students"][f"cd-{n}"]["teacher"] == f"teacher-{n}"
-    assert len(pconfig.all_pairs(cfg)) == 8
+    assert len(pconfig.table_pairs(cfg, "table1")) == 8
 
 
 def test_load_names_the_source_file(tmp_path, cfg):
@@ -129,7 +129,7 @@ def test_heun_sampler_without_steps(cfg):
 def test_consistency_sampler_without_ts(cfg):
     cfg["samplers"]["1-step"] = {"kind": "consistency"}
     msg = error_of(cfg)
-    assert "samplers.1-step" in msg and "'ts'" in msg
+    assert "samplers.1-step" in msg and "'ts'" in msg and "'grid_steps'" in msg
 
 
 # --------------------------------------------------------------------------- cross-references
@@ -169,6 +169,81 @@ def test_table_row_with_unknown_sampler(cfg):
     cfg["tables"]["demo"]["rows"][0]["sampler"] = "euler-9"
     msg = error_of(cfg)
     assert "tables.demo.rows[0].sampler" in msg and "euler-9" in msg
+
+
+def test_paper_students_follow_the_cifar10_reference_protocol():
+    """CIFAR-10 CD as consistency_models_cifar10 configs/cifar10_ve_cd.py runs it: mu = 0 (online weights
+    under stop-gradient), LPIPS, Heun, N = 18 for the Table 1 students, student dropout 0."""
+    cfg = pconfig.load(PAPER)
+    for name, student in cfg["students"].items():
+        assert student["target_ema"] == 0.0, name
+        assert student["metric"] == "lpips" and student["solver"] == "heun", name
+        assert student.get("dropout", 0.0) == 0.0, name
+    for n in (3000, 4000, 5000, 6000):
+        assert cfg["students"][f"cd-{n}"]["num_scales"] == 18
+    # the teacher's net keeps EDM's CIFAR-10 dropout; the student's is its own setting
+    assert cfg["nets"]["ddpmpp-cifar"]["dropout"] == 0.13
+
+
+def test_paper_config_names_the_study_variants():
+    cfg = pconfig.load(PAPER)
+    kinds = {s["kind"] for s in cfg["samplers"].values()}
+    assert kinds == {"heun", "stochastic", "consistency"}
+    assert cfg["samplers"]["stochastic-imagenet64"] == {"kind": "stochastic", "steps": 256, "S_churn": 40,
+                                                        "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+    assert {"table1", "table6", "table7", "mismatch", "figure1"} <= set(cfg["tables"])
+    assert sorted(s["num_scales"] for s in cfg["students"].values() if s["teacher"] == "teacher-5000"
+                  and s.get("net") is None and s["init"] == "teacher") == [18, 40, 80]
+    models = pconfig.models_of(cfg)
+    assert models["cd-3000@100000"] == "snapshots"
+    assert pconfig.model_dir(cfg, "cd-3000@100000") == "results/snapshots/cd-3000/step-100000"
+    assert pconfig.subset_of(cfg, "cd-3000@100000") == "cifar10-3000"
+
+
+def test_target_ema_is_required(cfg):
+    del cfg["students"]["cd-48"]["target_ema"]
+    msg = error_of(cfg)
+    assert "students.cd-48" in msg and "target_ema" in msg
+
+
+@pytest.mark.parametrize("sampler,fragment", [
+    ({"kind": "stochastic", "steps": 18}, "S_churn"),
+    ({"kind": "heun", "steps": 18, "S_churn": 10}, "samplers.bad"),
+    ({"kind": "consistency", "ts": [80.0], "grid_steps": 18, "ts_index": [0]}, "samplers.bad"),
+    ({"kind": "consistency", "grid_steps": 18}, "samplers.bad"),
+    ({"kind": "consistency", "ts": [80.0], "ts_index": [0]}, "either"),
+    ({"kind": "consistency", "ts": [0.5, 80.0]}, "must decrease"),
+    ({"kind": "consistency", "grid_steps": 18, "ts_index": [0, 17]}, "below grid_steps - 1"),
+    ({"kind": "consistency", "grid_steps": 18, "ts_index": [5, 2]}, "must increase"),
+])
+def test_bad_samplers(cfg, sampler, fragment):
+    cfg["samplers"]["bad"] = sampler
+    assert fragment in error_of(cfg)
+
+
+def test_snapshot_steps_within_training(cfg):
+    cfg["students"]["cd-48"]["snapshots"] = [200, 5000]
+    msg = error_of(cfg)
+    assert "students.cd-48.snapshots" in msg and "5000" in msg
+
+
+def test_table_row_with_unconfigured_snapshot(cfg):
+    cfg["tables"]["demo"]["rows"][1]["model"] = "cd-48@300"
+    assert "tables.demo.rows[1].model" in error_of(cfg)
+
+
+def test_student_with_undefined_net(cfg):
+    cfg["students"]["cd-48"]["net"] = "no-such-net"
+    assert "students.cd-48.net" in error_of(cfg)
+
+
+def test_snapshot_of_a_teacher_takes_edm_samplers(cfg):
+    cfg["teachers"]["teacher-48"]["snapshots"] = [1000]
+    cfg["tables"]["demo"]["rows"].append({"model": "teacher-48@1000", "sampler": "stochastic-cifar10"})
+    ok = pconfig.validate(cfg)
+    assert pconfig.models_of(ok)["teacher-48@1000"] == "snapshots"
+    cfg["tables"]["demo"]["rows"].append({"model": "teacher-48@1000", "sampler": "1-step"})
+    assert "heun or stochastic" in error_of(cfg)
 
 
 def test_teacher_row_with_consistency_sampler(cfg):
@@ -251,12 +326,13 @@ def test_allowed_name_characters(cfg, good):
 
 def test_models_of(cfg):
     cfg = pconfig.validate(cfg)
-    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "cd-48": "students"}
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "cd-48": "students",
+                                      "cd-48@200": "snapshots", "cd-48@400": "snapshots"}
 
 
 def test_models_of_without_students(cfg):
     del cfg["students"]
-    cfg["tables"]["demo"]["rows"] = [cfg["tables"]["demo"]["rows"][0]]
+    cfg["tables"] = {"demo": {"rows": [cfg["tables"]["demo"]["rows"][0]]}}
     cfg = pconfig.validate(cfg)
     assert pconfig.models_of(cfg) == {"teacher-48": "teachers"}
     assert pconfig.all_pairs(cfg) == [("teacher-48", "heun-18")]
@@ -292,6 +368,7 @@ def test_table_pairs():
 
 def test_all_pairs_deduplicated_in_order(cfg):
     rows = cfg["tables"]["demo"]["rows"]
+    cfg["tables"] = {"demo": {"rows": rows}}
     cfg["tables"]["first"] = {"rows": [rows[2], rows[0]]}
     cfg["tables"]["again"] = {"rows": [rows[0], rows[1], rows[0]]}
     cfg = pconfig.validate(cfg)

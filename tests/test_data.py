@@ -283,3 +283,28 @@ def test_verify_mismatch(tmp_path):
     verify(f, sha256=hashlib.sha256(b"abc").hexdigest().upper())
     with pytest.raises(ChecksumError, match=str(f)):
         verify(f, sha256="f" * 64)
+
+
+def test_lpips_backbones_are_known_by_their_torchvision_hash_prefix():
+    for key in ("lpips-vgg", "lpips-alex"):
+        entry = KNOWN_FILES[key]
+        assert entry["sha256_prefix"] in entry["dest"] and entry["url"].endswith(entry["dest"])
+
+
+def test_fetch_with_sha256_prefix(tmp_path):
+    """torchvision's convention: the file name carries the first hex digits of its sha256."""
+    payload = b"backbone weights" * 100
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    src = tmp_path / f"net-{prefix}.pth"
+    src.write_bytes(payload)
+    dest = tmp_path / "weights" / src.name
+    assert fetch(src.as_uri(), dest, sha256_prefix=prefix) == dest
+    verify(dest, sha256_prefix=prefix.upper())
+    with pytest.raises(ChecksumError, match=f"expected {'0' * 8}..."):
+        verify(dest, sha256_prefix="0" * 8)
+    bad = tmp_path / "weights2" / "x.pth"
+    with pytest.raises(ChecksumError):
+        fetch(src.as_uri(), bad, sha256_prefix="deadbeef")
+    assert not bad.exists()
+    with pytest.raises(FetchError, match="sha256 starting deadbeef"):
+        fetch("http://127.0.0.1:9/x", tmp_path / "y.pth", sha256_prefix="deadbeef", timeout=5)

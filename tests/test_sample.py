@@ -10,7 +10,7 @@ from pipeline.modelio import load_model, model_meta, save_model
 from pipeline.nets import build_net
 from tiny import TINY_UNET
 from pipeline.diffusion import ConsistencyFunction, EDMDenoiser
-from pipeline.sample import generate, sample_noise, sample_seed, write_shard
+from pipeline.sample import NoiseStream, consistency_ts, generate, sample_noise, sample_seed, sampler_nfe, write_shard
 from pipeline.shards import num_shards, read_samples, shard_range, write_manifest
 
 
@@ -55,7 +55,10 @@ def test_shard_ranges_cover_every_sample_once():
 
 
 @pytest.mark.parametrize("kind,sampler", [("edm", {"kind": "heun", "steps": 3}),
-                                          ("consistency", {"kind": "consistency", "ts": [80.0, 0.8]})])
+                                          ("edm", {"kind": "stochastic", "steps": 3, "S_churn": 40, "S_min": 0.05,
+                                                   "S_max": 50.0, "S_noise": 1.003}),
+                                          ("consistency", {"kind": "consistency", "ts": [80.0, 0.8]}),
+                                          ("consistency", {"kind": "consistency", "grid_steps": 18, "ts_index": [0, 11]})])
 def test_samples_identical_whatever_the_shard_size(models, tmp_path, kind, sampler):
     n = 7
     images = {}
@@ -75,6 +78,39 @@ def test_samples_identical_whatever_the_shard_size(models, tmp_path, kind, sampl
         images[shard_size] = imgs
     assert images[7].dtype == np.uint8 and images[7].shape == (n, 8, 8, 1)
     np.testing.assert_array_equal(images[7], images[3])
+
+
+def test_stochastic_sampler_draws_per_sample_churn_noise(models):
+    """A sample's churn noise comes from its own seed: the same seed gives the same image in any batch,
+    and churn changes the image against the deterministic sampler from the same initial noise."""
+    model, meta = load_model(models["edm"])
+    churn = {"kind": "stochastic", "steps": 4, "S_churn": 80, "S_min": 0.0, "S_max": 1e9, "S_noise": 1.0}
+    seeds = [sample_seed(5, i) for i in range(6)]
+    whole = generate(model, meta, churn, seeds)
+    np.testing.assert_array_equal(whole[2:4], generate(model, meta, churn, seeds[2:4]))
+    heun = generate(model, meta, {"kind": "heun", "steps": 4}, seeds)
+    assert not np.array_equal(whole, heun)
+    off = dict(churn, S_min=1e8)  # churn configured but never active: exactly the deterministic sampler
+    np.testing.assert_array_equal(generate(model, meta, off, seeds), heun)
+    assert sampler_nfe(churn) == 7
+
+
+def test_consistency_ts_from_grid_indices():
+    """The reference's ts as indices into the Karras grid: CIFAR-10 [0, 11] of 18, ImageNet-64 [0, 22] of 40."""
+    assert consistency_ts({"ts": [80.0, 0.821]}, 0.002, 80.0) == [80.0, 0.821]
+    cifar = consistency_ts({"grid_steps": 18, "ts_index": [0, 11]}, 0.002, 80.0)
+    assert cifar[0] == pytest.approx(80.0) and cifar[1] == pytest.approx(0.5853, abs=1e-4)
+    imagenet = consistency_ts({"grid_steps": 40, "ts_index": [0, 22]}, 0.002, 80.0)
+    assert imagenet[1] == pytest.approx(1.3824, abs=1e-4)
+    assert sampler_nfe({"kind": "consistency", "grid_steps": 18, "ts_index": [0, 11]}) == 2
+
+
+def test_noise_stream_equals_drawing_all_at_once():
+    seeds = [sample_seed(1, i) for i in range(5)]
+    stream = NoiseStream(seeds, (1, 4, 4))
+    drawn = sample_noise(seeds, 3, (1, 4, 4))
+    for k in range(3):
+        assert torch.equal(stream(), drawn[k])
 
 
 def test_sampler_must_match_model_kind(models):

@@ -9,7 +9,7 @@ from pipeline.diffusion.loss import EDMLoss
 from pipeline.nets import build_net
 from tiny import TINY_UNET
 from pipeline.teacher import EDMObjective
-from pipeline.train import TrainConfig, train
+from pipeline.train import Snapshots, TrainConfig, train
 
 
 
@@ -80,6 +80,56 @@ def test_changed_config_restarts_and_longer_run_continues(tmp_path):
     renamed, _ = train(objective(seed=5), data(), rows, TrainConfig(steps=9, **base), Accelerator(cpu=True),
                        tmp_path / "ck", "run-b")
     assert not torch.equal(next(iter(renamed.state_dict().values())), next(iter(continued.state_dict().values())))
+
+
+def _snapshots(root, steps, saved):
+    from pipeline.modelio import save_model
+
+    def save(d, model, k):
+        saved.append(k)
+        save_model(d, model, {"kind": "edm", "step": k}, {"step": k})
+
+    return Snapshots(steps, root, save)
+
+
+def test_snapshots_are_the_ema_at_their_step_and_survive_a_resume(tmp_path):
+    """A snapshot at step k equals the EMA of a run stopped at k; a job resumed past k keeps it, a
+    changed run rewrites it, and publishing copies every configured step."""
+    from safetensors.torch import load_file
+
+    rows = np.arange(6)
+    base = dict(batch_size=4, lr=1e-3, ema_halflife_kimg=0.01, log_every=1, checkpoint_every=2)
+    short, _ = train(objective(), data(), rows, TrainConfig(steps=2, **base), Accelerator(cpu=True))
+    saved = []
+    snaps = _snapshots(tmp_path / "ck" / "snapshots", [2, 4], saved)
+    train(objective(), data(), rows, TrainConfig(steps=4, **base), Accelerator(cpu=True), tmp_path / "ck", "a", snaps)
+    assert saved == [2, 4]
+    at2 = load_file(str(snaps.path(2) / "model.safetensors"))
+    for name, value in short.state_dict().items():
+        torch.testing.assert_close(at2[name], value, msg=name)
+    # resumed at step 4 (the run grew to 6 steps): nothing before 4 is written again
+    saved.clear()
+    snaps6 = _snapshots(tmp_path / "ck" / "snapshots", [2, 4], saved)
+    final, _ = train(objective(seed=2), data(), rows, TrainConfig(steps=6, **base), Accelerator(cpu=True),
+                     tmp_path / "ck", "a", snaps6)
+    assert saved == []
+    published = snaps6.publish(tmp_path / "out" / "snapshots")
+    assert [p.name for p in published] == ["step-2", "step-4"]
+    assert torch.equal(load_file(str(published[0] / "model.safetensors"))[name], at2[name])
+    # another run description ignores the checkpoint and rewrites every snapshot
+    saved.clear()
+    train(objective(), data(), rows, TrainConfig(steps=4, **base), Accelerator(cpu=True), tmp_path / "ck", "b",
+          _snapshots(tmp_path / "ck" / "snapshots", [2, 4], saved))
+    assert saved == [2, 4]
+
+
+def test_snapshot_errors(tmp_path):
+    saved = []
+    with pytest.raises(ValueError, match="beyond"):
+        train(objective(), data(), np.arange(6), TrainConfig(steps=2, batch_size=4, lr=1e-3), Accelerator(cpu=True),
+              None, "", _snapshots(tmp_path / "s", [3], saved))
+    with pytest.raises(RuntimeError, match="step 5 was not written"):
+        _snapshots(tmp_path / "s", [5], saved).publish(tmp_path / "out")
 
 
 def test_two_processes_with_ddp_on_cpu(tmp_path):

@@ -22,7 +22,7 @@ def cmd_fetch(a):
     from .data import fetch
     from .io import sha256_file
 
-    path = fetch(a.url, a.dest, md5=a.md5, sha256=a.sha256)
+    path = fetch(a.url, a.dest, md5=a.md5, sha256=a.sha256, sha256_prefix=a.sha256_prefix)
     logging.info("%s ready, sha256 %s", path, sha256_file(path))
 
 
@@ -47,6 +47,13 @@ def cmd_distill(a):
 
     methods = {"cd": distill_cd}
     methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir)
+
+
+def cmd_snapshot(a):
+    from .modelio import export_snapshot
+
+    meta = export_snapshot(a.run_dir, a.step, a.out)
+    logging.info("snapshot of a %s model at step %d exported to %s", meta["kind"], a.step, a.out)
 
 
 def cmd_sample(a):
@@ -118,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     req = {"required": True}
     js = {"required": True, "type": _json}
-    add("fetch", cmd_fetch, url=req, dest=req, md5={}, sha256={})
+    add("fetch", cmd_fetch, url=req, dest=req, md5={}, sha256={}, sha256_prefix={})
     add("subset", cmd_subset, dataset=js, spec=js, out=req)
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={})
     add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={})
+    add("snapshot", cmd_snapshot, run_dir=req, step={"required": True, "type": int}, out=req)
     add("sample", cmd_sample, model=req, model_id=req, sampler_name=req, sampler=js, shard={"required": True, "type": int},
         shard_size={"required": True, "type": int}, num_samples={"required": True, "type": int},
         seed={"required": True, "type": int}, batch_size={"type": int, "default": 256}, out=req)

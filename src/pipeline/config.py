@@ -54,6 +54,29 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
         need("nets", t["net"], f"teachers.{name}.net")
     for name, s in cfg.get("students", {}).items():
         need("teachers", s["teacher"], f"students.{name}.teacher")
+        if "net" in s:
+            need("nets", s["net"], f"students.{name}.net")
+    for kind in ("teachers", "students"):
+        for name, entry in cfg.get(kind, {}).items():
+            late = [k for k in entry.get("snapshots", []) if k > entry["train"]["steps"]]
+            if late:
+                problems.append(f"  {kind}.{name}.snapshots: steps {late} lie beyond train.steps = {entry['train']['steps']}")
+    for name, sampler in cfg["samplers"].items():
+        ts, idx = sampler.get("ts"), sampler.get("ts_index")
+        by_grid = [k for k in ("grid_steps", "ts_index") if k in sampler]
+        one_way = (ts is not None) != bool(by_grid) and len(by_grid) != 1
+        if sampler["kind"] == "consistency" and not one_way:
+            problems.append(f"  samplers.{name}: a consistency sampler takes either 'ts' (noise levels) or "
+                            f"'grid_steps' with 'ts_index' (Karras grid indices), not both or neither")
+            continue
+        if ts and any(a <= b for a, b in zip(ts, ts[1:])):
+            problems.append(f"  samplers.{name}.ts: noise levels must decrease, got {ts}")
+        if idx:
+            if any(a >= b for a, b in zip(idx, idx[1:])):
+                problems.append(f"  samplers.{name}.ts_index: grid indices must increase, got {idx}")
+            if max(idx) >= sampler["grid_steps"] - 1:
+                problems.append(f"  samplers.{name}.ts_index: indices must be below grid_steps - 1 = "
+                                f"{sampler['grid_steps'] - 1} (the last level is sigma_min, where f(x, sigma_min) = x)")
     clash = set(cfg["teachers"]) & set(cfg.get("students", {}))
     if clash:
         problems.append(f"  teachers and students share names {sorted(clash)}: model names must be unique")
@@ -67,26 +90,53 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
                 problems.append(f"  tables.{tname}.rows[{i}].model: {row['model']!r} is neither a teacher nor a student")
             need("samplers", row["sampler"], f"tables.{tname}.rows[{i}].sampler")
             if row["model"] in models and row["sampler"] in cfg["samplers"]:
-                want = "heun" if row["model"] in cfg["teachers"] else "consistency"
-                if cfg["samplers"][row["sampler"]]["kind"] != want:
-                    problems.append(f"  tables.{tname}.rows[{i}]: sampler {row['sampler']!r} cannot sample {row['model']!r} (needs a {want} sampler)")
+                want = EDM_SAMPLERS if base_model(row["model"]) in cfg["teachers"] else ("consistency",)
+                if cfg["samplers"][row["sampler"]]["kind"] not in want:
+                    problems.append(f"  tables.{tname}.rows[{i}]: sampler {row['sampler']!r} cannot sample {row['model']!r} "
+                                    f"(needs a {' or '.join(want)} sampler)")
     if problems:
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(problems))
 
 
+EDM_SAMPLERS = ("heun", "stochastic")
+SNAPSHOT_SEP = "@"  # never part of a configured name (see the schema's name pattern)
+
+
+def snapshot_id(model: str, step: int) -> str:
+    return f"{model}{SNAPSHOT_SEP}{int(step)}"
+
+
+def base_model(model: str) -> str:
+    """The configured teacher or student a model id belongs to: itself, or the run a snapshot is from."""
+    return model.split(SNAPSHOT_SEP, 1)[0]
+
+
 def models_of(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """model name -> 'teachers' or 'students'."""
+    """model id -> 'teachers', 'students' or 'snapshots' (`<teacher or student>@<step>`)."""
     out = {name: "teachers" for name in cfg["teachers"]}
     out.update({name: "students" for name in cfg.get("students", {})})
+    for kind in ("teachers", "students"):
+        for name, entry in cfg.get(kind, {}).items():
+            out.update({snapshot_id(name, k): "snapshots" for k in entry.get("snapshots", [])})
     return out
 
 
 def model_dir(cfg: Mapping[str, Any], model: str) -> str:
-    return f"results/{models_of(cfg)[model]}/{model}"
+    kind = models_of(cfg)[model]
+    if kind == "snapshots":
+        base, step = model.split(SNAPSHOT_SEP)
+        return f"results/snapshots/{base}/step-{step}"
+    return f"results/{kind}/{model}"
+
+
+def training_dir(cfg: Mapping[str, Any], model: str) -> str:
+    """The directory of the training run that wrote a model (a snapshot's run, or the model itself)."""
+    return model_dir(cfg, base_model(model))
 
 
 def subset_of(cfg: Mapping[str, Any], model: str) -> str:
     """The training subset a model saw: its own for a teacher, its teacher's for a student."""
+    model = base_model(model)
     if model in cfg["teachers"]:
         return cfg["teachers"][model]["subset"]
     return cfg["teachers"][cfg["students"][model]["teacher"]]["subset"]

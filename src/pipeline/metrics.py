@@ -28,7 +28,7 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         "memorization": {"space": space, **summarize(neighbours)},
         "quality": compute_quality(quality_kind, feature_net, images, reference_stats),
         "training": {k: model_stats.get(k) for k in ("steps", "batch_size", "images_seen", "seconds", "final_loss",
-                                                       "parameters", "method", "unique_images")},
+                                                       "parameters", "method", "unique_images", "step")},
     }
     write_json(out_path, result)
     return result

@@ -6,6 +6,7 @@ the JSON through `nets.build_net`, so a model directory is safe to load from any
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from .diffusion import ConsistencyFunction, EDMDenoiser
 from .io import atomic_output, write_json
 from .nets import build_net
+from .train import Snapshots
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -59,3 +61,37 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     model = build_model(meta)
     model.load_state_dict(load_file(str(model_dir / WEIGHTS), device="cpu"))
     return model.to(device).eval().requires_grad_(False), meta
+
+
+def model_snapshots(steps, checkpoint_dir: str | Path | None, out_dir: str | Path, meta: Mapping[str, Any],
+                    method: str) -> Snapshots | None:
+    """Snapshots of a training run as model directories (same files as the final model, plus the step).
+
+    They collect beside the checkpoint, so a retried job keeps what it wrote, or in the output
+    directory when the run keeps no checkpoint.
+    """
+    if not steps:
+        return None
+    root = Path(checkpoint_dir) / "snapshots" if checkpoint_dir else Path(out_dir) / "snapshots"
+    return Snapshots(steps, root, lambda d, m, k: save_model(d, m, dict(meta, step=k),
+                                                                   {"step": k, "steps": k, "method": method}))
+
+
+def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path) -> dict:
+    """Check the snapshot at `step` of a training run's snapshots/ directory and copy it to `out_dir`.
+
+    It must load as a model and say it is the step asked for; the copy goes file by file through
+    atomic writes, weights before config and stats as in save_model.
+    """
+    src = Path(run_dir) / f"step-{int(step)}"
+    if not (src / WEIGHTS).exists():
+        raise FileNotFoundError(f"{src / WEIGHTS} is missing: is {int(step)} among the run's `snapshots` steps? "
+                                f"The train_teacher or distill rule writes {run_dir}")
+    _, meta = load_model(src)
+    if meta.get("step") != int(step):
+        raise ValueError(f"{src} holds the snapshot of step {meta.get('step')}, not {int(step)}")
+    out_dir = Path(out_dir)
+    for name in (WEIGHTS, CONFIG, STATS):
+        with atomic_output(out_dir / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+    return meta

@@ -46,3 +46,23 @@ def build_net(cfg: Mapping[str, Any], resolution: int, channels: int) -> UNetBac
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def inherit_parameters(student: nn.Module, teacher: nn.Module) -> dict:
+    """Copy every teacher tensor whose name and shape the student shares (App. D.3 "fine-tuning" init).
+
+    With the same architecture that is all of them; a student with fewer or more residual blocks per
+    stage keeps its own random initialisation where the teacher has nothing of that name and shape.
+    Returns how many tensors and parameters were inherited, out of how many the student has.
+    """
+    theirs = teacher.state_dict()
+    ours = student.state_dict()
+    take = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    student.load_state_dict(take, strict=False)
+    params = dict(student.named_parameters())
+    return {
+        "inherited_tensors": len(take),
+        "tensors": len(ours),
+        "inherited_parameters": sum(params[k].numel() for k in take if k in params),
+        "parameters": count_parameters(student),
+    }

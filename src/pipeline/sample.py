@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import consistency_sample, heun_sample
+from .diffusion import consistency_sample, edm_sample, karras_sigmas
 from .diffusion.solvers import heun_nfe
 from .io import unit_to_images, write_image_table
 from .shards import shard_range
@@ -29,17 +29,50 @@ def sample_seed(run_seed: int, index: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
+class NoiseStream:
+    """Per-sample Gaussian noise: call k returns draw k of every sample, draw k of sample j from seeds[j] alone.
+
+    Drawn on the CPU, one generator per sample, so a sample's noise does not depend on the batch it is
+    in or the device; streamed, so a 256-step stochastic sampler never holds all its draws at once.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.shape = tuple(shape)
+        self.device = device
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
 def sample_noise(seeds: Sequence[int], draws: int, shape: Sequence[int]) -> list[torch.Tensor]:
     """`draws` noise tensors of shape (len(seeds), *shape): draw k of sample j uses only seeds[j]."""
-    per_sample = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        per_sample.append([torch.randn(tuple(shape), generator=g) for _ in range(draws)])
-    return [torch.stack([p[k] for p in per_sample]) for k in range(draws)]
+    stream = NoiseStream(seeds, shape)
+    return [stream() for _ in range(draws)]
+
+
+def consistency_ts(sampler: Mapping[str, Any], sigma_min: float, sigma_max: float) -> list[float]:
+    """The noise levels of a multistep consistency sampler, given directly (`ts`) or, as the reference
+    code gives them, as indices into a `grid_steps`-level Karras grid (`ts_index`; index 0 = sigma_max).
+
+    openai/consistency_models scripts/launch.sh samples ImageNet-64 CD with steps=40, ts=0,22,39, and the
+    CIFAR-10 reference's two-step notebook (consistency_models_cifar10 editing_multistep_sampling.ipynb)
+    with train_N=18, ts=[0, 11, 17]; the last index is sigma_min, where f(x, sigma_min) = x adds nothing,
+    so here it is left out: [0, 11] of 18 levels is sigma = 80 then 0.585.
+    """
+    if "ts" in sampler:
+        return [float(t) for t in sampler["ts"]]
+    grid = karras_sigmas(sampler["grid_steps"], sigma_min, sigma_max, sampler.get("rho", 7.0))
+    return [float(grid[i]) for i in sampler["ts_index"]]
+
+
+EDM_SAMPLERS = ("heun", "stochastic")
 
 
 def sampler_nfe(sampler: Mapping[str, Any]) -> int:
-    return heun_nfe(sampler["steps"]) if sampler["kind"] == "heun" else len(sampler["ts"])
+    if sampler["kind"] in EDM_SAMPLERS:
+        return heun_nfe(sampler["steps"])
+    return len(sampler["ts"] if "ts" in sampler else sampler["ts_index"])
 
 
 def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: Sequence[int],
@@ -47,17 +80,18 @@ def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: 
     """Generate one image per seed with the named sampler; returns uint8 NHWC."""
     shape = (meta["channels"], meta["resolution"], meta["resolution"])
     kind = sampler["kind"]
-    if kind == "heun":
+    noise = NoiseStream(seeds, shape, device)
+    if kind in EDM_SAMPLERS:
         if meta["kind"] != "edm":
-            raise ValueError(f"the heun sampler needs an EDM denoiser, got a {meta['kind']} model")
-        (noise,) = sample_noise(seeds, 1, shape)
-        x = heun_sample(model, noise.to(device), sampler["steps"], meta["sigma_min"], meta["sigma_max"],
-                        sampler.get("rho", 7.0))
+            raise ValueError(f"the {kind} sampler needs an EDM denoiser, got a {meta['kind']} model")
+        churn = {k: sampler[k] for k in ("S_churn", "S_min", "S_max", "S_noise") if k in sampler} if kind == "stochastic" else {}
+        x = edm_sample(model, noise(), sampler["steps"], meta["sigma_min"], meta["sigma_max"], sampler.get("rho", 7.0),
+                       churn_noise=noise, **churn)
     elif kind == "consistency":
         if meta["kind"] != "consistency":
             raise ValueError(f"the consistency sampler needs a consistency model, got a {meta['kind']} model")
-        noises = [n.to(device) for n in sample_noise(seeds, len(sampler["ts"]), shape)]
-        x = consistency_sample(model, noises, sampler["ts"], meta["sigma_min"])
+        ts = consistency_ts(sampler, meta["sigma_min"], meta["sigma_max"])
+        x = consistency_sample(model, [noise() for _ in ts], ts, meta["sigma_min"], sampler.get("clip_denoised", True))
     else:
         raise ValueError(f"unknown sampler kind {kind!r}")
     return unit_to_images(x.float().cpu().numpy())

@@ -14,9 +14,9 @@ from .data import read_subset
 from .diffusion import EDMDenoiser
 from .diffusion.loss import EDMLoss
 from .io import images_to_unit, sha256_file
-from .modelio import model_meta, save_model
+from .modelio import model_meta, model_snapshots, save_model
 from .nets import build_net, count_parameters
-from .train import TrainConfig, train
+from .train import TrainConfig, publish_snapshots, train
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,16 @@ def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str
     objective = EDMObjective(model, EDMLoss(edm.get("p_mean", -1.2), edm.get("p_std", 1.2), sigma_data))
     log.info("teacher: %d unique images (%d with repeats), %d parameters, %d processes",
              len(subset), len(subset.expanded_indices()), count_parameters(model), accelerator.num_processes)
-    fingerprint = json.dumps({"net": net_cfg, "edm": cfg.get("edm", {}), "subset": sha256_file(subset_path)}, sort_keys=True)
-    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint)
+    fingerprint = json.dumps({"net": net_cfg, "edm": cfg.get("edm", {}), "snapshots": cfg.get("snapshots", []),
+                              "subset": sha256_file(subset_path)}, sort_keys=True)
+    meta = model_meta("edm", net_cfg, resolution, channels, sigma_data,
+                      edm.get("sigma_min", 0.002), edm.get("sigma_max", 80.0))
+    snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "edm")
+    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
+                       snapshots)
     stats.update(parameters=count_parameters(model), subset=str(subset_path), unique_images=len(subset))
     if accelerator.is_main_process:
-        meta = model_meta("edm", net_cfg, resolution, channels, sigma_data,
-                          edm.get("sigma_min", 0.002), edm.get("sigma_max", 80.0))
+        publish_snapshots(snapshots, out_dir)
         save_model(out_dir, ema, meta, stats)
     accelerator.end_training()
     return stats

@@ -10,10 +10,11 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -100,6 +101,54 @@ class _IndexStream:
         self.buf = np.asarray(state["buf"], dtype=np.int64)
 
 
+class Snapshots:
+    """EMA weights saved at chosen steps along training, for memorization and quality along the way.
+
+    They are written as they happen into `root` (beside the resumable checkpoint, so a job killed and
+    retried keeps the ones it already wrote) by `save(directory, ema_model, step)`, then published
+    into the model's output directory once training ends.
+    """
+
+    def __init__(self, steps, root: str | Path, save: Callable[[Path, torch.nn.Module, int], None]):
+        self.steps = sorted({int(s) for s in steps})
+        self.root = Path(root)
+        self.save = save
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def prune_after(self, step: int) -> None:
+        """Drop snapshots past `step`: a (re)start from `step` writes them again."""
+        if self.root.exists():
+            for d in self.root.glob("step-*"):
+                if d.name[5:].isdigit() and int(d.name[5:]) > step:
+                    shutil.rmtree(d)
+
+    def publish(self, out_root: str | Path) -> list[Path]:
+        """Copy every snapshot into `out_root/step-K`, failing loudly if one was never written."""
+        out_root = Path(out_root)
+        out_root.mkdir(parents=True, exist_ok=True)
+        published = []
+        for step in self.steps:
+            src, dst = self.path(step), out_root / f"step-{step}"
+            if not (src / "model.safetensors").exists():
+                raise RuntimeError(f"snapshot at step {step} was not written to {src}")
+            if src.resolve() != dst.resolve():
+                if dst.exists():
+                    shutil.rmtree(dst)
+                shutil.copytree(src, dst)
+            published.append(dst)
+        return published
+
+
+def publish_snapshots(snapshots: Snapshots | None, out_dir: str | Path) -> None:
+    """Fill `out_dir/snapshots` (a declared output of every training rule, empty without snapshots)."""
+    root = Path(out_dir) / "snapshots"
+    root.mkdir(parents=True, exist_ok=True)
+    if snapshots is not None:
+        snapshots.publish(root)
+
+
 def _optimizer(cfg: TrainConfig, params):
     opts = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
     if cfg.optimizer not in opts:
@@ -109,7 +158,7 @@ def _optimizer(cfg: TrainConfig, params):
 
 def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: TrainConfig,
           accelerator: Accelerator, checkpoint_dir: str | Path | None = None,
-          fingerprint: str = "") -> tuple[torch.nn.Module, dict]:
+          fingerprint: str = "", snapshots: Snapshots | None = None) -> tuple[torch.nn.Module, dict]:
     """Run `cfg.steps` optimizer steps; return (EMA model on CPU, stats).
 
     images: unique training images (N, C, H, W) in [-1, 1]; rows: positions into `images`, with a
@@ -118,6 +167,7 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     A checkpoint is resumed only if it carries the same `fingerprint` (the caller's description of
     data, network and method) and the same training config up to its length and logging, so a
     changed run restarts instead of continuing a different one, while a longer run continues.
+    `snapshots` saves the EMA weights at its steps (main process only).
     """
     world = accelerator.num_processes
     if cfg.batch_size % world:
@@ -148,6 +198,11 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
             log.info("resumed from %s at step %d", ckpt, start)
         else:
             log.warning("ignoring checkpoint %s: it belongs to a different configuration", ckpt)
+    if snapshots is not None and accelerator.is_main_process:
+        snapshots.prune_after(start)
+        pending = [k for k in snapshots.steps if k > cfg.steps]
+        if pending:
+            raise ValueError(f"snapshot steps {pending} lie beyond the run's {cfg.steps} steps")
 
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process,
@@ -171,6 +226,9 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
         ema_update(ema, accelerator.unwrap_model(model), ema_beta(cfg, images_seen))
         objective.after_step(accelerator.unwrap_model(model), step)
         running.append(loss.detach())
+        if snapshots is not None and step + 1 in snapshots.steps and accelerator.is_main_process:
+            snapshots.save(snapshots.path(step + 1), ema, step + 1)
+            log.info("snapshot of the EMA weights at step %d in %s", step + 1, snapshots.path(step + 1))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             mean = accelerator.gather(torch.stack(running).mean().reshape(1)).mean().item()
             running = []

@@ -26,7 +26,12 @@ def _names(names):
     return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) if names else "(?!)"
 
 
+SNAPSHOT_RUNS = sorted(pconfig.base_model(m) for m, kind in MODELS.items() if kind == "snapshots")
+
+
 wildcard_constraints:
+    run=_names(set(SNAPSHOT_RUNS)),
+    step=r"[1-9]\d*",
     subset=_names(CFG["subsets"]),
     teacher=_names(CFG["teachers"]),
     student=_names(STUDENTS),
@@ -120,6 +125,29 @@ def all_targets():
 
 def student_teacher(wc):
     return STUDENTS[wc.student]["teacher"]
+
+
+def lpips_options(student):
+    """The LPIPS metric's options with the backbone file resolved (fetched by fetch_lpips_backbone)."""
+    opts = dict(student.get("lpips", {}))
+    opts.setdefault("net", "vgg")
+    opts.setdefault("weights", os.path.join("data", "weights", KNOWN_FILES[f"lpips-{opts['net']}"]["dest"]))
+    return opts
+
+
+def distill_spec(student):
+    """What the distill command gets: the student entry with its network and metric files resolved."""
+    spec = {k: v for k, v in student.items() if k not in ("teacher", "method", "compute", "net")}
+    if "net" in student:
+        spec["net_config"] = CFG["nets"][student["net"]]
+    if student.get("metric") == "lpips":
+        spec["lpips"] = lpips_options(student)
+    return spec
+
+
+def distill_extra_inputs(wc):
+    student = STUDENTS[wc.student]
+    return [lpips_options(student)["weights"]] if student.get("metric") == "lpips" else []
 
 
 def output_dir(wc, output):

@@ -1,5 +1,5 @@
 # Stage 3: distillation of a teacher into a student (consistency distillation now; PD, DMD and
-# LCM plug in as further methods of the same rule).
+# LCM plug in as further methods of the same rule). Snapshots along training go to snapshots/.
 
 
 rule distill:
@@ -7,14 +7,16 @@ rule distill:
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.student)),
         teacher=lambda wc: model_files(student_teacher(wc))["weights"],
         teacher_config=lambda wc: model_files(student_teacher(wc))["config"],
+        metric_weights=distill_extra_inputs,
     output:
         weights="results/students/{student}/model.safetensors",
         config="results/students/{student}/config.json",
         stats="results/students/{student}/stats.json",
+        snapshots=directory("results/students/{student}/snapshots"),
     params:
         launch=lambda wc: accelerate_launch(STUDENTS[wc.student]),
         method=lambda wc: STUDENTS[wc.student]["method"],
-        spec=lambda wc: as_json({k: v for k, v in STUDENTS[wc.student].items() if k not in ("teacher", "method", "compute")}),
+        spec=lambda wc: as_json(distill_spec(STUDENTS[wc.student])),
         teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc)),
         out=output_dir,
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",

@@ -5,11 +5,18 @@ from pipeline.data.fetch import KNOWN_FILES
 CIFAR10_ARCHIVE = os.path.join("data", "raw", KNOWN_FILES["cifar10"]["dest"])
 INCEPTION_FILE = KNOWN_FILES["inception"]
 INCEPTION_WEIGHTS = CFG["quality"].get("weights", os.path.join("data", "weights", INCEPTION_FILE["dest"]))
+# LPIPS backbones (torchvision ImageNet checkpoints), by file name: the consistency metric's weights.
+LPIPS_FILES = {KNOWN_FILES[k]["dest"]: KNOWN_FILES[k] for k in ("lpips-vgg", "lpips-alex")}
+
+
+wildcard_constraints:
+    backbone=_names(LPIPS_FILES),
 
 
 localrules:
     fetch_cifar10,
     fetch_inception,
+    fetch_lpips_backbone,
 
 
 rule fetch_cifar10:
@@ -42,3 +49,19 @@ rule fetch_inception:
         "../envs/data.yaml"
     shell:
         "python -m pipeline fetch --url {params.url} --dest {output} {params.checksum} > {log} 2>&1"
+
+
+rule fetch_lpips_backbone:
+    output:
+        os.path.join("data", "weights", "{backbone}"),
+    params:
+        url=lambda wc: LPIPS_FILES[wc.backbone]["url"],
+        prefix=lambda wc: LPIPS_FILES[wc.backbone]["sha256_prefix"],
+    log:
+        "logs/fetch/{backbone}.log",
+    benchmark:
+        "results/benchmarks/fetch/{backbone}.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m pipeline fetch --url {params.url} --dest {output} --sha256-prefix {params.prefix} > {log} 2>&1"

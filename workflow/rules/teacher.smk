@@ -9,10 +9,11 @@ rule train_teacher:
         weights="results/teachers/{teacher}/model.safetensors",
         config="results/teachers/{teacher}/config.json",
         stats="results/teachers/{teacher}/stats.json",
+        snapshots=directory("results/teachers/{teacher}/snapshots"),
     params:
         launch=lambda wc: accelerate_launch(CFG["teachers"][wc.teacher]),
         net=lambda wc: as_json(CFG["nets"][CFG["teachers"][wc.teacher]["net"]]),
-        spec=lambda wc: as_json({k: v for k, v in CFG["teachers"][wc.teacher].items() if k in ("edm", "train")}),
+        spec=lambda wc: as_json({k: v for k, v in CFG["teachers"][wc.teacher].items() if k in ("edm", "train", "snapshots")}),
         out=output_dir,
         ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
     threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)

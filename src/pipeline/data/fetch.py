@@ -30,6 +30,19 @@ KNOWN_FILES: dict[str, dict[str, str | None]] = {
         "sha256": None,
         "dest": "inception-2015-12-05.pt",
     },
+    # The ImageNet backbones of LPIPS (the consistency metric), torchvision's own checkpoints. Their
+    # names carry the first 8 hex digits of the file's sha256, which is what torch.hub checks
+    # (torch/hub.py check_hash); the same prefix is checked here.
+    "lpips-vgg": {
+        "url": "https://download.pytorch.org/models/vgg16-397923af.pth",
+        "sha256_prefix": "397923af",
+        "dest": "vgg16-397923af.pth",
+    },
+    "lpips-alex": {
+        "url": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        "sha256_prefix": "7be5be79",
+        "dest": "alexnet-owt-7be5be79.pth",
+    },
 }
 
 _CHUNK = 1 << 20
@@ -52,23 +65,31 @@ def _digests(path: Path, algorithms: list[str]) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashes.items()}
 
 
-def _check(path: Path, md5: str | None, sha256: str | None, name: str) -> None:
-    expected = {algo: value.lower() for algo, value in (("md5", md5), ("sha256", sha256)) if value}
-    if not expected:
+def _check(path: Path, md5: str | None, sha256: str | None, name: str, sha256_prefix: str | None = None) -> None:
+    checks = [(algo, value.lower(), True) for algo, value in (("md5", md5), ("sha256", sha256)) if value]
+    if sha256_prefix and not sha256:
+        checks.append(("sha256", sha256_prefix.lower(), False))
+    if not checks:
         return
-    actual = _digests(path, list(expected))
-    for algo, want in expected.items():
-        if actual[algo] != want:
-            raise ChecksumError(f"{name}: {algo} mismatch, expected {want}, got {actual[algo]}")
+    actual = _digests(path, sorted({algo for algo, _, _ in checks}))
+    for algo, want, exact in checks:
+        if not (actual[algo] == want if exact else actual[algo].startswith(want)):
+            expected = want if exact else f"{want}..."
+            raise ChecksumError(f"{name}: {algo} mismatch, expected {expected}, got {actual[algo]}")
 
 
-def verify(dest: str | os.PathLike, md5: str | None = None, sha256: str | None = None) -> None:
-    """Raise ChecksumError naming the file, expected and actual digest unless every given digest matches."""
-    _check(Path(dest), md5, sha256, str(dest))
+def verify(dest: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
+           sha256_prefix: str | None = None) -> None:
+    """Raise ChecksumError naming the file, expected and actual digest unless every given digest matches.
+
+    `sha256_prefix` checks only the leading hex digits, torchvision's convention for its checkpoints."""
+    _check(Path(dest), md5, sha256, str(dest), sha256_prefix)
 
 
-def _expected_text(md5: str | None, sha256: str | None) -> str:
+def _expected_text(md5: str | None, sha256: str | None, sha256_prefix: str | None = None) -> str:
     parts = [f"{name} {value}" for name, value in (("md5", md5), ("sha256", sha256)) if value]
+    if sha256_prefix and not sha256:
+        parts.append(f"sha256 starting {sha256_prefix}")
     return f" (expected {', '.join(parts)})" if parts else ""
 
 
@@ -78,6 +99,7 @@ def fetch(
     md5: str | None = None,
     sha256: str | None = None,
     timeout: float = 60,
+    sha256_prefix: str | None = None,
 ) -> Path:
     """Download `url` to `dest` unless a file with the right checksum is already there.
 
@@ -88,7 +110,7 @@ def fetch(
     dest = Path(dest)
     if dest.exists():
         try:
-            verify(dest, md5=md5, sha256=sha256)
+            verify(dest, md5=md5, sha256=sha256, sha256_prefix=sha256_prefix)
             return dest
         except ChecksumError as exc:
             tqdm.write(f"{exc}; downloading it again")
@@ -111,7 +133,7 @@ def fetch(
             raise FetchError(
                 f"could not download {url} to {dest} ({exc}); this machine may be offline. "
                 f"Download it on a machine with internet (e.g. the cluster login node) and copy it to "
-                f"{dest}{_expected_text(md5, sha256)}."
+                f"{dest}{_expected_text(md5, sha256, sha256_prefix)}."
             ) from exc
-        _check(tmp, md5, sha256, f"{dest} (downloaded from {url})")
+        _check(tmp, md5, sha256, f"{dest} (downloaded from {url})", sha256_prefix)
     return dest

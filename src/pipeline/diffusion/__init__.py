@@ -1,7 +1,7 @@
 """The one EDM/consistency core shared by teacher training, distillation and sampling."""
 from .karras import karras_sigmas
 from .precond import ConsistencyFunction, EDMDenoiser, consistency_scalings, edm_scalings
-from .solvers import consistency_sample, euler_step, heun_sample, heun_step
+from .solvers import consistency_sample, edm_sample, euler_step, heun_sample, heun_step
 
 __all__ = [
     "karras_sigmas",
@@ -12,5 +12,6 @@ __all__ = [
     "euler_step",
     "heun_step",
     "heun_sample",
+    "edm_sample",
     "consistency_sample",
 ]

@@ -6,6 +6,7 @@ single scalar timestep for the whole batch, so these few lines are written here 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -37,15 +38,44 @@ def heun_step(denoiser: Denoiser, x, sigma_cur, sigma_next):
     return x + (s_next - s) * (d + d_next) / 2
 
 
+NoiseSource = Callable[[], torch.Tensor]
+
+
 @torch.no_grad()
+def edm_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 18, sigma_min: float = 0.002,
+               sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+               S_max: float = float("inf"), S_noise: float = 1.0,
+               churn_noise: NoiseSource | None = None) -> torch.Tensor:
+    """EDM's sampler (NVlabs/edm generate.py `edm_sampler`; Karras et al. 2022, Algorithm 2).
+
+    At each level sigma in [S_min, S_max] the noise is first raised to sigma_hat = (1 + gamma) sigma,
+    gamma = min(S_churn / steps, sqrt(2) - 1), by adding fresh noise sqrt(sigma_hat^2 - sigma^2)
+    S_noise eps, then one Heun step goes to the next level (Euler into sigma = 0). `churn_noise()`
+    returns eps for the whole batch, one call per step as edm_sampler draws it, so each sample's
+    stream can come from its own seed. With S_churn = 0 no noise is added and this is exactly the
+    deterministic Heun sampler (Algorithm 1), with 2 * steps - 1 evaluations either way.
+    """
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist() + [0.0]
+    gamma_max = min(S_churn / steps, math.sqrt(2) - 1)
+    if S_churn > 0 and churn_noise is None:
+        raise ValueError("stochastic sampling (S_churn > 0) needs a churn noise source")
+    x = noise * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if S_churn > 0:
+            eps = churn_noise()
+            gamma = gamma_max if S_min <= s <= S_max else 0.0
+            if gamma > 0:
+                s_hat = s + gamma * s
+                x = x + math.sqrt(s_hat ** 2 - s ** 2) * S_noise * eps.to(x)
+                s = s_hat
+        x = heun_step(denoiser, x, s, s_next) if s_next > 0 else euler_step(denoiser, x, s, s_next)
+    return x
+
+
 def heun_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 18, sigma_min: float = 0.002,
                 sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """EDM's deterministic sampler (Algorithm 1): `steps` levels then sigma = 0, 2*steps - 1 evaluations."""
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist() + [0.0]
-    x = noise * sigmas[0]
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = heun_step(denoiser, x, s, s_next) if s_next > 0 else euler_step(denoiser, x, s, s_next)
-    return x
+    return edm_sample(denoiser, noise, steps, sigma_min, sigma_max, rho)
 
 
 def heun_nfe(steps: int) -> int:
@@ -54,16 +84,23 @@ def heun_nfe(steps: int) -> int:
 
 @torch.no_grad()
 def consistency_sample(model: Denoiser, noises: Sequence[torch.Tensor], ts: Sequence[float],
-                       sigma_min: float = 0.002) -> torch.Tensor:
+                       sigma_min: float = 0.002, clip_denoised: bool = True) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1).
 
     `noises[k]` is the fresh Gaussian noise for step k (len(ts) tensors); ts[0] is sigma_max. One
-    network evaluation per entry of ts.
+    network evaluation per entry of ts. With `clip_denoised` every prediction is clamped to the data
+    range [-1, 1] before it is re-noised, as the reference multistep sampler does
+    (openai/consistency_models cm/karras_diffusion.py: karras_sample's denoiser clamps when
+    clip_denoised, the default of scripts/image_sample.py).
     """
     if len(noises) != len(ts):
         raise ValueError(f"need one noise tensor per step: {len(noises)} != {len(ts)}")
-    x = model(noises[0] * ts[0], torch.full((noises[0].shape[0],), float(ts[0]), device=noises[0].device, dtype=noises[0].dtype))
+
+    def f(x, t):
+        out = model(x, torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype))
+        return out.clamp(-1, 1) if clip_denoised else out
+
+    x = f(noises[0] * ts[0], ts[0])
     for z, t in zip(noises[1:], ts[1:]):
-        x_t = x + (t ** 2 - sigma_min ** 2) ** 0.5 * z
-        x = model(x_t, torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype))
+        x = f(x + (t ** 2 - sigma_min ** 2) ** 0.5 * z, t)
     return x
