@@ -227,3 +227,113 @@ def test_cuda_without_faiss_gpu_raises_clearly():
         nearest_neighbours(np.zeros((2, 4)), np.eye(4), device="cuda")
     idx, _ = nearest_neighbours(np.eye(4)[:2], np.eye(4), device="auto")
     assert idx[:, 0].tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------ exact search on uint8 pixels
+
+def exact_integer(queries, database, k=2):
+    """Brute force in int64: the exact squared distances of integer data; ties by database index."""
+    q = queries.astype(np.int64)
+    db = database.astype(np.int64)
+    sq = ((q[:, None, :] - db[None, :, :]) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(db)), sq.shape), sq), axis=-1)[:, :k]
+    return order, np.sqrt(np.take_along_axis(sq, order, axis=1).astype(np.float64))
+
+
+def pixel_problem(rng, n_train=900, dim=3072, n_queries=120):
+    """CIFAR-sized uint8 rows: near-copies, verbatim copies of a repeated image, and random queries."""
+    train = rng.integers(0, 256, (n_train, dim), dtype=np.uint8)
+    train[1] = train[0]  # a repeated image (exact tie: order by index)
+    src = rng.choice(np.arange(2, n_train), 30, replace=False)
+    queries = rng.integers(0, 256, (n_queries, dim), dtype=np.uint8)
+    queries[:30] = np.clip(train[src].astype(np.int16) + rng.integers(-2, 3, (30, dim)), 0, 255)
+    queries[30:35] = train[0]
+    return train, queries, src
+
+
+@pytest.mark.parametrize("candidates,batch_size", [(None, 16384), (2, 7), (1, 50)])
+def test_uint8_search_is_exact(candidates, batch_size):
+    """Identical indices and distances to an int64 brute force, whether the float32 short list
+    certifies a query or the exhaustive fallback (database scanned in several blocks) decides it."""
+    rng = np.random.default_rng(11)
+    train, queries, src = pixel_problem(rng)
+    idx, dist = nearest_neighbours(queries, train, k=2, candidates=candidates, device="cpu", batch_size=batch_size)
+    ref_idx, ref_dist = exact_integer(queries, train)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dist, ref_dist)
+    np.testing.assert_array_equal(idx[:30, 0], src)
+    assert (idx[30:35] == [0, 1]).all() and (dist[30:35] == 0).all()
+
+
+def test_fallback_is_taken_and_exact(caplog):
+    """With a one-row short list on random data most queries cannot be certified; they are then
+    searched exhaustively, and the log says how many."""
+    import logging
+
+    rng = np.random.default_rng(12)
+    train = rng.integers(0, 256, (700, 3072), dtype=np.uint8)
+    queries = rng.integers(0, 256, (40, 3072), dtype=np.uint8)
+    with caplog.at_level(logging.INFO, logger="pipeline.search"):
+        idx, dist = nearest_neighbours(queries, train, k=2, candidates=1, device="cpu")
+    ref_idx, ref_dist = exact_integer(queries, train)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dist, ref_dist)
+    assert "searched exhaustively" in caplog.text
+
+
+def test_float32_error_bound_holds():
+    """The certificate's bound on FAISS's float32 squared distances is never exceeded (it is a
+    worst-case bound: the measured error is orders of magnitude below it)."""
+    from pipeline.search import _U32
+
+    rng = np.random.default_rng(13)
+    train = rng.integers(0, 256, (300, 3072), dtype=np.uint8)
+    queries = rng.integers(0, 256, (60, 3072), dtype=np.uint8)
+    flat = faiss.IndexFlatL2(3072)
+    flat.add(train.astype(np.float32))
+    fd, cand = flat.search(queries.astype(np.float32), 300)
+    exact = ((queries[:, None, :].astype(np.int64) - train[cand].astype(np.int64)) ** 2).sum(-1)
+    n = 3072 + 4
+    bound = n * _U32 / (1 - n * _U32) * (np.linalg.norm(queries.astype(np.float64), axis=1)[:, None]
+                                          + np.linalg.norm(train.astype(np.float64), axis=1).max()) ** 2
+    err = np.abs(fd.astype(np.float64) - exact)
+    assert (err <= bound).all()
+    assert err.max() < 1e-2 * bound.min()
+
+
+def test_float_inputs_near_tie_certificate_accounts_for_rounding():
+    """float64 inputs that float32 cannot hold: the rounding term keeps the certificate honest, so
+    a pair float32 would swap still comes out in true order with a short list of one."""
+    dim = 8
+    train = np.zeros((50, dim))
+    train[:, 1] = np.arange(50) + 10.0
+    train[0, 0], train[1, 0] = 0.1, 0.9
+    train[0, 1] = train[1, 1] = 0.0
+    query = np.zeros((1, dim))
+    query[0, 0] = 0.49999999
+    idx, dist = nearest_neighbours(query, train, k=2, candidates=1, device="cpu")
+    ref_idx, ref_dist = brute_force(query, train)
+    assert idx[0].tolist() == ref_idx[0].tolist() == [0, 1]
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-15)
+
+
+def test_blas_report_names_the_kernels():
+    from pipeline.search import blas_report
+
+    report = blas_report()
+    assert report and all({"internal_api", "architecture", "num_threads"} <= set(e) for e in report)
+
+
+def test_slow_openblas_kernel_is_a_warning(monkeypatch, caplog):
+    import logging
+
+    import threadpoolctl
+
+    fake = [{"user_api": "blas", "internal_api": "openblas", "architecture": "Prescott", "num_threads": 2,
+             "filepath": "/x/libopenblas.so"}]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: fake)
+    from pipeline.search import blas_report
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.search"):
+        assert blas_report()[0]["architecture"] == "Prescott"
+    assert "OPENBLAS_CORETYPE" in caplog.text

@@ -9,11 +9,16 @@ import numpy as np
 
 
 def pixels(images: np.ndarray) -> np.ndarray:
-    """Flattened pixel values in [0, 1]; the ratio criterion is scale-free, the scale only aids reading distances."""
-    return (images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
+    """Flattened uint8 pixel values: integers keep the nearest-neighbour search exact (see search.py);
+    distances are reported in [0, 1] pixel units through DISTANCE_SCALE."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"pixel space expects uint8 images, got {images.dtype}")
+    return images.reshape(images.shape[0], -1)
 
 
 SPACES = {"pixels": pixels}
+# Factor from a space's vector units to the units distances are reported in (pixels: 0-255 -> 0-1).
+DISTANCE_SCALE = {"pixels": 1.0 / 255.0}
 
 
 def embed(images: np.ndarray, space: str) -> np.ndarray:
