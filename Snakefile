@@ -23,9 +23,11 @@ include: "workflow/rules/teacher.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/snapshot.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/yardsticks.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/audit.smk"
 
 
 rule all:

@@ -95,9 +95,12 @@ def test_paper_config_dry_run(tmp_path):
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     pairs = 8 + 8 + 2 + 3 + 4 * 5
-    assert stats["sample_manifest"] == stats["search"] == stats["metrics"] == stats["neighbour_figure"] == pairs
+    assert stats["sample_manifest"] == stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per (model, sampler) pair
     assert stats["sample_shard"] == 10 * pairs
+    # three yardsticks (real held-out, replay, blurred) for each of the 4 training subsets
+    assert stats["yardstick"] == 12
+    assert stats["search"] == stats["metrics"] == pairs + 12
     assert stats["reference_stats"] == 1
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats
@@ -151,10 +154,11 @@ def test_embedded_default_with_config_override(tmp_path):
 def test_embedded_explicit_configfile_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
     stats = job_stats(output_of(proc))
-    # 6 (model, sampler) pairs: teacher heun-18 and stochastic, student 1-step and 2-step, 2 snapshots
+    # 6 (model, sampler) pairs: teacher heun-18 and stochastic, student 1-step and 2-step, 2 snapshots;
+    # 3 yardsticks (real held-out, replay, blurred) of the one training subset
     expected = {
         "subset": 1, "train_teacher": 1, "distill": 1, "snapshot": 2, "sample_shard": 12, "sample_manifest": 6,
-        "search": 6, "metrics": 6, "neighbour_figure": 6, "table": 3,
+        "yardstick": 3, "search": 9, "metrics": 9, "neighbour_figure": 6, "table": 3,
         "train_feature_net": 1, "reference_stats": 1,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
@@ -209,7 +213,8 @@ def test_teacher_only_table_plans_no_student_jobs(tmp_path, two_tables):
     stats = job_stats(out)
     assert "distill" not in stats, stats
     assert stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 1 and stats["metrics"] == 1
+    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 1 and stats["metrics"] == 1 + 3
+    assert stats["yardstick"] == 3
     assert stats["table"] == 1
     # the default target's figures are not requested
     assert "neighbour_figure" not in stats and "all" not in stats
@@ -222,7 +227,7 @@ def test_student_table_plans_student_jobs(tmp_path, two_tables):
     out = output_of(proc)
     stats = job_stats(out)
     assert stats["distill"] == 1 and stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 4 and stats["sample_manifest"] == 2 and stats["metrics"] == 2
+    assert stats["sample_shard"] == 4 and stats["sample_manifest"] == 2 and stats["metrics"] == 2 + 3
     assert "results/samples/cd-48/1-step/shard-00000.parquet" in out
     assert "teach.md" not in out
 
@@ -272,10 +277,12 @@ def test_tiny_run_table(tiny_run):
     workdir, _, _ = tiny_run
     md = (workdir / "results" / "tables" / f"{TINY_TABLE}.md").read_text()
     table_lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table_lines) == 2 + 3, md  # header, separator, 3 rows
+    assert len(table_lines) == 2 + 3 + 3, md  # header, separator, 3 rows, 3 yardstick rows
     assert "Teacher" in table_lines[2] and "Student" in table_lines[3] and "step 10" in table_lines[4]
+    assert [line.split("|")[2].strip() for line in table_lines[5:]] == [
+        "Real held-out", "Training replay", "Real held-out, blurred (sigma = 1 px)"]
     csv_lines = (workdir / "results" / "tables" / f"{TINY_TABLE}.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 1 + 3, csv_lines
+    assert len(csv_lines) == 1 + 6, csv_lines
     assert csv_lines[1].split(",")[2:4] == ["teacher-48", "heun-4"]
     assert csv_lines[2].split(",")[2:4] == ["cd-48", "1-step"]
     assert csv_lines[3].split(",")[2:4] == list(SNAPSHOT)
@@ -350,6 +357,28 @@ def test_tiny_run_model_dirs(tiny_run, model, sampler, kind):
         assert len(list(f.keys())) > 0
 
 
+def test_tiny_run_yardsticks_bracket_the_models(tiny_run, monkeypatch):
+    """Replayed training images are all memorized (d1 = 0) and held-out real images none; the real
+    images never come from the training subset, and the replay only from it."""
+    from pipeline.data import read_subset
+    from pipeline.shards import read_samples
+
+    workdir, _, _ = tiny_run
+    monkeypatch.chdir(workdir)  # manifests name their shards relative to the workflow directory
+    metrics = {k: json.loads((workdir / "results" / "metrics" / f"{k}~digits-48" / "data.json").read_text())
+               for k in ("real", "replay", "blur")}
+    assert metrics["replay"]["memorization"]["mem_ratio"] == 1.0 and metrics["replay"]["nfe"] == 0
+    assert metrics["real"]["memorization"]["mem_ratio"] == 0.0
+    assert metrics["real"]["quality"]["value"] < metrics["blur"]["quality"]["value"]
+    subset = read_subset(workdir / "results" / "subsets" / "digits-48.parquet")
+    train = {img.tobytes() for img in subset.images}
+    real, _, _ = read_samples(workdir / "results" / "samples" / "real~digits-48" / "data" / "manifest.json")
+    replay, _, _ = read_samples(workdir / "results" / "samples" / "replay~digits-48" / "data" / "manifest.json")
+    assert len(real) == len(replay) == 24
+    assert not any(img.tobytes() in train for img in real)
+    assert all(img.tobytes() in train for img in replay)
+
+
 def test_tiny_run_snapshot_is_a_model_of_its_own(tiny_run):
     """The student's step-10 snapshot went through export, sampling, search and metrics like any model."""
     from safetensors.torch import load_file
@@ -396,6 +425,7 @@ def test_tiny_run_logs(tiny_run):
             f"neighbour_figure/{model}/{sampler}.log",
         ]
     expected.append("snapshot/cd-48/step-10.log")
+    expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur")]
     missing = [p for p in expected if not (logs / p).is_file()]
     assert not missing, missing
     # every rule that ran (all but the `all` target) wrote a log directory
@@ -429,7 +459,23 @@ def test_every_rule_has_log_and_benchmark():
         for block in re.split(r"^(?=rule )", smk.read_text(), flags=re.M)[1:]:
             name = re.match(r"rule (\w+):", block).group(1)
             rules[name] = block
-    assert len(rules) >= 15
+    assert len(rules) >= 18
     for name, block in rules.items():
         assert re.search(r"^\s+log:", block, re.M), f"rule {name} has no log:"
         assert re.search(r"^\s+benchmark:", block, re.M), f"rule {name} has no benchmark:"
+
+
+def test_tiny_run_audit_rule(tiny_run):
+    """The audit as a rule on a finished run: the student's samples against its own subset."""
+    workdir, config, _ = tiny_run
+    check(snakemake(workdir, "results/audit/pixels/cd-48/1-step.json", "--cores", "1", configfile=config))
+    result = json.loads((workdir / "results" / "audit" / "pixels" / "cd-48" / "1-step.json").read_text())
+    metrics = json.loads((workdir / "results" / "metrics" / "cd-48" / "1-step.json").read_text())
+    assert result["n_samples"] == 24 and result["passed"]
+    assert result["mem_ratio"] == metrics["memorization"]["mem_ratio"]  # the same search, the same answer
+    assert (workdir / "results" / "audit" / "pixels" / "cd-48" / "1-step.png").stat().st_size > 0
+
+
+def test_sscd_audit_plans_the_fetch_rule(tmp_path):
+    proc = check(snakemake(tmp_path, "results/audit/sscd/cd-48/1-step.json", "-n"))
+    assert "fetch_sscd" in job_stats(output_of(proc))

@@ -49,6 +49,12 @@ def cmd_distill(a):
     methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir)
 
 
+def cmd_audit(a):
+    from .audit import run_audit
+
+    return run_audit(a)
+
+
 def cmd_snapshot(a):
     from .modelio import export_snapshot
 
@@ -76,12 +82,35 @@ def cmd_search(a):
     logging.info("memorized: %.2f%% of %d samples", 100 * summary["mem_ratio"], summary["n_samples"])
 
 
+def _heldout(a, num_images):
+    """The held-out split of a dataset: images outside every configured subset (--exclude)."""
+    from .data import read_subset
+    from .yardsticks import heldout_split
+
+    return heldout_split(num_images, [read_subset(p).index for p in a.exclude], a.reserve, a.seed)
+
+
 def cmd_feature_net(a):
     from .data import load_source
     from .quality import train_digits_classifier
 
     images, labels = load_source(a.dataset)
-    train_digits_classifier(images, labels, a.out, epochs=a.epochs)
+    _, rest = _heldout(a, len(images))
+    logging.info("digits classifier: %d of %d images (outside every training subset and the yardstick reserve)",
+                 len(rest), len(images))
+    train_digits_classifier(images[rest], labels[rest], a.out, epochs=a.epochs)
+
+
+def cmd_yardstick(a):
+    from .data import load_source, read_subset
+    from .yardsticks import write_yardstick, yardstick_images
+
+    images, labels = load_source(a.dataset)
+    reserve, _ = _heldout(a, len(images))
+    subset = read_subset(a.subset)
+    chosen, chosen_labels = yardstick_images(a.kind, images, labels, subset, reserve, a.num_samples, a.seed,
+                                             a.blur_sigma)
+    write_yardstick(a.kind, a.subset_name, chosen, chosen_labels, a.out_dir, a.shard_size)
 
 
 def cmd_reference_stats(a):
@@ -130,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={})
     add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={})
+    add("audit", cmd_audit, train={"required": True, "help": "training images: a Parquet image table or a folder"},
+        samples={"required": True, "help": "generated images: a Parquet image table or a folder"},
+        space={"choices": ["pixels", "sscd"], "default": "pixels"},
+        ratio={"type": float, "default": 1 / 3, "help": "pixels: memorized when d1 < ratio * d2"},
+        threshold={"type": float, "default": 0.5, "help": "sscd: copied when the similarity exceeds it"},
+        sscd_weights={"help": "sscd: the SSCD TorchScript file (rule fetch_sscd)"},
+        preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"},
+        out={"required": True, "help": "JSON with the statistics"}, figure={"help": "PNG of the most-copied samples"},
+        count={"type": int, "default": 16}, device={"default": "auto"},
+        fail_above={"type": float, "help": "exit 1 when the flagged share exceeds this fraction (a release gate)"})
     add("snapshot", cmd_snapshot, run_dir=req, step={"required": True, "type": int}, out=req)
     add("sample", cmd_sample, model=req, model_id=req, sampler_name=req, sampler=js, shard={"required": True, "type": int},
         shard_size={"required": True, "type": int}, num_samples={"required": True, "type": int},
@@ -137,10 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("manifest", cmd_manifest, shards={"required": True, "nargs": "+"}, shard_size={"required": True, "type": int},
         num_samples={"required": True, "type": int}, out=req)
     add("search", cmd_search, subset=req, manifest=req, space={"default": "pixels"}, ratio={"type": float}, out=req)
-    add("feature-net", cmd_feature_net, dataset=js, epochs={"type": int, "default": 30}, out=req)
+    heldout = dict(exclude={"nargs": "*", "default": []}, reserve={"type": int, "required": True},
+                   seed={"type": int, "default": 0})
+    add("feature-net", cmd_feature_net, dataset=js, epochs={"type": int, "default": 30}, out=req, **heldout)
+    add("yardstick", cmd_yardstick, kind={"required": True, "choices": ["real", "replay", "blur"]}, dataset=js,
+        subset=req, subset_name=req, num_samples={"type": int, "required": True},
+        shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req, **heldout)
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset=js, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
-        feature_net=req, reference_stats=req, model_stats=req, out=req)
+        feature_net=req, reference_stats=req, model_stats={}, out=req)
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req)
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
     return p
@@ -149,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args.func(args)
-    return 0
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from .yardsticks import KINDS as YARDSTICK_KINDS
+from .yardsticks import LABELS as YARDSTICK_LABELS
+from .yardsticks import SAMPLER as YARDSTICK_SAMPLER
+from .yardsticks import parse_id as parse_yardstick
+from .yardsticks import yardstick_id
+
 
 class ConfigError(ValueError):
     pass
@@ -77,6 +83,8 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
             if max(idx) >= sampler["grid_steps"] - 1:
                 problems.append(f"  samplers.{name}.ts_index: indices must be below grid_steps - 1 = "
                                 f"{sampler['grid_steps'] - 1} (the last level is sigma_min, where f(x, sigma_min) = x)")
+    if YARDSTICK_SAMPLER in cfg["samplers"]:
+        problems.append(f"  samplers.{YARDSTICK_SAMPLER}: the name is reserved for the yardstick sample sets")
     clash = set(cfg["teachers"]) & set(cfg.get("students", {}))
     if clash:
         problems.append(f"  teachers and students share names {sorted(clash)}: model names must be unique")
@@ -135,7 +143,11 @@ def training_dir(cfg: Mapping[str, Any], model: str) -> str:
 
 
 def subset_of(cfg: Mapping[str, Any], model: str) -> str:
-    """The training subset a model saw: its own for a teacher, its teacher's for a student."""
+    """The training subset a model saw: its own for a teacher, its teacher's for a student; for a
+    yardstick, the subset it stands beside."""
+    parsed = parse_yardstick(model)
+    if parsed:
+        return parsed[1]
     model = base_model(model)
     if model in cfg["teachers"]:
         return cfg["teachers"][model]["subset"]
@@ -144,6 +156,32 @@ def subset_of(cfg: Mapping[str, Any], model: str) -> str:
 
 def dataset_of_subset(cfg: Mapping[str, Any], subset: str) -> dict:
     return cfg["datasets"][cfg["subsets"][subset]["dataset"]]
+
+
+def yardstick_settings(cfg: Mapping[str, Any]) -> dict:
+    ys = dict(cfg.get("yardsticks", {}))
+    ys.setdefault("kinds", list(YARDSTICK_KINDS))
+    ys.setdefault("num_samples", cfg["sampling"]["num_samples"])
+    ys.setdefault("blur_sigma", 1.0)
+    return ys
+
+
+def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
+    """A table's configured rows, then one yardstick row per kind for each training subset its models saw."""
+    rows = [dict(r) for r in cfg["tables"][table]["rows"]]
+    if not cfg["tables"][table].get("yardsticks", True):
+        return rows
+    subsets = []
+    for r in rows:
+        s = subset_of(cfg, r["model"])
+        if s not in subsets:
+            subsets.append(s)
+    sigma = yardstick_settings(cfg)["blur_sigma"]
+    for s in subsets:
+        for kind in yardstick_settings(cfg)["kinds"]:
+            label = YARDSTICK_LABELS[kind] + (f" (sigma = {sigma:g} px)" if kind == "blur" else "")
+            rows.append({"setting": s, "label": label, "model": yardstick_id(kind, s), "sampler": YARDSTICK_SAMPLER})
+    return rows
 
 
 def table_pairs(cfg: Mapping[str, Any], table: str) -> list[tuple[str, str]]:

@@ -1,9 +1,12 @@
 """Feature spaces in which generated samples are compared with training images.
 
-`pixels` is the space of the L2 ratio criterion. SSCD (copy detection) and CLIP plug in here as
-further entries, each loading its weights from a fetched local file.
+`pixels` is the space of the L2 ratio criterion. `sscd` is the copy-detection descriptor of Pizzi
+et al. (2022), the space of the study's "SSCD Mem / p95" columns, read from a fetched TorchScript
+file. CLIP plugs in here as a further entry.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -25,3 +28,70 @@ def embed(images: np.ndarray, space: str) -> np.ndarray:
     if space not in SPACES:
         raise ValueError(f"unknown embedding space {space!r}; available: {sorted(SPACES)}")
     return SPACES[space](images)
+
+
+# SSCD preprocessing, selectable:
+# - `official`: facebookresearch/sscd-copy-detection README's `small_288`: Resize(288) (short side,
+#   bilinear, antialiased), ToTensor, ImageNet mean/std.
+# - `square_320`: the same README's `skew_320`: Resize([320, 320]).
+# - `dcr`: Somepalli et al.'s somepago/DCR diff_retrieval.py (copied by Wen et al.,
+#   diffusion_memorization optim_utils.py): Resize(256), CenterCrop(224), Normalize([0.5], [0.5]),
+#   i.e. inputs in [-1, 1] rather than ImageNet-normalised.
+# Images smaller than the target (CIFAR's 32 px, digits' 16 px) are upsampled by that same
+# bilinear resize. Similarities near the 0.5 copy threshold depend on this choice: report it.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SSCD_PREPROCESSING = {"official": ("short_side", 288, None), "square_320": ("square", 320, None),
+                      "dcr": ("short_side", 256, 224)}
+
+
+def sscd_preprocess(images: np.ndarray, preprocessing: str = "official"):
+    """uint8 NHWC -> the float tensor SSCD takes (NCHW, RGB, resized, ImageNet-normalised)."""
+    import torch
+    import torch.nn.functional as F
+
+    if preprocessing not in SSCD_PREPROCESSING:
+        raise ValueError(f"unknown SSCD preprocessing {preprocessing!r}; available: {sorted(SSCD_PREPROCESSING)}")
+    mode, size, crop = SSCD_PREPROCESSING[preprocessing]
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[2:]
+    if mode == "short_side":
+        out = (size, round(w * size / h)) if h <= w else (round(h * size / w), size)
+    else:
+        out = (size, size)
+    x = F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=True)
+    if crop is not None:
+        top, left = (x.shape[2] - crop) // 2, (x.shape[3] - crop) // 2
+        x = x[:, :, top:top + crop, left:left + crop]
+        return (x - 0.5) / 0.5
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load_sscd(path: str | Path, device: str = "cpu"):
+    """The SSCD TorchScript model (e.g. sscd_disc_mixup.torchscript.pt) from its fetched file."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: it is the SSCD copy-detection model, fetched on a login node "
+                                f"by the fetch_sscd rule (`snakemake {path}`)")
+    return torch.jit.load(str(path), map_location=device).eval()
+
+
+def sscd(images: np.ndarray, weights: str | Path, preprocessing: str = "official", batch_size: int = 64,
+         device: str | None = None) -> np.ndarray:
+    """L2-normalised SSCD descriptors (float32, one row per image); cosine similarity is their dot product."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_sscd(weights, device)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = sscd_preprocess(images[start:start + batch_size], preprocessing).to(device)
+            out.append(torch.nn.functional.normalize(model(x).float(), dim=1).cpu())
+    return torch.cat(out).numpy().astype(np.float32)

@@ -137,3 +137,24 @@ def summarize(table: pa.Table) -> dict:
         "nn1_distance_median": float(np.median(nn1)),
         "by_group": by_group,
     }
+
+
+SSCD_THRESHOLD = 0.5  # the copy threshold of Somepalli et al. (2023) and the study (Section 4.1)
+
+
+def similarity_summary(similarity, groups=None, threshold: float = SSCD_THRESHOLD) -> dict:
+    """The study's SSCD statistics of nearest-neighbour similarities: share above `threshold`
+    ("SSCD Mem"), p95, mean and max, overall and per group tag of the nearest training image."""
+    sim = np.asarray(similarity, dtype=np.float64)
+    if sim.ndim != 1 or sim.size == 0:
+        raise ValueError("need a non-empty 1-D array of similarities")
+
+    def stats(v):
+        return {"n_samples": int(v.size), "mem_ratio": float((v > threshold).mean()),
+                "p95": float(np.percentile(v, 95)), "mean": float(v.mean()), "max": float(v.max())}
+
+    out = {**stats(sim), "threshold": threshold}
+    if groups is not None:
+        groups = np.asarray(groups)
+        out["by_group"] = {str(g): stats(sim[groups == g]) for g in sorted(set(groups.tolist()))}
+    return out

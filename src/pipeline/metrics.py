@@ -13,13 +13,13 @@ from .shards import read_samples
 
 def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifest_path: str | Path,
                   quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
-                  model_stats_path: str | Path, out_path: str | Path) -> dict:
+                  model_stats_path: str | Path | None, out_path: str | Path) -> dict:
     images, _, manifest = read_samples(manifest_path)
     neighbours = pq.read_table(neighbours_path)
     if neighbours.num_rows != manifest["num_samples"]:
         raise ValueError(f"{neighbours_path} has {neighbours.num_rows} rows, {manifest_path} lists {manifest['num_samples']} samples")
     space = (neighbours.schema.metadata or {}).get(b"space", b"pixels").decode()
-    model_stats = read_json(model_stats_path)
+    model_stats = read_json(model_stats_path) if model_stats_path else {}  # yardsticks were never trained
     result = {
         "model": model,
         "sampler": sampler,

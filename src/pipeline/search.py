@@ -247,6 +247,27 @@ def nearest_neighbours(
     return indices, distances
 
 
+def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Nearest database row by cosine similarity of L2-normalised descriptors (FAISS inner-product index),
+    the similarity recomputed in float64 for the row found. Returns (index int64 (n,), similarity (n,))."""
+    q32 = _as_float32_matrix(queries, "queries")
+    db32 = _as_float32_matrix(database, "database")
+    if q32.shape[1] != db32.shape[1]:
+        raise ValueError(f"queries have {q32.shape[1]} dims but database has {db32.shape[1]}")
+    if len(db32) == 0 or len(q32) == 0:
+        raise ValueError("similarity search needs at least one query and one database row")
+    index = faiss.IndexFlatIP(db32.shape[1])
+    resources = None
+    if _resolve_device(device) == "cuda":
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+    index.add(db32)
+    _, idx = index.search(q32, 1)
+    idx = idx[:, 0].astype(np.int64)
+    sim = np.einsum("ij,ij->i", np.asarray(queries, np.float64), np.asarray(database, np.float64)[idx])
+    return idx, sim
+
+
 def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", ratio: float | None = None,
                    device: str = "auto") -> dict:
     """Stage 5: nearest unique training images of every sample, with the L2 ratio decision, to Parquet."""

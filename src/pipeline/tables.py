@@ -48,28 +48,35 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     head = ["Setting", "Model", "Sampler", "NFE", qname, "L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["setting"], r["label"], r["sampler"], str(r["nfe"]), f"{r['quality']:.2f}", _pct(r["mem"])]
+        generated = r["nfe"] > 0
+        cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
+                 f"{r['quality']:.2f}", _pct(r["mem"])]
         cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
               "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
               "Per-group columns use the group of each sample's nearest training image. "
               f"{qname}: lower is better."]
+    if any(r["nfe"] == 0 for r in rows):
+        lines += ["", "Yardsticks (no sampler, measured by the same code on the same number of images): real "
+                  "held-out images of the dataset, never in any training subset (what a model that generalises "
+                  "perfectly scores); the training set replayed with its repeats (what a pure memorizer scores); "
+                  "the held-out images blurred (what losing detail costs)."]
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return rows
 
 
-def neighbour_figure(manifest_path, neighbours_path, subset_path, out_png, count: int = 32, per_row: int = 8,
-                     scale: int = 4) -> None:
-    """The first `count` samples, each beside its nearest training image; memorized pairs framed in red."""
-    images, _, _ = read_samples(manifest_path)
-    nb = pq.read_table(neighbours_path).to_pydict()
-    train = read_subset(subset_path).images
-    count = min(count, len(images))
-    h, w, c = images.shape[1:]
+def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, out_png: str | Path,
+              per_row: int = 8, scale: int = 4) -> None:
+    """Each sample beside its nearest training image, flagged pairs framed in red, as one PNG."""
+    count = len(samples)
+    if count == 0:
+        raise ValueError("no samples to draw")
+    h, w, c = samples.shape[1:]
     pad = 2
     cell_w, cell_h = 2 * w * scale + 3 * pad, h * scale + 2 * pad
+    per_row = min(per_row, count)
     rows = -(-count // per_row)
     canvas = Image.new("RGB", (per_row * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
@@ -80,9 +87,20 @@ def neighbour_figure(manifest_path, neighbours_path, subset_path, out_png, count
 
     for k in range(count):
         x0, y0 = (k % per_row) * cell_w, (k // per_row) * cell_h
-        canvas.paste(tile(images[k]), (x0 + pad, y0 + pad))
-        canvas.paste(tile(train[nb["nn1_index"][k]]), (x0 + 2 * pad + w * scale, y0 + pad))
-        if nb["memorized"][k]:
+        canvas.paste(tile(samples[k]), (x0 + pad, y0 + pad))
+        canvas.paste(tile(neighbours[k]), (x0 + 2 * pad + w * scale, y0 + pad))
+        if flagged[k]:
             draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + cell_h - 1], outline=(220, 30, 30), width=pad)
     with atomic_output(out_png) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+def neighbour_figure(manifest_path, neighbours_path, subset_path, out_png, count: int = 32, per_row: int = 8,
+                     scale: int = 4) -> None:
+    """The first `count` samples, each beside its nearest training image; memorized pairs framed in red."""
+    images, _, _ = read_samples(manifest_path)
+    nb = pq.read_table(neighbours_path).to_pydict()
+    train = read_subset(subset_path).images
+    count = min(count, len(images))
+    nn1 = np.asarray(nb["nn1_index"][:count])
+    pair_grid(images[:count], train[nn1], np.asarray(nb["memorized"][:count]), out_png, per_row, scale)

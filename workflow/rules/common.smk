@@ -27,6 +27,12 @@ def _names(names):
 
 
 SNAPSHOT_RUNS = sorted(pconfig.base_model(m) for m, kind in MODELS.items() if kind == "snapshots")
+YARDSTICKS = pconfig.yardstick_settings(CFG)
+YARDSTICK_SAMPLER = pconfig.YARDSTICK_SAMPLER
+# Every (model or yardstick, sampler) pair some table reads.
+TABLE_ROWS = {t: pconfig.table_rows(CFG, t) for t in CFG["tables"]}
+YARDSTICK_IDS = sorted({r["model"] for rows in TABLE_ROWS.values() for r in rows if pconfig.parse_yardstick(r["model"])})
+YARDSTICK_SUBSETS = sorted({pconfig.parse_yardstick(m)[1] for m in YARDSTICK_IDS})
 
 
 wildcard_constraints:
@@ -35,8 +41,10 @@ wildcard_constraints:
     subset=_names(CFG["subsets"]),
     teacher=_names(CFG["teachers"]),
     student=_names(STUDENTS),
-    model=_names(MODELS),
-    sampler=_names(CFG["samplers"]),
+    model=_names(list(MODELS) + YARDSTICK_IDS),
+    sampler=_names(list(CFG["samplers"]) + ([YARDSTICK_SAMPLER] if YARDSTICK_IDS else [])),
+    kind=_names(YARDSTICKS["kinds"]),
+    ysubset=_names(YARDSTICK_SUBSETS),
     table=_names(CFG["tables"]),
     space=_names([SPACE]),
     shard=r"\d{5}",
@@ -83,6 +91,17 @@ def model_files(model):
 
 def subset_file(subset):
     return f"results/subsets/{subset}.parquet"
+
+
+def sibling_subset_files(subset):
+    """Every configured subset of the same dataset: the images the held-out split must avoid."""
+    dataset = CFG["subsets"][subset]["dataset"]
+    return [subset_file(s) for s, spec in CFG["subsets"].items() if spec["dataset"] == dataset]
+
+
+def model_stats_input(wc):
+    """A trained model's stats.json; nothing for a yardstick."""
+    return [] if pconfig.parse_yardstick(wc.model) else model_files(wc.model)["stats"]
 
 
 def dataset_inputs(dataset_cfg):
@@ -160,6 +179,11 @@ QUALITY = CFG["quality"]
 REFERENCE = CFG["datasets"][QUALITY["reference"]]
 REFERENCE_STATS = f"results/quality/reference/{QUALITY['kind']}-{QUALITY['reference']}.npz"
 DIGITS_CLASSIFIER = "results/quality/digits-classifier"
+
+
+def reference_subsets():
+    """The configured subsets of the quality reference dataset (the digits classifier trains outside them)."""
+    return [subset_file(s) for s, spec in CFG["subsets"].items() if spec["dataset"] == QUALITY["reference"]]
 
 
 def feature_net_arg(wc, input):

@@ -5,6 +5,7 @@ from pipeline.data.fetch import KNOWN_FILES
 CIFAR10_ARCHIVE = os.path.join("data", "raw", KNOWN_FILES["cifar10"]["dest"])
 INCEPTION_FILE = KNOWN_FILES["inception"]
 INCEPTION_WEIGHTS = CFG["quality"].get("weights", os.path.join("data", "weights", INCEPTION_FILE["dest"]))
+SSCD_WEIGHTS = os.path.join("data", "weights", KNOWN_FILES["sscd"]["dest"])
 # LPIPS backbones (torchvision ImageNet checkpoints), by file name: the consistency metric's weights.
 LPIPS_FILES = {KNOWN_FILES[k]["dest"]: KNOWN_FILES[k] for k in ("lpips-vgg", "lpips-alex")}
 
@@ -17,6 +18,7 @@ localrules:
     fetch_cifar10,
     fetch_inception,
     fetch_lpips_backbone,
+    fetch_sscd,
 
 
 rule fetch_cifar10:
@@ -65,3 +67,18 @@ rule fetch_lpips_backbone:
         "../envs/data.yaml"
     shell:
         "python -m pipeline fetch --url {params.url} --dest {output} --sha256-prefix {params.prefix} > {log} 2>&1"
+
+
+rule fetch_sscd:
+    output:
+        SSCD_WEIGHTS,
+    params:
+        url=KNOWN_FILES["sscd"]["url"],
+    log:
+        "logs/fetch/sscd.log",
+    benchmark:
+        "results/benchmarks/fetch/sscd.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m pipeline fetch --url {params.url} --dest {output} > {log} 2>&1"

@@ -1,6 +1,8 @@
 # Stage 6a: quality (Frechet distance to a reference set) and memorization per (model, sampler).
 
 rule train_feature_net:
+    input:
+        subsets=reference_subsets(),
     output:
         weights=f"{DIGITS_CLASSIFIER}/model.safetensors",
         config=f"{DIGITS_CLASSIFIER}/config.json",
@@ -8,6 +10,8 @@ rule train_feature_net:
         dataset=as_json(dataset_spec(REFERENCE)),
         epochs=QUALITY.get("classifier_epochs", 30),
         out=lambda wc, output: os.path.dirname(output.weights),
+        reserve=YARDSTICKS["num_samples"],
+        seed=CFG["seed"],
     threads: 1
     log:
         "logs/train_feature_net/digits-classifier.log",
@@ -17,7 +21,7 @@ rule train_feature_net:
         "../envs/torch.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline feature-net --dataset {params.dataset:q} --epochs {params.epochs} "
-        "--out {params.out} > {log} 2>&1"
+        "--exclude {input.subsets} --reserve {params.reserve} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
 rule reference_stats:
@@ -51,12 +55,13 @@ rule metrics:
         manifest="results/samples/{model}/{sampler}/manifest.json",
         feature_net=feature_net_input(),
         reference=REFERENCE_STATS,
-        model_stats=lambda wc: model_files(wc.model)["stats"],
+        model_stats=model_stats_input,
     output:
         "results/metrics/{model}/{sampler}.json",
     params:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
+        model_stats=lambda wc, input: f"--model-stats {input.model_stats}" if input.model_stats else "",
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -70,5 +75,5 @@ rule metrics:
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
         "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
-        "--feature-net {params.feature_net} --reference-stats {input.reference} --model-stats {input.model_stats} "
+        "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} "
         "--out {output} > {log} 2>&1"

@@ -3,6 +3,9 @@
 
 
 rule sample_shard:
+    wildcard_constraints:
+        model=_names(MODELS),
+        sampler=_names(CFG["samplers"]),
     input:
         weights=lambda wc: model_files(wc.model)["weights"],
         config=lambda wc: model_files(wc.model)["config"],
@@ -36,6 +39,9 @@ rule sample_shard:
 
 
 rule sample_manifest:
+    wildcard_constraints:
+        model=_names(MODELS),
+        sampler=_names(CFG["samplers"]),
     input:
         lambda wc: shard_files(wc.model, wc.sampler),
     output:

@@ -3,13 +3,13 @@
 
 rule table:
     input:
-        lambda wc: [f"results/metrics/{m}/{s}.json" for m, s in pconfig.table_pairs(CFG, wc.table)],
+        lambda wc: [f"results/metrics/{r['model']}/{r['sampler']}.json" for r in TABLE_ROWS[wc.table]],
     output:
         csv="results/tables/{table}.csv",
         md="results/tables/{table}.md",
     params:
         title=lambda wc: CFG["tables"][wc.table].get("title", wc.table),
-        rows=lambda wc: as_json(CFG["tables"][wc.table]["rows"]),
+        rows=lambda wc: as_json(TABLE_ROWS[wc.table]),
     log:
         "logs/table/{table}.log",
     benchmark:

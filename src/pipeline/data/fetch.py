@@ -38,6 +38,14 @@ KNOWN_FILES: dict[str, dict[str, str | None]] = {
         "sha256_prefix": "397923af",
         "dest": "vgg16-397923af.pth",
     },
+    # SSCD copy-detection descriptor (Pizzi et al. 2022), the README's recommended default model.
+    # No digest is published (facebookresearch/sscd-copy-detection README): the fetch logs the
+    # sha256 of what it fetched, to be pinned here once verified.
+    "sscd": {
+        "url": "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt",
+        "sha256": None,
+        "dest": "sscd_disc_mixup.torchscript.pt",
+    },
     "lpips-alex": {
         "url": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
         "sha256_prefix": "7be5be79",

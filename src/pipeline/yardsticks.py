@@ -1,0 +1,107 @@
+"""Yardsticks: sample sets that are not generated, measured by the same code as every model.
+
+A memorization rate or a Frechet distance means little alone. Beside every model a table shows:
+- `real`: real images of the dataset held out of every configured training subset (what a model
+  that generalises perfectly scores: the quality floor, and the memorization a fresh draw shows);
+- `replay`: the model's own training set replayed, drawn with its repeats (what a pure memorizer
+  scores);
+- `blur`: the held-out real images blurred with a Gaussian of `blur_sigma` pixels (what a model
+  that draws the right content without its detail scores).
+They are written as sample shards with a manifest, so search, metrics and tables read them like
+any model's samples. The held-out reserve is the same for every subset of a dataset and is never
+used to train the digits classifier that judges quality (see `heldout_split`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .data import Subset
+from .io import write_image_table
+from .shards import shard_range, write_manifest
+
+log = logging.getLogger(__name__)
+
+KINDS = ("real", "replay", "blur")
+SAMPLER = "data"  # the sampler slot of a yardstick's sample directory: results/samples/<kind>~<subset>/data/
+SEP = "~"         # never part of a configured name
+LABELS = {"real": "Real held-out", "replay": "Training replay", "blur": "Real held-out, blurred"}
+
+
+def yardstick_id(kind: str, subset: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown yardstick {kind!r}; available: {KINDS}")
+    return f"{kind}{SEP}{subset}"
+
+
+def parse_id(model: str) -> tuple[str, str] | None:
+    """(kind, subset) of a yardstick id, None for a model name."""
+    kind, sep, subset = model.partition(SEP)
+    return (kind, subset) if sep and kind in KINDS else None
+
+
+def heldout_split(num_images: int, excluded: Sequence[np.ndarray], reserve: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the images no training subset uses into a reserve for the real yardsticks and the rest.
+
+    The rest is what a quality network (the digits classifier) may train on, so it never judges
+    images it has seen: neither a training image nor a held-out yardstick image.
+    """
+    used = np.unique(np.concatenate([np.asarray(e, dtype=np.int64) for e in excluded])) if excluded else np.empty(0, np.int64)
+    pool = np.setdiff1d(np.arange(num_images), used)
+    if len(pool) < reserve:
+        raise ValueError(f"only {len(pool)} images lie outside every training subset, the real yardsticks need "
+                         f"{reserve}: lower yardsticks.num_samples or the subset sizes")
+    perm = np.random.default_rng([seed, 7]).permutation(pool)
+    return np.sort(perm[:reserve]), np.sort(perm[reserve:])
+
+
+def blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur over height and width only (scipy.ndimage), rounded back to uint8."""
+    from scipy.ndimage import gaussian_filter
+
+    out = gaussian_filter(images.astype(np.float64), sigma=(0, sigma, sigma, 0), mode="reflect")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def yardstick_images(kind: str, images: np.ndarray, labels: np.ndarray, subset: Subset, reserve: np.ndarray,
+                     num_samples: int, seed: int, blur_sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The `num_samples` images (and labels) of one yardstick."""
+    if kind in ("real", "blur"):
+        if len(reserve) < num_samples:
+            raise ValueError(f"the held-out reserve has {len(reserve)} images, the yardstick needs {num_samples}")
+        chosen = reserve[:num_samples]
+        out = images[chosen]
+        return (blur(out, blur_sigma) if kind == "blur" else out), labels[chosen]
+    if kind == "replay":
+        rows = np.random.default_rng([seed, 11]).choice(subset.expanded_indices(), num_samples, replace=True)
+        return subset.images[rows], subset.labels[rows]
+    raise ValueError(f"unknown yardstick {kind!r}; available: {KINDS}")
+
+
+def write_yardstick(kind: str, subset_name: str, images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
+                    shard_size: int) -> dict:
+    """Shards and manifest in the layout of generated samples (nfe 0: nothing was generated)."""
+    out_dir = Path(out_dir)
+    n = len(images)
+    if n < 2:
+        raise ValueError(f"a yardstick needs at least 2 images, got {n}")
+    model = yardstick_id(kind, subset_name)
+    paths = []
+    for k in range((n + shard_size - 1) // shard_size):
+        rows = shard_range(k, shard_size, n)
+        path = out_dir / f"shard-{k:05d}.parquet"
+        write_image_table(path, images[rows.start:rows.stop], {
+            "sample_id": np.arange(rows.start, rows.stop, dtype=np.int64),
+            "seed": np.full(len(rows), -1, dtype=np.int64),
+            "label": labels[rows.start:rows.stop].astype(np.int64),
+            "model": [model] * len(rows),
+            "sampler": [SAMPLER] * len(rows),
+            "nfe": np.zeros(len(rows), dtype=np.int64),
+        }, {"model": model, "sampler": SAMPLER, "yardstick": kind})
+        paths.append(path)
+    manifest = write_manifest(paths, out_dir / "manifest.json", shard_size, n)
+    log.info("yardstick %s: %d images in %d shards", model, n, len(paths))
+    return manifest
