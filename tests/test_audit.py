@@ -154,3 +154,20 @@ def test_audit_bad_inputs(planted, tmp_path):
               "--sscd-weights", str(tmp_path / "sscd_disc_mixup.torchscript.pt")] + base)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["audit", "--train", str(tmp_path / "nope"), "--samples", str(root / "samples")] + base)
+
+
+def test_embeddings_round_trip_and_corruption(tmp_path):
+    from pipeline.embed import read_embeddings, write_embeddings
+    from pipeline.io import CorruptFileError
+
+    v = np.random.default_rng(0).standard_normal((7, 512)).astype(np.float32)
+    write_embeddings(v, tmp_path / "e.npy", {"space": "sscd"})
+    assert np.array_equal(read_embeddings(tmp_path / "e.npy"), v)
+    np.save(tmp_path / "e.npy", v[:5])
+    with pytest.raises(CorruptFileError, match="manifest says"):
+        read_embeddings(tmp_path / "e.npy")
+    (tmp_path / "e.npy").write_bytes(b"not an array")
+    with pytest.raises(CorruptFileError, match="not a readable"):
+        read_embeddings(tmp_path / "e.npy")
+    with pytest.raises(FileNotFoundError, match="embed rule"):
+        read_embeddings(tmp_path / "absent.npy")

@@ -101,6 +101,9 @@ def test_paper_config_dry_run(tmp_path):
     # three yardsticks (real held-out, replay, blurred) for each of the 4 training subsets
     assert stats["yardstick"] == 12
     assert stats["search"] == stats["metrics"] == pairs + 12
+    # SSCD: every sample set and every subset embedded once, one similarity search per sample set
+    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 4
+    assert stats["embed_samples"] == stats["similarity"] == pairs + 12
     assert stats["reference_stats"] == 1
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats
@@ -251,6 +254,7 @@ def tiny_config() -> dict:
     cfg["samplers"] = {"heun-4": {"kind": "heun", "steps": 4}, "1-step": {"kind": "consistency", "ts": [80.0]}}
     cfg["sampling"].update(num_samples=24, shard_size=10, batch_size=16)
     cfg["memorization"]["figure_samples"] = 8
+    cfg["memorization"]["sscd"] = {"weights": "sscd-tiny.torchscript.pt", "preprocessing": "dcr", "threshold": 0.5}
     cfg["quality"]["classifier_epochs"] = 2
     cfg["tables"] = {TINY_TABLE: {"title": "tiny", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
@@ -263,8 +267,15 @@ def tiny_config() -> dict:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One real run of the whole pipeline on a tiny config (about 2 minutes on 2 CPU cores)."""
+    import torch
+
     workdir = tmp_path_factory.mktemp("tiny-run")
     config = write_config(workdir / "tiny.yaml", tiny_config())
+    # a stand-in for the SSCD TorchScript file (no download): a scripted conv net with a 512-d output
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 512))
+    torch.jit.script(net).save(str(workdir / "sscd-tiny.torchscript.pt"))
     start = time.monotonic()
     proc = snakemake(workdir, "--cores", "2", "--show-failed-logs", configfile=config, timeout=900)
     elapsed = time.monotonic() - start
@@ -287,7 +298,7 @@ def test_tiny_run_table(tiny_run):
     assert csv_lines[2].split(",")[2:4] == ["cd-48", "1-step"]
     assert csv_lines[3].split(",")[2:4] == list(SNAPSHOT)
     header = table_lines[0]
-    assert "L2 Mem (repeated)" in header and "L2 Mem (non_repeated)" in header
+    assert "L2 Mem (repeated)" in header and "L2 Mem (non_repeated)" in header and "SSCD Mem / p95" in header
     assert {"mem_repeated", "mem_non_repeated"} <= set(csv_lines[0].split(","))
 
 
@@ -368,6 +379,9 @@ def test_tiny_run_yardsticks_bracket_the_models(tiny_run, monkeypatch):
     metrics = {k: json.loads((workdir / "results" / "metrics" / f"{k}~digits-48" / "data.json").read_text())
                for k in ("real", "replay", "blur")}
     assert metrics["replay"]["memorization"]["mem_ratio"] == 1.0 and metrics["replay"]["nfe"] == 0
+    # replayed training images are their own most similar training image in SSCD space too
+    assert metrics["replay"]["sscd"]["mem_ratio"] == 1.0
+    assert metrics["replay"]["sscd"]["max"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["real"]["memorization"]["mem_ratio"] == 0.0
     assert metrics["real"]["quality"]["value"] < metrics["blur"]["quality"]["value"]
     subset = read_subset(workdir / "results" / "subsets" / "digits-48.parquet")
@@ -426,6 +440,9 @@ def test_tiny_run_logs(tiny_run):
         ]
     expected.append("snapshot/cd-48/step-10.log")
     expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur")]
+    expected += ["embed_subset/sscd/digits-48.log"]
+    for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur")]:
+        expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"similarity/sscd/{model}/{sampler}.log"]
     missing = [p for p in expected if not (logs / p).is_file()]
     assert not missing, missing
     # every rule that ran (all but the `all` target) wrote a log directory

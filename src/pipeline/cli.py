@@ -49,6 +49,30 @@ def cmd_distill(a):
     methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir)
 
 
+def cmd_embed(a):
+    from .embed import sscd, write_embeddings
+    from .io import sha256_file
+
+    if a.images.endswith("manifest.json"):
+        from .shards import read_samples
+
+        images, _, _ = read_samples(a.images)
+    else:
+        from .data import read_subset
+
+        images = read_subset(a.images).images
+    vectors = sscd(images, a.weights, a.preprocessing)
+    write_embeddings(vectors, a.out, {"space": a.space, "preprocessing": a.preprocessing, "source": a.images,
+                                      "weights_sha256": sha256_file(a.weights)})
+    logging.info("%s embeddings of %d images: %s", a.space, len(vectors), a.out)
+
+
+def cmd_similarity(a):
+    from .search import similarity_table
+
+    similarity_table(a.samples, a.train, a.subset, a.manifest, a.out)
+
+
 def cmd_audit(a):
     from .audit import run_audit
 
@@ -125,7 +149,7 @@ def cmd_metrics(a):
     from .metrics import write_metrics
 
     write_metrics(a.model_id, a.sampler_name, a.neighbours, a.manifest, a.quality_kind, a.feature_net,
-                  a.reference_stats, a.model_stats, a.out)
+                  a.reference_stats, a.model_stats, a.out, a.sscd_neighbours, a.sscd_threshold)
 
 
 def cmd_table(a):
@@ -159,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={})
     add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={})
+    add("embed", cmd_embed, space={"choices": ["sscd"], "default": "sscd"}, images=req, weights=req,
+        preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"}, out=req)
+    add("similarity", cmd_similarity, samples=req, train=req, subset=req, manifest=req, out=req)
     add("audit", cmd_audit, train={"required": True, "help": "training images: a Parquet image table or a folder"},
         samples={"required": True, "help": "generated images: a Parquet image table or a folder"},
         space={"choices": ["pixels", "sscd"], "default": "pixels"},
@@ -184,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req, **heldout)
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset=js, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
-        feature_net=req, reference_stats=req, model_stats={}, out=req)
+        feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
+        sscd_threshold={"type": float, "default": 0.5})
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req)
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
     return p

@@ -95,3 +95,32 @@ def sscd(images: np.ndarray, weights: str | Path, preprocessing: str = "official
             x = sscd_preprocess(images[start:start + batch_size], preprocessing).to(device)
             out.append(torch.nn.functional.normalize(model(x).float(), dim=1).cpu())
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def write_embeddings(vectors: np.ndarray, out_path: str | Path, info: dict) -> None:
+    """A float32 (n, d) array as .npy, and beside it a .json manifest saying what it embeds and how."""
+    from .io import atomic_output, write_json
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    out_path = Path(out_path)
+    with atomic_output(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, vectors)
+    write_json(out_path.with_suffix(".json"), {**info, "shape": list(vectors.shape)})
+
+
+def read_embeddings(path: str | Path) -> np.ndarray:
+    """An embedding array, checked against its manifest (a truncated or swapped file is an error)."""
+    from .io import CorruptFileError, read_json
+
+    path = Path(path)
+    manifest = path.with_suffix(".json")
+    if not path.exists() or not manifest.exists():
+        raise FileNotFoundError(f"{path} or its manifest {manifest.name} is missing: the embed rule writes them")
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise CorruptFileError(f"{path}: not a readable .npy array ({exc})") from exc
+    if list(vectors.shape) != read_json(manifest)["shape"]:
+        raise CorruptFileError(f"{path} has shape {vectors.shape}, its manifest says {read_json(manifest)['shape']}")
+    return vectors

@@ -6,14 +6,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .io import read_json, write_json
-from .memorization import summarize
+from .memorization import similarity_summary, summarize
 from .quality import compute_quality
 from .shards import read_samples
 
 
 def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifest_path: str | Path,
                   quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
-                  model_stats_path: str | Path | None, out_path: str | Path) -> dict:
+                  model_stats_path: str | Path | None, out_path: str | Path, sscd_neighbours: str | Path | None = None,
+                  sscd_threshold: float = 0.5) -> dict:
     images, _, manifest = read_samples(manifest_path)
     neighbours = pq.read_table(neighbours_path)
     if neighbours.num_rows != manifest["num_samples"]:
@@ -30,5 +31,11 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         "training": {k: model_stats.get(k) for k in ("steps", "batch_size", "images_seen", "seconds", "final_loss",
                                                        "parameters", "method", "unique_images", "step")},
     }
+    if sscd_neighbours:
+        sim = pq.read_table(sscd_neighbours)
+        if sim.num_rows != manifest["num_samples"]:
+            raise ValueError(f"{sscd_neighbours} has {sim.num_rows} rows, {manifest_path} lists {manifest['num_samples']}")
+        result["sscd"] = similarity_summary(sim.column("similarity").to_numpy(),
+                                            sim.column("nn1_group").to_numpy(zero_copy_only=False), sscd_threshold)
     write_json(out_path, result)
     return result

@@ -291,3 +291,26 @@ def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", 
     with atomic_output(out_path) as tmp:
         pq.write_table(result.replace_schema_metadata({"space": space, "manifest": str(manifest_path)}), tmp)
     return summarize(result)
+
+
+def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_path, device: str = "auto") -> None:
+    """Stage 5 in a descriptor space: each sample's most similar unique training image, to Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .data import read_subset
+    from .embed import read_embeddings
+    from .io import atomic_output, read_json
+
+    samples, train = read_embeddings(samples_emb), read_embeddings(train_emb)
+    subset = read_subset(subset_path)
+    if len(train) != len(subset):
+        raise ValueError(f"{train_emb} holds {len(train)} rows, {subset_path} {len(subset)} images: re-run embed")
+    n = read_json(manifest_path)["num_samples"]
+    if len(samples) != n:
+        raise ValueError(f"{samples_emb} holds {len(samples)} rows, {manifest_path} lists {n} samples")
+    idx, sim = most_similar(samples, train, device)
+    table = pa.table({"sample_id": pa.array(np.arange(n, dtype=np.int64)), "nn1_index": pa.array(idx),
+                      "similarity": pa.array(sim), "nn1_group": pa.array(subset.group[idx])})
+    with atomic_output(out_path) as tmp:
+        pq.write_table(table.replace_schema_metadata({"space": "sscd"}), tmp)

@@ -32,6 +32,9 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
                "num_samples": mem["n_samples"]}
         for g in groups:
             row[f"mem_{g}"] = mem["by_group"].get(g, {}).get("mem_ratio")
+        if "sscd" in m:
+            row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
+                       sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"])
         rows.append(row)
     return groups, rows
 
@@ -45,18 +48,24 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     with atomic_output(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
     qname = rows[0]["quality_name"]
+    sscd = all("sscd_mem" in r for r in rows)
     head = ["Setting", "Model", "Sampler", "NFE", qname, "L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
+    head += ["SSCD Mem / p95"] if sscd else []
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         generated = r["nfe"] > 0
         cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
                  f"{r['quality']:.2f}", _pct(r["mem"])]
         cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
+        cells += [f"{_pct(r['sscd_mem'])} / {r['sscd_p95']:.4f}"] if sscd else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
               "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
               "Per-group columns use the group of each sample's nearest training image. "
               f"{qname}: lower is better."]
+    if sscd:
+        lines += ["", f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
+                  f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity."]
     if any(r["nfe"] == 0 for r in rows):
         lines += ["", "Yardsticks (no sampler, measured by the same code on the same number of images): real "
                   "held-out images of the dataset, never in any training subset (what a model that generalises "

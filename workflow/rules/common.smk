@@ -99,6 +99,17 @@ def sibling_subset_files(subset):
     return [subset_file(s) for s, spec in CFG["subsets"].items() if spec["dataset"] == dataset]
 
 
+SSCD = CFG["memorization"].get("sscd")
+
+
+def sscd_weights_file():
+    return SSCD.get("weights", SSCD_WEIGHTS) if SSCD else None
+
+
+def sscd_neighbours_input(wc):
+    return [f"results/neighbours/sscd/{wc.model}/{wc.sampler}.parquet"] if SSCD else []
+
+
 def model_stats_input(wc):
     """A trained model's stats.json; nothing for a yardstick."""
     return [] if pconfig.parse_yardstick(wc.model) else model_files(wc.model)["stats"]

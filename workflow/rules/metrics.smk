@@ -56,12 +56,15 @@ rule metrics:
         feature_net=feature_net_input(),
         reference=REFERENCE_STATS,
         model_stats=model_stats_input,
+        sscd=sscd_neighbours_input,
     output:
         "results/metrics/{model}/{sampler}.json",
     params:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
         model_stats=lambda wc, input: f"--model-stats {input.model_stats}" if input.model_stats else "",
+        sscd=lambda wc, input: (f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', 0.5)}"
+                                if input.sscd else ""),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -75,5 +78,5 @@ rule metrics:
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
         "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
-        "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} "
+        "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} "
         "--out {output} > {log} 2>&1"

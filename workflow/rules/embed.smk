@@ -1,0 +1,74 @@
+# Stage 5a: descriptor embeddings (SSCD copy detection), cached once per sample set and per training
+# subset with a manifest, then the most-similar-training-image search in that space. Only planned
+# when `memorization.sscd` is configured; its weights come from fetch_sscd.
+
+
+rule embed_samples:
+    input:
+        manifest="results/samples/{model}/{sampler}/manifest.json",
+        weights=lambda wc: sscd_weights_file(),
+    output:
+        vectors="results/embeddings/sscd/{model}/{sampler}.npy",
+        manifest="results/embeddings/sscd/{model}/{sampler}.json",
+    params:
+        preprocessing=lambda wc: SSCD.get("preprocessing", "official"),
+    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    resources:
+        gpu=gpu_resources(SAMPLING)["gpu"],
+        runtime=120,
+    log:
+        "logs/embed_samples/sscd/{model}/{sampler}.log",
+    benchmark:
+        "results/benchmarks/embed_samples/sscd/{model}/{sampler}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.manifest} "
+        "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
+
+
+rule embed_subset:
+    input:
+        subset=lambda wc: subset_file(wc.subset),
+        weights=lambda wc: sscd_weights_file(),
+    output:
+        vectors="results/embeddings/sscd/subsets/{subset}.npy",
+        manifest="results/embeddings/sscd/subsets/{subset}.json",
+    params:
+        preprocessing=lambda wc: SSCD.get("preprocessing", "official"),
+    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    resources:
+        gpu=gpu_resources(SAMPLING)["gpu"],
+        runtime=120,
+    log:
+        "logs/embed_subset/sscd/{subset}.log",
+    benchmark:
+        "results/benchmarks/embed_subset/sscd/{subset}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.subset} "
+        "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
+
+
+rule similarity:
+    input:
+        samples="results/embeddings/sscd/{model}/{sampler}.npy",
+        train=lambda wc: f"results/embeddings/sscd/subsets/{pconfig.subset_of(CFG, wc.model)}.npy",
+        subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
+        manifest="results/samples/{model}/{sampler}/manifest.json",
+    output:
+        "results/neighbours/sscd/{model}/{sampler}.parquet",
+    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    resources:
+        gpu=gpu_resources(SAMPLING)["gpu"],
+        runtime=60,
+    log:
+        "logs/similarity/sscd/{model}/{sampler}.log",
+    benchmark:
+        "results/benchmarks/similarity/sscd/{model}/{sampler}.tsv"
+    conda:
+        "../envs/search.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
+        "--subset {input.subset} --manifest {input.manifest} --out {output} > {log} 2>&1"
