@@ -73,6 +73,7 @@ def audit(train_path, samples_path, space: str = "pixels", ratio: float = DEFAUL
           threshold: float = SSCD_THRESHOLD, sscd_weights=None, preprocessing: str = "official",
           figure=None, count: int = 16, device: str = "auto") -> dict:
     """Memorization statistics of the samples against the training images, in pixel or SSCD space."""
+    from .embed import DISTANCE_SCALE, embed
     from .search import most_similar, nearest_neighbours
     from .tables import pair_grid
 
@@ -87,9 +88,8 @@ def audit(train_path, samples_path, space: str = "pixels", ratio: float = DEFAUL
     if space == "pixels":
         if len(train) < 2:
             raise ValueError("the L2 ratio criterion needs at least 2 distinct training images")
-        idx, dist = nearest_neighbours(samples.reshape(len(samples), -1), train.reshape(len(train), -1), k=2,
-                                       device=device)
-        dist = dist / 255.0
+        idx, dist = nearest_neighbours(embed(samples, "pixels"), embed(train, "pixels"), k=2, device=device)
+        dist = dist * DISTANCE_SCALE["pixels"]
         flagged = l2_ratio_memorized(dist[:, 0], dist[:, 1], ratio)
         score = dist[:, 0] / dist[:, 1]
         order = np.argsort(score, kind="stable")

@@ -50,17 +50,11 @@ def cmd_distill(a):
 
 
 def cmd_embed(a):
+    from .audit import read_images
     from .embed import sscd, write_embeddings
     from .io import sha256_file
 
-    if a.images.endswith("manifest.json"):
-        from .shards import read_samples
-
-        images, _, _ = read_samples(a.images)
-    else:
-        from .data import read_subset
-
-        images = read_subset(a.images).images
+    images, _ = read_images(a.images, "images to embed")
     vectors = sscd(images, a.weights, a.preprocessing)
     write_embeddings(vectors, a.out, {"space": a.space, "preprocessing": a.preprocessing, "source": a.images,
                                       "weights_sha256": sha256_file(a.weights)})

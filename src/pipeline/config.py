@@ -137,11 +137,6 @@ def model_dir(cfg: Mapping[str, Any], model: str) -> str:
     return f"results/{kind}/{model}"
 
 
-def training_dir(cfg: Mapping[str, Any], model: str) -> str:
-    """The directory of the training run that wrote a model (a snapshot's run, or the model itself)."""
-    return model_dir(cfg, base_model(model))
-
-
 def subset_of(cfg: Mapping[str, Any], model: str) -> str:
     """The training subset a model saw: its own for a teacher, its teacher's for a student; for a
     yardstick, the subset it stands beside."""

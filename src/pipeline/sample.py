@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import EDM_SAMPLERS
 from .diffusion import consistency_sample, edm_sample, karras_sigmas
 from .diffusion.solvers import heun_nfe
 from .io import unit_to_images, write_image_table
@@ -64,9 +65,6 @@ def consistency_ts(sampler: Mapping[str, Any], sigma_min: float, sigma_max: floa
         return [float(t) for t in sampler["ts"]]
     grid = karras_sigmas(sampler["grid_steps"], sigma_min, sigma_max, sampler.get("rho", 7.0))
     return [float(grid[i]) for i in sampler["ts_index"]]
-
-
-EDM_SAMPLERS = ("heun", "stochastic")
 
 
 def sampler_nfe(sampler: Mapping[str, Any]) -> int:

@@ -28,7 +28,6 @@ import faiss
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-_RERANK_ELEMENTS = 1 << 24
 _RERANK_CHUNK = 1 << 18  # gathered elements per re-rank step: small enough to stay in cache (3x faster than 2^24)
 _U32 = 2.0 ** -24
 # OpenBLAS core types whose SGEMM lacks AVX2/FMA kernels: a FAISS wheel that falls back to one of
@@ -84,9 +83,10 @@ def _as_float32_matrix(x, name: str, check_finite: bool = True) -> np.ndarray:
     return x32
 
 
-def _build_index(database32: np.ndarray, device: str):
-    """Exact flat L2 index; the GPU resources object is returned so it outlives the index."""
-    index = faiss.IndexFlatL2(database32.shape[1])
+def _build_index(database32: np.ndarray, device: str, metric: str = "l2"):
+    """Exact flat index (L2, or inner product for normalised descriptors); the GPU resources object
+    is returned so it outlives the index."""
+    index = faiss.IndexFlatL2(database32.shape[1]) if metric == "l2" else faiss.IndexFlatIP(database32.shape[1])
     resources = None
     if device == "cuda":
         resources = faiss.StandardGpuResources()
@@ -256,12 +256,7 @@ def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto"
         raise ValueError(f"queries have {q32.shape[1]} dims but database has {db32.shape[1]}")
     if len(db32) == 0 or len(q32) == 0:
         raise ValueError("similarity search needs at least one query and one database row")
-    index = faiss.IndexFlatIP(db32.shape[1])
-    resources = None
-    if _resolve_device(device) == "cuda":
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, 0, index)
-    index.add(db32)
+    index, _resources = _build_index(db32, _resolve_device(device), metric="ip")
     _, idx = index.search(q32, 1)
     idx = idx[:, 0].astype(np.int64)
     sim = np.einsum("ij,ij->i", np.asarray(queries, np.float64), np.asarray(database, np.float64)[idx])

@@ -93,9 +93,8 @@ def subset_file(subset):
     return f"results/subsets/{subset}.parquet"
 
 
-def sibling_subset_files(subset):
-    """Every configured subset of the same dataset: the images the held-out split must avoid."""
-    dataset = CFG["subsets"][subset]["dataset"]
+def dataset_subset_files(dataset):
+    """Every configured subset of a dataset: the images its held-out split must avoid."""
     return [subset_file(s) for s, spec in CFG["subsets"].items() if spec["dataset"] == dataset]
 
 
@@ -190,11 +189,6 @@ QUALITY = CFG["quality"]
 REFERENCE = CFG["datasets"][QUALITY["reference"]]
 REFERENCE_STATS = f"results/quality/reference/{QUALITY['kind']}-{QUALITY['reference']}.npz"
 DIGITS_CLASSIFIER = "results/quality/digits-classifier"
-
-
-def reference_subsets():
-    """The configured subsets of the quality reference dataset (the digits classifier trains outside them)."""
-    return [subset_file(s) for s, spec in CFG["subsets"].items() if spec["dataset"] == QUALITY["reference"]]
 
 
 def feature_net_arg(wc, input):

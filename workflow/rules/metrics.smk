@@ -2,7 +2,7 @@
 
 rule train_feature_net:
     input:
-        subsets=reference_subsets(),
+        subsets=dataset_subset_files(QUALITY["reference"]),
     output:
         weights=f"{DIGITS_CLASSIFIER}/model.safetensors",
         config=f"{DIGITS_CLASSIFIER}/config.json",

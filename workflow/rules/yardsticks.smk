@@ -6,7 +6,7 @@
 rule yardstick:
     input:
         subset=lambda wc: subset_file(wc.ysubset),
-        siblings=lambda wc: sibling_subset_files(wc.ysubset),
+        siblings=lambda wc: dataset_subset_files(CFG["subsets"][wc.ysubset]["dataset"]),
         raw=lambda wc: dataset_inputs(pconfig.dataset_of_subset(CFG, wc.ysubset)),
     output:
         shards=[f"results/samples/{{kind}}~{{ysubset}}/{YARDSTICK_SAMPLER}/shard-{k:05d}.parquet"
