@@ -491,6 +491,10 @@ def test_tiny_run_audit_rule(tiny_run):
     assert result["n_samples"] == 24 and result["passed"]
     assert result["mem_ratio"] == metrics["memorization"]["mem_ratio"]  # the same search, the same answer
     assert (workdir / "results" / "audit" / "pixels" / "cd-48" / "1-step.png").stat().st_size > 0
+    # in SSCD space the rule uses the configured weights and preprocessing (no fetch planned)
+    check(snakemake(workdir, "results/audit/sscd/cd-48/1-step.json", "--cores", "1", configfile=config))
+    result = json.loads((workdir / "results" / "audit" / "sscd" / "cd-48" / "1-step.json").read_text())
+    assert result["space"] == "sscd" and result["preprocessing"] == "dcr" and result["n_samples"] == 24
 
 
 def test_sscd_audit_plans_the_fetch_rule(tmp_path):

@@ -6,14 +6,15 @@ rule audit:
     input:
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
         manifest="results/samples/{model}/{sampler}/manifest.json",
-        weights=lambda wc: [SSCD_WEIGHTS] if wc.aspace == "sscd" else [],
+        weights=lambda wc: [sscd_weights_file()] if wc.aspace == "sscd" else [],
     output:
         json="results/audit/{aspace}/{model}/{sampler}.json",
         figure="results/audit/{aspace}/{model}/{sampler}.png",
     wildcard_constraints:
         aspace="pixels|sscd",
     params:
-        weights=lambda wc, input: f"--sscd-weights {input.weights}" if input.weights else "",
+        weights=lambda wc, input: (f"--sscd-weights {input.weights} --preprocessing {sscd_preprocessing()}"
+                                   if input.weights else ""),
         ratio=CFG["memorization"].get("ratio", 1 / 3),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:

@@ -102,7 +102,12 @@ SSCD = CFG["memorization"].get("sscd")
 
 
 def sscd_weights_file():
-    return SSCD.get("weights", SSCD_WEIGHTS) if SSCD else None
+    """The SSCD TorchScript file: `memorization.sscd.weights`, else the one fetch_sscd places."""
+    return (SSCD or {}).get("weights", SSCD_WEIGHTS)
+
+
+def sscd_preprocessing():
+    return (SSCD or {}).get("preprocessing", "official")
 
 
 def sscd_neighbours_input(wc):

@@ -11,7 +11,7 @@ rule embed_samples:
         vectors="results/embeddings/sscd/{model}/{sampler}.npy",
         manifest="results/embeddings/sscd/{model}/{sampler}.json",
     params:
-        preprocessing=lambda wc: SSCD.get("preprocessing", "official"),
+        preprocessing=lambda wc: sscd_preprocessing(),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -35,7 +35,7 @@ rule embed_subset:
         vectors="results/embeddings/sscd/subsets/{subset}.npy",
         manifest="results/embeddings/sscd/subsets/{subset}.json",
     params:
-        preprocessing=lambda wc: SSCD.get("preprocessing", "official"),
+        preprocessing=lambda wc: sscd_preprocessing(),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
