@@ -265,6 +265,43 @@ def test_uint8_search_is_exact(candidates, batch_size):
     assert (idx[30:35] == [0, 1]).all() and (dist[30:35] == 0).all()
 
 
+@pytest.mark.parametrize("candidates", [None, 1])
+def test_leave_one_out_finds_the_nearest_other_row(candidates):
+    """Training rows searched against their own set skip themselves, and only themselves: a verbatim
+    repeat of an image is still found at distance 0 (the information a train-vs-train row exists for)."""
+    rng = np.random.default_rng(5)
+    train, _, _ = pixel_problem(rng, n_train=300, dim=256)
+    rows = np.concatenate([np.arange(300), [0, 1, 7]])
+    idx, dist = nearest_neighbours(train[rows], train, k=2, candidates=candidates, device="cpu", exclude=rows)
+    ref_idx, ref_dist = exact_integer(train[rows], train, k=3)
+    keep = ref_idx != rows[:, None]
+    ref_idx = np.stack([r[m][:2] for r, m in zip(ref_idx, keep)])
+    ref_dist = np.stack([r[m][:2] for r, m in zip(ref_dist, keep)])
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dist, ref_dist)
+    assert (idx != rows[:, None]).all()
+    assert idx[0, 0] == 1 and idx[1, 0] == 0 and dist[0, 0] == 0 and dist[1, 0] == 0  # rows 0 and 1 are one image
+    with pytest.raises(ValueError, match="one database index per query"):
+        nearest_neighbours(train[:3], train, k=2, exclude=np.arange(2))
+
+
+def test_most_similar_leave_one_out():
+    from pipeline.search import most_similar
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 16))
+    x[10] = x[3] + 0.01 * rng.standard_normal(16)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx, sim = most_similar(x, x, device="cpu", exclude=np.arange(50))
+    gram = x @ x.T
+    np.fill_diagonal(gram, -np.inf)
+    np.testing.assert_array_equal(idx, gram.argmax(1))
+    np.testing.assert_allclose(sim, gram.max(1), rtol=1e-12)
+    assert idx[3] == 10 and idx[10] == 3
+    same, sim_self = most_similar(x, x, device="cpu")
+    assert (same == np.arange(50)).all() and np.allclose(sim_self, 1.0)
+
+
 def test_fallback_is_taken_and_exact(caplog):
     """With a one-row short list on random data most queries cannot be certified; they are then
     searched exhaustively, and the log says how many."""

@@ -98,12 +98,12 @@ def test_paper_config_dry_run(tmp_path):
     assert stats["sample_manifest"] == stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per (model, sampler) pair
     assert stats["sample_shard"] == 10 * pairs
-    # three yardsticks (real held-out, replay, blurred) for each of the 4 training subsets
-    assert stats["yardstick"] == 12
-    assert stats["search"] == stats["metrics"] == pairs + 12
+    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 4 training subsets
+    assert stats["yardstick"] == 16
+    assert stats["search"] == stats["metrics"] == pairs + 16
     # SSCD: every sample set and every subset embedded once, one similarity search per sample set
     assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 4
-    assert stats["embed_samples"] == stats["similarity"] == pairs + 12
+    assert stats["embed_samples"] == stats["similarity"] == pairs + 16
     assert stats["reference_stats"] == 1
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats
@@ -158,10 +158,10 @@ def test_embedded_explicit_configfile_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
     stats = job_stats(output_of(proc))
     # 6 (model, sampler) pairs: teacher heun-18 and stochastic, student 1-step and 2-step, 2 snapshots;
-    # 3 yardsticks (real held-out, replay, blurred) of the one training subset
+    # 4 yardsticks (real held-out, replay, blurred, train vs train) of the one training subset
     expected = {
         "subset": 1, "train_teacher": 1, "distill": 1, "snapshot": 2, "sample_shard": 12, "sample_manifest": 6,
-        "yardstick": 3, "search": 9, "metrics": 9, "neighbour_figure": 6, "table": 3,
+        "yardstick": 4, "search": 10, "metrics": 10, "neighbour_figure": 6, "table": 3,
         "train_feature_net": 1, "reference_stats": 1,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
@@ -216,8 +216,8 @@ def test_teacher_only_table_plans_no_student_jobs(tmp_path, two_tables):
     stats = job_stats(out)
     assert "distill" not in stats, stats
     assert stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 1 and stats["metrics"] == 1 + 3
-    assert stats["yardstick"] == 3
+    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 1 and stats["metrics"] == 1 + 4
+    assert stats["yardstick"] == 4
     assert stats["table"] == 1
     # the default target's figures are not requested
     assert "neighbour_figure" not in stats and "all" not in stats
@@ -230,7 +230,7 @@ def test_student_table_plans_student_jobs(tmp_path, two_tables):
     out = output_of(proc)
     stats = job_stats(out)
     assert stats["distill"] == 1 and stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 4 and stats["sample_manifest"] == 2 and stats["metrics"] == 2 + 3
+    assert stats["sample_shard"] == 4 and stats["sample_manifest"] == 2 and stats["metrics"] == 2 + 4
     assert "results/samples/cd-48/1-step/shard-00000.parquet" in out
     assert "teach.md" not in out
 
@@ -288,12 +288,12 @@ def test_tiny_run_table(tiny_run):
     workdir, _, _ = tiny_run
     md = (workdir / "results" / "tables" / f"{TINY_TABLE}.md").read_text()
     table_lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table_lines) == 2 + 3 + 3, md  # header, separator, 3 rows, 3 yardstick rows
+    assert len(table_lines) == 2 + 3 + 4, md  # header, separator, 3 rows, 4 yardstick rows
     assert "Teacher" in table_lines[2] and "Student" in table_lines[3] and "step 10" in table_lines[4]
     assert [line.split("|")[2].strip() for line in table_lines[5:]] == [
-        "Real held-out", "Training replay", "Real held-out, blurred (sigma = 1 px)"]
+        "Real held-out", "Training replay", "Real held-out, blurred (sigma = 1 px)", "Train vs train (leave-one-out)"]
     csv_lines = (workdir / "results" / "tables" / f"{TINY_TABLE}.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 1 + 6, csv_lines
+    assert len(csv_lines) == 1 + 7, csv_lines
     assert csv_lines[1].split(",")[2:4] == ["teacher-48", "heun-4"]
     assert csv_lines[2].split(",")[2:4] == ["cd-48", "1-step"]
     assert csv_lines[3].split(",")[2:4] == list(SNAPSHOT)
@@ -377,7 +377,7 @@ def test_tiny_run_yardsticks_bracket_the_models(tiny_run, monkeypatch):
     workdir, _, _ = tiny_run
     monkeypatch.chdir(workdir)  # manifests name their shards relative to the workflow directory
     metrics = {k: json.loads((workdir / "results" / "metrics" / f"{k}~digits-48" / "data.json").read_text())
-               for k in ("real", "replay", "blur")}
+               for k in ("real", "replay", "blur", "train")}
     assert metrics["replay"]["memorization"]["mem_ratio"] == 1.0 and metrics["replay"]["nfe"] == 0
     # replayed training images are their own most similar training image in SSCD space too
     assert metrics["replay"]["sscd"]["mem_ratio"] == 1.0
@@ -391,6 +391,18 @@ def test_tiny_run_yardsticks_bracket_the_models(tiny_run, monkeypatch):
     assert len(real) == len(replay) == 24
     assert not any(img.tobytes() in train for img in real)
     assert all(img.tobytes() in train for img in replay)
+    # train vs train: every unique training image once before any twice, none matched with itself in either space
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    own, table, _ = read_samples(workdir / "results" / "samples" / "train~digits-48" / "data" / "manifest.json")
+    rows = table.column("own_train_index").to_numpy()
+    assert sorted(rows[:len(subset)].tolist()) == list(range(len(subset))) and np.array_equal(own, subset.images[rows])
+    for space in ("pixels", "sscd"):
+        nn = pq.read_table(workdir / "results" / "neighbours" / space / "train~digits-48" / "data.parquet")
+        assert (nn.column("nn1_index").to_numpy() != rows).all(), space
+    assert metrics["train"]["memorization"]["mem_ratio"] < 0.5
+    assert metrics["train"]["sscd"]["max"] < 1.0 - 1e-6
 
 
 def test_tiny_run_snapshot_is_a_model_of_its_own(tiny_run):
@@ -439,9 +451,9 @@ def test_tiny_run_logs(tiny_run):
             f"neighbour_figure/{model}/{sampler}.log",
         ]
     expected.append("snapshot/cd-48/step-10.log")
-    expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur")]
+    expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur", "train")]
     expected += ["embed_subset/sscd/digits-48.log"]
-    for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur")]:
+    for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur", "train")]:
         expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"similarity/sscd/{model}/{sampler}.log"]
     missing = [p for p in expected if not (logs / p).is_file()]
     assert not missing, missing

@@ -41,12 +41,12 @@ def test_heldout_split_avoids_every_subset_and_is_deterministic(digits):
 def test_yardstick_images(digits):
     images, labels, subset = digits
     reserve, _ = heldout_split(len(images), [subset.index], 40, seed=0)
-    real, real_labels = yardstick_images("real", images, labels, subset, reserve, 40, seed=0)
-    assert np.array_equal(real, images[reserve]) and np.array_equal(real_labels, labels[reserve])
-    blurred, _ = yardstick_images("blur", images, labels, subset, reserve, 40, seed=0, blur_sigma=1.0)
+    real, real_labels, own = yardstick_images("real", images, labels, subset, reserve, 40, seed=0)
+    assert np.array_equal(real, images[reserve]) and np.array_equal(real_labels, labels[reserve]) and own is None
+    blurred, _, _ = yardstick_images("blur", images, labels, subset, reserve, 40, seed=0, blur_sigma=1.0)
     assert blurred.dtype == np.uint8 and blurred.shape == real.shape
     assert np.abs(np.diff(blurred.astype(float), axis=2)).mean() < np.abs(np.diff(real.astype(float), axis=2)).mean()
-    replay, replay_labels = yardstick_images("replay", images, labels, subset, reserve, 400, seed=0)
+    replay, replay_labels, _ = yardstick_images("replay", images, labels, subset, reserve, 400, seed=0)
     rows = [next(i for i in range(len(subset)) if np.array_equal(subset.images[i], img)) for img in replay]
     assert np.array_equal(subset.labels[rows], replay_labels)
     # drawn with the repeats: the 3 images repeated 4x hold 12 of 17 training slots
@@ -54,6 +54,15 @@ def test_yardstick_images(digits):
     assert abs(repeated_share - 12 / 17) < 0.08
     with pytest.raises(ValueError, match="reserve has 40"):
         yardstick_images("real", images, labels, subset, reserve, 41, seed=0)
+
+
+def test_train_yardstick_cycles_unique_images_and_names_each_rows_own_image(digits):
+    images, labels, subset = digits
+    train, train_labels, own = yardstick_images("train", images, labels, subset, np.empty(0, np.int64), 20, seed=0)
+    assert np.array_equal(train, subset.images[own]) and np.array_equal(train_labels, subset.labels[own])
+    # 8 unique images cycled to 20 rows: each image twice or three times, all eight twice before any thrice
+    assert sorted(np.bincount(own, minlength=len(subset)).tolist()) == [2] * 4 + [3] * 4
+    assert sorted(own[:len(subset)].tolist()) == list(range(len(subset)))
 
 
 def test_blur_of_a_constant_image_is_itself():
@@ -78,7 +87,7 @@ def test_ids_and_table_rows():
     assert parse_id("cd-48@200") is None and parse_id("teacher-48") is None
     cfg = pconfig.load(EMBEDDED)
     rows = pconfig.table_rows(cfg, "demo")
-    assert [r["model"] for r in rows[-3:]] == ["real~digits-48", "replay~digits-48", "blur~digits-48"]
+    assert [r["model"] for r in rows[-4:]] == ["real~digits-48", "replay~digits-48", "blur~digits-48", "train~digits-48"]
     assert pconfig.subset_of(cfg, "replay~digits-48") == "digits-48"
     cfg["tables"]["demo"]["yardsticks"] = False
     assert len(pconfig.table_rows(cfg, "demo")) == len(cfg["tables"]["demo"]["rows"])

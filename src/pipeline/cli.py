@@ -126,9 +126,9 @@ def cmd_yardstick(a):
     images, labels = load_source(a.dataset)
     reserve, _ = _heldout(a, len(images))
     subset = read_subset(a.subset)
-    chosen, chosen_labels = yardstick_images(a.kind, images, labels, subset, reserve, a.num_samples, a.seed,
-                                             a.blur_sigma)
-    write_yardstick(a.kind, a.subset_name, chosen, chosen_labels, a.out_dir, a.shard_size)
+    chosen, chosen_labels, own = yardstick_images(a.kind, images, labels, subset, reserve, a.num_samples, a.seed,
+                                                  a.blur_sigma)
+    write_yardstick(a.kind, a.subset_name, chosen, chosen_labels, a.out_dir, a.shard_size, own)
 
 
 def cmd_reference_stats(a):
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     heldout = dict(exclude={"nargs": "*", "default": []}, reserve={"type": int, "required": True},
                    seed={"type": int, "default": 0})
     add("feature-net", cmd_feature_net, dataset=js, epochs={"type": int, "default": 30}, out=req, **heldout)
-    add("yardstick", cmd_yardstick, kind={"required": True, "choices": ["real", "replay", "blur"]}, dataset=js,
+    add("yardstick", cmd_yardstick, kind={"required": True, "choices": ["real", "replay", "blur", "train"]}, dataset=js,
         subset=req, subset_name=req, num_samples={"type": int, "required": True},
         shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req, **heldout)
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset=js, out=req)

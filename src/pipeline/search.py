@@ -172,6 +172,7 @@ def nearest_neighbours(
     candidates: int | None = None,
     device: str = "auto",
     batch_size: int = 16384,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest database rows for every query row, by true Euclidean distance.
 
@@ -182,7 +183,18 @@ def nearest_neighbours(
     so the result is exact for any `candidates` >= 1. Both sides are centred on the database mean
     first (rounded to an integer for integer data, so they stay exact): distances do not change,
     the float32 error bound shrinks with the norms. Memory: the database plus one batch of queries.
+
+    `exclude` (int64 (n,), -1 for none) names a database row each query must not be matched with:
+    a training image searched against its own training set (leave-one-out) finds its nearest *other*
+    image. The search then runs for k + 1 and drops that row.
     """
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.shape != (np.asarray(queries).shape[0],):
+            raise ValueError(f"exclude needs one database index per query, got shape {exclude.shape}")
+        idx, dist = nearest_neighbours(queries, database, int(k) + 1, None if candidates is None else candidates + 1,
+                                       device, batch_size)
+        return _drop_excluded(idx, dist, exclude, int(k))
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     candidates = int(k) + 4 if candidates is None else candidates
@@ -247,9 +259,17 @@ def nearest_neighbours(
     return indices, distances
 
 
-def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def _drop_excluded(idx: np.ndarray, values: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k of k + 1 ranked neighbours per row, skipping the row's excluded index."""
+    order = np.argsort(idx == exclude[:, None], axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(values, order, 1)
+
+
+def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto",
+                 exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest database row by cosine similarity of L2-normalised descriptors (FAISS inner-product index),
-    the similarity recomputed in float64 for the row found. Returns (index int64 (n,), similarity (n,))."""
+    the similarity recomputed in float64 for the row found. Returns (index int64 (n,), similarity (n,)).
+    `exclude` as in `nearest_neighbours` (leave-one-out)."""
     q32 = _as_float32_matrix(queries, "queries")
     db32 = _as_float32_matrix(database, "database")
     if q32.shape[1] != db32.shape[1]:
@@ -257,10 +277,27 @@ def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto"
     if len(db32) == 0 or len(q32) == 0:
         raise ValueError("similarity search needs at least one query and one database row")
     index, _resources = _build_index(db32, _resolve_device(device), metric="ip")
-    _, idx = index.search(q32, 1)
+    if exclude is None:
+        _, idx = index.search(q32, 1)
+    else:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if len(db32) < 2:
+            raise ValueError("a leave-one-out search needs at least two database rows")
+        scores, idx = index.search(q32, 2)
+        idx, _ = _drop_excluded(idx.astype(np.int64), scores, exclude, 1)
     idx = idx[:, 0].astype(np.int64)
     sim = np.einsum("ij,ij->i", np.asarray(queries, np.float64), np.asarray(database, np.float64)[idx])
     return idx, sim
+
+
+def own_training_index(table) -> np.ndarray | None:
+    """The `own_train_index` column of a sample table: for rows that are themselves unique training images
+    (the train-vs-train yardstick), the image's index, which its own search must skip; None without it."""
+    from .shards import OWN_INDEX
+
+    if OWN_INDEX not in table.column_names:
+        return None
+    return table.column(OWN_INDEX).to_numpy().astype(np.int64)
 
 
 def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", ratio: float | None = None,
@@ -279,7 +316,9 @@ def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", 
     if images.shape[1:] != subset.images.shape[1:]:
         raise ValueError(f"samples {images.shape[1:]} and training images {subset.images.shape[1:]} differ in shape")
     log.info("BLAS: %s", blas_report())
-    indices, distances = nearest_neighbours(embed(images, space), embed(subset.images, space), k=2, device=device)
+    exclude = own_training_index(table)
+    indices, distances = nearest_neighbours(embed(images, space), embed(subset.images, space), k=2, device=device,
+                                            exclude=exclude)
     distances = distances * DISTANCE_SCALE.get(space, 1.0)
     result = memorization_table(indices, distances, subset.group, subset.labels,
                                 table.column("sample_id").to_numpy(), ratio=ratio or DEFAULT_RATIO)
@@ -295,16 +334,18 @@ def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_pat
 
     from .data import read_subset
     from .embed import read_embeddings
-    from .io import atomic_output, read_json
+    from .io import atomic_output
+    from .shards import read_samples
 
     samples, train = read_embeddings(samples_emb), read_embeddings(train_emb)
     subset = read_subset(subset_path)
     if len(train) != len(subset):
         raise ValueError(f"{train_emb} holds {len(train)} rows, {subset_path} {len(subset)} images: re-run embed")
-    n = read_json(manifest_path)["num_samples"]
+    _, table, manifest = read_samples(manifest_path)
+    n = manifest["num_samples"]
     if len(samples) != n:
         raise ValueError(f"{samples_emb} holds {len(samples)} rows, {manifest_path} lists {n} samples")
-    idx, sim = most_similar(samples, train, device)
+    idx, sim = most_similar(samples, train, device, exclude=own_training_index(table))
     table = pa.table({"sample_id": pa.array(np.arange(n, dtype=np.int64)), "nn1_index": pa.array(idx),
                       "similarity": pa.array(sim), "nn1_group": pa.array(subset.group[idx])})
     with atomic_output(out_path) as tmp:

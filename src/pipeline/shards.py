@@ -13,6 +13,10 @@ import pyarrow as pa
 
 from .io import CorruptFileError, read_image_table, read_json, sha256_file, write_json
 
+# Column of rows that are themselves unique training images (the train-vs-train yardstick): the index
+# of that image, which the row's own nearest-neighbour search skips.
+OWN_INDEX = "own_train_index"
+
 
 def shard_range(shard: int, shard_size: int, num_samples: int) -> range:
     start = shard * shard_size

@@ -70,7 +70,9 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
         lines += ["", "Yardsticks (no sampler, measured by the same code on the same number of images): real "
                   "held-out images of the dataset, never in any training subset (what a model that generalises "
                   "perfectly scores); the training set replayed with its repeats (what a pure memorizer scores); "
-                  "the held-out images blurred (what losing detail costs)."]
+                  "the held-out images blurred (what losing detail costs); train vs train, each unique training "
+                  "image against the other training images (what counts as \"similar\" within the data itself: "
+                  "near-duplicates there are memorized by this criterion without any copying)."]
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return rows

@@ -6,7 +6,11 @@ A memorization rate or a Frechet distance means little alone. Beside every model
 - `replay`: the model's own training set replayed, drawn with its repeats (what a pure memorizer
   scores);
 - `blur`: the held-out real images blurred with a Gaussian of `blur_sigma` pixels (what a model
-  that draws the right content without its detail scores).
+  that draws the right content without its detail scores);
+- `train`: the unique training images, each searched against the *other* training images
+  (leave-one-out): what "similar" and "memorized" mean among the training images themselves, e.g.
+  near-duplicates in the data that a model could reproduce without copying any one of them.
+  Small subsets are cycled to the same number of rows, so every image weighs (almost) equally.
 They are written as sample shards with a manifest, so search, metrics and tables read them like
 any model's samples. The held-out reserve is the same for every subset of a dataset and is never
 used to train the digits classifier that judges quality (see `heldout_split`).
@@ -21,14 +25,15 @@ import numpy as np
 
 from .data import Subset
 from .io import write_image_table
-from .shards import shard_range, write_manifest
+from .shards import OWN_INDEX, shard_range, write_manifest
 
 log = logging.getLogger(__name__)
 
-KINDS = ("real", "replay", "blur")
+KINDS = ("real", "replay", "blur", "train")
 SAMPLER = "data"  # the sampler slot of a yardstick's sample directory: results/samples/<kind>~<subset>/data/
 SEP = "~"         # never part of a configured name
-LABELS = {"real": "Real held-out", "replay": "Training replay", "blur": "Real held-out, blurred"}
+LABELS = {"real": "Real held-out", "replay": "Training replay", "blur": "Real held-out, blurred",
+          "train": "Train vs train (leave-one-out)"}
 
 
 def yardstick_id(kind: str, subset: str) -> str:
@@ -67,23 +72,33 @@ def blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def yardstick_images(kind: str, images: np.ndarray, labels: np.ndarray, subset: Subset, reserve: np.ndarray,
-                     num_samples: int, seed: int, blur_sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """The `num_samples` images (and labels) of one yardstick."""
+                     num_samples: int, seed: int, blur_sigma: float = 1.0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The `num_samples` images and labels of one yardstick, and for `train` the index of each row's own
+    unique training image (which its nearest-neighbour search skips)."""
     if kind in ("real", "blur"):
         if len(reserve) < num_samples:
             raise ValueError(f"the held-out reserve has {len(reserve)} images, the yardstick needs {num_samples}")
         chosen = reserve[:num_samples]
         out = images[chosen]
-        return (blur(out, blur_sigma) if kind == "blur" else out), labels[chosen]
+        return (blur(out, blur_sigma) if kind == "blur" else out), labels[chosen], None
     if kind == "replay":
         rows = np.random.default_rng([seed, 11]).choice(subset.expanded_indices(), num_samples, replace=True)
-        return subset.images[rows], subset.labels[rows]
+        return subset.images[rows], subset.labels[rows], None
+    if kind == "train":
+        if len(subset) < 3:
+            raise ValueError(f"the train-vs-train yardstick needs at least 3 unique training images, got {len(subset)}")
+        perm = np.random.default_rng([seed, 13]).permutation(len(subset))
+        rows = np.resize(perm, num_samples)  # every image once before any twice
+        return subset.images[rows], subset.labels[rows], rows.astype(np.int64)
     raise ValueError(f"unknown yardstick {kind!r}; available: {KINDS}")
 
 
 def write_yardstick(kind: str, subset_name: str, images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
-                    shard_size: int) -> dict:
-    """Shards and manifest in the layout of generated samples (nfe 0: nothing was generated)."""
+                    shard_size: int, own_index: np.ndarray | None = None) -> dict:
+    """Shards and manifest in the layout of generated samples (nfe 0: nothing was generated); rows that
+    are training images carry their index in the `own_train_index` column (see search.py)."""
+
     out_dir = Path(out_dir)
     n = len(images)
     if n < 2:
@@ -93,14 +108,17 @@ def write_yardstick(kind: str, subset_name: str, images: np.ndarray, labels: np.
     for k in range((n + shard_size - 1) // shard_size):
         rows = shard_range(k, shard_size, n)
         path = out_dir / f"shard-{k:05d}.parquet"
-        write_image_table(path, images[rows.start:rows.stop], {
+        columns = {
             "sample_id": np.arange(rows.start, rows.stop, dtype=np.int64),
             "seed": np.full(len(rows), -1, dtype=np.int64),
             "label": labels[rows.start:rows.stop].astype(np.int64),
             "model": [model] * len(rows),
             "sampler": [SAMPLER] * len(rows),
             "nfe": np.zeros(len(rows), dtype=np.int64),
-        }, {"model": model, "sampler": SAMPLER, "yardstick": kind})
+        }
+        if own_index is not None:
+            columns[OWN_INDEX] = np.asarray(own_index[rows.start:rows.stop], dtype=np.int64)
+        write_image_table(path, images[rows.start:rows.stop], columns, {"model": model, "sampler": SAMPLER, "yardstick": kind})
         paths.append(path)
     manifest = write_manifest(paths, out_dir / "manifest.json", shard_size, n)
     log.info("yardstick %s: %d images in %d shards", model, n, len(paths))
