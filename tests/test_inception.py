@@ -132,3 +132,29 @@ def test_fid_closed_form_for_diagonal_gaussians():
     a, b = _exact_gaussian(rng, 300, mu1, var1), _exact_gaussian(rng, 350, mu2, var2)
     closed = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
     assert fid_from_features(a, b) == pytest.approx(closed, rel=1e-9, abs=1e-9)
+
+
+def test_fid_equals_clean_fid_on_png_folders_with_a_custom_feature_extractor(tiny_weights, tmp_path):
+    """clean-fid's own folder path (`compute_fid(fdir1, fdir2, mode="clean", custom_feat_extractor=...)`:
+    PIL reading, its resizer, batching) and this module's in-memory path give the same FID when both
+    use the same feature network."""
+    from PIL import Image
+    from cleanfid import fid as cleanfid
+
+    path, _ = tiny_weights
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (1, 32, 32, 3))
+    sets = {"a": np.clip(base + rng.integers(-60, 61, (12, 32, 32, 3)), 0, 255).astype(np.uint8),
+            "b": rng.integers(0, 256, (14, 32, 32, 3), dtype=np.uint8)}
+    for name, images in sets.items():
+        (tmp_path / name).mkdir()
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(tmp_path / name / f"{i:03d}.png")
+    extractor = load_inception(path)
+    theirs = cleanfid.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), mode="clean", num_workers=0,
+                                  batch_size=5, device=torch.device("cpu"), custom_feat_extractor=extractor,
+                                  verbose=False)
+    ours = fid_from_features(inception_features(sets["a"], path, batch_size=4),
+                             inception_features(sets["b"], path, batch_size=4))
+    assert ours > 1.0
+    assert ours == pytest.approx(theirs, rel=1e-6)

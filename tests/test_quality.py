@@ -54,3 +54,31 @@ def test_unknown_metric_and_missing_classifier(setup, tmp_path):
         compute_quality("bogus", root / "clf", images[:10], root / "ref.npz")
     with pytest.raises(FileNotFoundError, match="train_feature_net"):
         compute_quality("digits_fd", tmp_path / "none", images[:10], root / "ref.npz")
+
+
+def test_reference_from_a_training_subset_counts_its_repeats(setup, tmp_path):
+    """`reference-stats --subset`: statistics of the training distribution (repeats included), the
+    alternative to the full dataset; the subset's own replay then scores 0 against it."""
+    import json
+
+    from pipeline.cli import main
+    from pipeline.data import build_subset, write_subset
+
+    images, _, root = setup
+    labels = load_source({"source": "digits", "resolution": 16})[1]
+    subset = build_subset(images, labels, {"kind": "repetition", "repeated_classes": [0], "per_class": 10,
+                                           "repeats": 5, "others": 30, "seed": 0})
+    write_subset(tmp_path / "s.parquet", subset, {})
+    main(["reference-stats", "--kind", "digits_fd", "--feature-net", str(root / "clf"), "--subset",
+          str(tmp_path / "s.parquet"), "--out", str(tmp_path / "s.npz")])
+    main(["reference-stats", "--kind", "digits_fd", "--feature-net", str(root / "clf"), "--dataset",
+          json.dumps({"source": "digits", "resolution": 16}), "--out", str(tmp_path / "d.npz")])
+    replay = subset.images[subset.expanded_indices()]
+    q_sub = compute_quality("digits_fd", root / "clf", replay, tmp_path / "s.npz")
+    q_full = compute_quality("digits_fd", root / "clf", replay, tmp_path / "d.npz")
+    assert q_sub["value"] == pytest.approx(0.0, abs=1e-3) and q_full["value"] > 1.0
+    assert q_sub["num_reference"] == len(replay) == 10 * 5 + 30
+    assert q_sub["reference"] == f"the training subset s ({len(replay)} images with repeats)"
+    assert q_full["reference"] == f"the full digits dataset ({len(images)} images)"
+    with pytest.raises(SystemExit, match="exactly one of"):
+        main(["reference-stats", "--kind", "digits_fd", "--feature-net", str(root / "clf"), "--out", "x.npz"])

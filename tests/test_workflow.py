@@ -154,6 +154,17 @@ def test_embedded_default_with_config_override(tmp_path):
     assert proc.returncode == 0, output_of(proc)[-3000:]
 
 
+def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_path):
+    """`quality.reference_set: subset`: each model (and yardstick) is judged against its own training
+    subset's statistics; the full-dataset reference is not built."""
+    cfg = yaml.safe_load(EMBEDDED.read_text())
+    cfg["quality"]["reference_set"] = "subset"
+    proc = check(snakemake(tmp_path, "results/tables/demo.md", "-n", configfile=write_config(tmp_path / "c.yaml", cfg)))
+    stats = job_stats(output_of(proc))
+    assert stats["subset_reference_stats"] == 1 and "reference_stats" not in stats, stats
+    assert "results/quality/reference/digits_fd-subset-digits-48.npz" in output_of(proc)
+
+
 def test_embedded_explicit_configfile_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
     stats = job_stats(output_of(proc))

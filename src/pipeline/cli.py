@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _json(text: str):
@@ -132,11 +133,19 @@ def cmd_yardstick(a):
 
 
 def cmd_reference_stats(a):
-    from .data import load_source
+    from .data import load_source, read_subset
     from .quality import write_reference_stats
 
-    images, _ = load_source(a.dataset)
-    write_reference_stats(a.kind, a.feature_net, images, a.out)
+    if (a.dataset is None) == (a.subset is None):
+        raise SystemExit("reference-stats: give exactly one of --dataset (a full dataset) or --subset (a training subset)")
+    if a.dataset is not None:
+        images, _ = load_source(a.dataset)
+        what = f"the full {a.dataset['source']} dataset ({len(images)} images)"
+    else:
+        subset = read_subset(a.subset)
+        images = subset.images[subset.expanded_indices()]  # the distribution trained on, repeats included
+        what = f"the training subset {Path(a.subset).stem} ({len(images)} images with repeats)"
+    write_reference_stats(a.kind, a.feature_net, images, a.out, what)
 
 
 def cmd_metrics(a):
@@ -203,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("yardstick", cmd_yardstick, kind={"required": True, "choices": ["real", "replay", "blur", "train"]}, dataset=js,
         subset=req, subset_name=req, num_samples={"type": int, "required": True},
         shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req, **heldout)
-    add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset=js, out=req)
+    add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset={"type": _json}, subset={}, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
         sscd_threshold={"type": float, "default": 0.5})

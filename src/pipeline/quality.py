@@ -119,12 +119,18 @@ def _features(kind: str, feature_net: str | Path, images: np.ndarray) -> np.ndar
 METRIC_NAMES = {"digits_fd": "digits-FD", "inception_fid": "FID"}
 
 
-def write_reference_stats(kind: str, feature_net: str | Path, images: np.ndarray, out_path: str | Path) -> None:
-    """Feature mean and covariance of the reference set, computed once and shared by every metrics job."""
+def write_reference_stats(kind: str, feature_net: str | Path, images: np.ndarray, out_path: str | Path,
+                          what: str = "") -> None:
+    """Feature mean and covariance of the reference set, computed once and shared by every metrics job.
+
+    `what` names the set (a full dataset, or a model's training subset) in the tables' notes.
+    """
+    if len(images) < 2:
+        raise ValueError(f"reference statistics need at least 2 images, got {len(images)} ({what or out_path})")
     feats = _features(kind, feature_net, images)
     with atomic_output(out_path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=len(feats))
+            np.savez(f, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=len(feats), what=np.array(what))
 
 
 def compute_quality(kind: str, feature_net: str | Path, images: np.ndarray, reference_stats: str | Path) -> dict:
@@ -135,5 +141,6 @@ def compute_quality(kind: str, feature_net: str | Path, images: np.ndarray, refe
     with np.load(reference_stats) as ref:
         value = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref["mu"], ref["sigma"])
         n_ref = int(ref["n"])
+        what = str(ref["what"]) if "what" in ref.files else ""
     return {"name": METRIC_NAMES[kind], "value": float(value), "lower_is_better": True,
-            "num_samples": len(images), "num_reference": n_ref}
+            "num_samples": len(images), "num_reference": n_ref, "reference": what}

@@ -28,6 +28,7 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
         mem, q = m["memorization"], m["quality"]
         row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
                "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
+               "quality_reference": q.get("reference", ""),
                "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
                "num_samples": mem["n_samples"]}
         for g in groups:
@@ -37,6 +38,15 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
                        sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"])
         rows.append(row)
     return groups, rows
+
+
+def _references(rows) -> str:
+    refs = sorted({r["quality_reference"] for r in rows if r["quality_reference"]})
+    if not refs:
+        return "reference statistics as configured"
+    if len(refs) == 1:
+        return f"measured against {refs[0]}"
+    return "each row measured against its own training subset's statistics"
 
 
 def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md: str | Path) -> list[dict]:
@@ -62,7 +72,7 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     lines += ["", f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
               "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
               "Per-group columns use the group of each sample's nearest training image. "
-              f"{qname}: lower is better."]
+              f"{qname}: lower is better; {_references(rows)}."]
     if sscd:
         lines += ["", f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
                   f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity."]

@@ -193,6 +193,18 @@ def output_dir(wc, output):
 QUALITY = CFG["quality"]
 REFERENCE = CFG["datasets"][QUALITY["reference"]]
 REFERENCE_STATS = f"results/quality/reference/{QUALITY['kind']}-{QUALITY['reference']}.npz"
+REFERENCE_SET = QUALITY.get("reference_set", "dataset")
+
+
+def subset_reference_file(subset):
+    return f"results/quality/reference/{QUALITY['kind']}-subset-{subset}.npz"
+
+
+def reference_stats_input(wc):
+    """The statistics a (model, sampler) is judged against: the reference dataset's, or its training subset's."""
+    if REFERENCE_SET == "subset":
+        return subset_reference_file(pconfig.subset_of(CFG, wc.model))
+    return REFERENCE_STATS
 DIGITS_CLASSIFIER = "results/quality/digits-classifier"
 
 

@@ -49,12 +49,36 @@ rule reference_stats:
         "--dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
 
+rule subset_reference_stats:
+    input:
+        feature_net=feature_net_input(),
+        subset=lambda wc: subset_file(wc.subset),
+    output:
+        subset_reference_file("{subset}"),
+    params:
+        kind=QUALITY["kind"],
+        feature_net=feature_net_arg,
+    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    resources:
+        gpu=gpu_resources(SAMPLING)["gpu"],
+        runtime=60,
+    log:
+        f"logs/subset_reference_stats/{QUALITY['kind']}-{{subset}}.log",
+    benchmark:
+        f"results/benchmarks/subset_reference_stats/{QUALITY['kind']}-{{subset}}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
+        "--subset {input.subset} --out {output} > {log} 2>&1"
+
+
 rule metrics:
     input:
         neighbours=f"results/neighbours/{SPACE}/{{model}}/{{sampler}}.parquet",
         manifest="results/samples/{model}/{sampler}/manifest.json",
         feature_net=feature_net_input(),
-        reference=REFERENCE_STATS,
+        reference=reference_stats_input,
         model_stats=model_stats_input,
         sscd=sscd_neighbours_input,
     output:
