@@ -165,6 +165,19 @@ def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_
     assert "results/quality/reference/digits_fd-subset-digits-48.npz" in output_of(proc)
 
 
+def test_clip_score_plans_image_and_prompt_embeddings_and_the_fetch(tmp_path):
+    """`quality.clip`: every sample set gets CLIP image and prompt embeddings before its metrics, and the
+    model comes from the fetch_clip rule (run on the login node)."""
+    cfg = yaml.safe_load(EMBEDDED.read_text())
+    cfg["quality"]["clip"] = {}
+    proc = check(snakemake(tmp_path, "results/tables/demo.md", "-n", configfile=write_config(tmp_path / "c.yaml", cfg)))
+    out = output_of(proc)
+    stats = job_stats(out)
+    assert stats["fetch_clip"] == 1 and stats["embed_samples"] == 2 * stats["metrics"], stats
+    assert "results/embeddings/clip-text/teacher-48/heun-18.npy" in out
+    assert "data/weights/clip-vit-large-patch14/checksums.json" in out
+
+
 def test_embedded_explicit_configfile_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
     stats = job_stats(output_of(proc))

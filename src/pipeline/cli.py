@@ -53,13 +53,35 @@ def cmd_distill(a):
 def cmd_embed(a):
     from .audit import read_images
     from .embed import sscd, write_embeddings
-    from .io import sha256_file
+    from .io import read_image_table, sha256_file
 
-    images, _ = read_images(a.images, "images to embed")
-    vectors = sscd(images, a.weights, a.preprocessing)
-    write_embeddings(vectors, a.out, {"space": a.space, "preprocessing": a.preprocessing, "source": a.images,
-                                      "weights_sha256": sha256_file(a.weights)})
-    logging.info("%s embeddings of %d images: %s", a.space, len(vectors), a.out)
+    info = {"space": a.space, "source": a.images}
+    if a.space == "clip-text":
+        from .clip import prompts_of, text_features
+        from .shards import read_samples
+
+        table = read_samples(a.images)[1] if Path(a.images).name == "manifest.json" else read_image_table(a.images)[1]
+        vectors = text_features(prompts_of(table), a.weights)
+    else:
+        images, _ = read_images(a.images, "images to embed")
+        if a.space == "sscd":
+            vectors = sscd(images, a.weights, a.preprocessing)
+            info["preprocessing"] = a.preprocessing
+        else:
+            from .clip import image_features
+
+            vectors = image_features(images, a.weights)
+    weights = Path(a.weights)
+    # a file's digest; a model directory is named by its config (and fetch manifest, when fetched)
+    info["weights_sha256"] = sha256_file(weights if weights.is_file() else weights / "config.json")
+    write_embeddings(vectors, a.out, info)
+    logging.info("%s embeddings of %d items: %s", a.space, len(vectors), a.out)
+
+
+def cmd_fetch_clip(a):
+    from .clip import fetch_clip
+
+    logging.info("CLIP model in %s", fetch_clip(a.dest, a.repo, a.revision))
 
 
 def cmd_similarity(a):
@@ -152,7 +174,8 @@ def cmd_metrics(a):
     from .metrics import write_metrics
 
     write_metrics(a.model_id, a.sampler_name, a.neighbours, a.manifest, a.quality_kind, a.feature_net,
-                  a.reference_stats, a.model_stats, a.out, a.sscd_neighbours, a.sscd_threshold)
+                  a.reference_stats, a.model_stats, a.out, a.sscd_neighbours, a.sscd_threshold,
+                  a.clip_images, a.clip_texts)
 
 
 def cmd_table(a):
@@ -186,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={})
     add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={})
-    add("embed", cmd_embed, space={"choices": ["sscd"], "default": "sscd"}, images=req, weights=req,
+    add("embed", cmd_embed, space={"choices": ["sscd", "clip", "clip-text"], "default": "sscd"}, images=req,
+        weights={"required": True, "help": "the SSCD TorchScript file, or the CLIP model directory"},
         preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"}, out=req)
+    add("fetch-clip", cmd_fetch_clip, dest=req, repo={"default": "openai/clip-vit-large-patch14"},
+        revision={"default": "32bd64288804d66eefd0ccbe215aa642df71cc41"})
     add("similarity", cmd_similarity, samples=req, train=req, subset=req, manifest=req, out=req)
     add("audit", cmd_audit, train={"required": True, "help": "training images: a Parquet image table or a folder"},
         samples={"required": True, "help": "generated images: a Parquet image table or a folder"},
@@ -215,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset={"type": _json}, subset={}, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
-        sscd_threshold={"type": float, "default": 0.5})
+        sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={})
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req)
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
     return p

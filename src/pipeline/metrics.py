@@ -14,7 +14,8 @@ from .shards import read_samples
 def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifest_path: str | Path,
                   quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
                   model_stats_path: str | Path | None, out_path: str | Path, sscd_neighbours: str | Path | None = None,
-                  sscd_threshold: float = 0.5) -> dict:
+                  sscd_threshold: float = 0.5, clip_images: str | Path | None = None,
+                  clip_texts: str | Path | None = None) -> dict:
     images, _, manifest = read_samples(manifest_path)
     neighbours = pq.read_table(neighbours_path)
     if neighbours.num_rows != manifest["num_samples"]:
@@ -37,5 +38,15 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
             raise ValueError(f"{sscd_neighbours} has {sim.num_rows} rows, {manifest_path} lists {manifest['num_samples']}")
         result["sscd"] = similarity_summary(sim.column("similarity").to_numpy(),
                                             sim.column("nn1_group").to_numpy(zero_copy_only=False), sscd_threshold)
+    if clip_images or clip_texts:
+        from .clip import clip_score
+        from .embed import read_embeddings
+
+        if not (clip_images and clip_texts):
+            raise ValueError("a CLIP score needs both the image and the text embeddings of the samples")
+        images_emb, texts_emb = read_embeddings(clip_images), read_embeddings(clip_texts)
+        if len(images_emb) != manifest["num_samples"]:
+            raise ValueError(f"{clip_images} has {len(images_emb)} rows, {manifest_path} lists {manifest['num_samples']}")
+        result["clip"] = clip_score(images_emb, texts_emb)
     write_json(out_path, result)
     return result

@@ -33,6 +33,8 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
                "num_samples": mem["n_samples"]}
         for g in groups:
             row[f"mem_{g}"] = mem["by_group"].get(g, {}).get("mem_ratio")
+        if "clip" in m:
+            row["clip_score"] = m["clip"]["value"]
         if "sscd" in m:
             row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
                        sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"])
@@ -59,13 +61,14 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
         tmp.write_text(buf.getvalue())
     qname = rows[0]["quality_name"]
     sscd = all("sscd_mem" in r for r in rows)
-    head = ["Setting", "Model", "Sampler", "NFE", qname, "L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
+    clip = all("clip_score" in r for r in rows)
+    head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP"] if clip else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
     head += ["SSCD Mem / p95"] if sscd else []
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         generated = r["nfe"] > 0
         cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
-                 f"{r['quality']:.2f}", _pct(r["mem"])]
+                 f"{r['quality']:.2f}"] + ([f"{r['clip_score']:.2f}"] if clip else []) + [_pct(r["mem"])]
         cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
         cells += [f"{_pct(r['sscd_mem'])} / {r['sscd_p95']:.4f}"] if sscd else []
         lines.append("| " + " | ".join(cells) + " |")
@@ -73,6 +76,9 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
               "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
               "Per-group columns use the group of each sample's nearest training image. "
               f"{qname}: lower is better; {_references(rows)}."]
+    if clip:
+        lines += ["", "CLIP: 100 x the cosine similarity of each sample's CLIP image embedding and its prompt's "
+                  "text embedding, averaged (torchmetrics' CLIP score); higher is better."]
     if sscd:
         lines += ["", f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
                   f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity."]

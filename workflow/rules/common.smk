@@ -110,8 +110,38 @@ def sscd_preprocessing():
     return (SSCD or {}).get("preprocessing", "official")
 
 
+CLIP = CFG["quality"].get("clip")
+# Descriptor spaces whose sample embeddings some rule reads.
+EMBED_SPACES = (["sscd"] if SSCD is not None else []) + (["clip", "clip-text"] if CLIP is not None else [])
+
+
+def clip_model_dir():
+    return (CLIP or {}).get("weights", CLIP_DIR)
+
+
+def embedding_weights(space):
+    """What a space embeds with: the SSCD file, or the CLIP directory (its fetch manifest when fetch_clip
+    provides it, its config.json for a directory placed by hand)."""
+    if space == "sscd":
+        return sscd_weights_file()
+    d = clip_model_dir()
+    return os.path.join(d, "checksums.json") if "weights" not in (CLIP or {}) else os.path.join(d, "config.json")
+
+
+def embedding_options(space):
+    if space == "sscd":
+        return f"--preprocessing {sscd_preprocessing()} --weights {sscd_weights_file()}"
+    return f"--weights {clip_model_dir()}"
+
+
+def clip_inputs(wc):
+    if CLIP is None:
+        return []
+    return [f"results/embeddings/{s}/{wc.model}/{wc.sampler}.npy" for s in ("clip", "clip-text")]
+
+
 def sscd_neighbours_input(wc):
-    return [f"results/neighbours/sscd/{wc.model}/{wc.sampler}.parquet"] if SSCD else []
+    return [f"results/neighbours/sscd/{wc.model}/{wc.sampler}.parquet"] if SSCD is not None else []
 
 
 def model_stats_input(wc):

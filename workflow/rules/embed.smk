@@ -1,30 +1,35 @@
-# Stage 5a: descriptor embeddings (SSCD copy detection), cached once per sample set and per training
-# subset with a manifest, then the most-similar-training-image search in that space. Only planned
-# when `memorization.sscd` is configured; its weights come from fetch_sscd.
+# Stage 5a: descriptor embeddings, cached once per sample set (and per training subset) with a
+# manifest: SSCD copy-detection descriptors (when `memorization.sscd` is configured; weights from
+# fetch_sscd), then the most-similar-training-image search in that space; CLIP image and prompt
+# embeddings (when `quality.clip` is configured; model from fetch_clip) for the CLIP score.
+
+
+wildcard_constraints:
+    espace=_names(EMBED_SPACES),
 
 
 rule embed_samples:
     input:
         manifest="results/samples/{model}/{sampler}/manifest.json",
-        weights=lambda wc: sscd_weights_file(),
+        weights=lambda wc: embedding_weights(wc.espace),
     output:
-        vectors="results/embeddings/sscd/{model}/{sampler}.npy",
-        manifest="results/embeddings/sscd/{model}/{sampler}.json",
+        vectors="results/embeddings/{espace}/{model}/{sampler}.npy",
+        manifest="results/embeddings/{espace}/{model}/{sampler}.json",
     params:
-        preprocessing=lambda wc: sscd_preprocessing(),
+        options=lambda wc: embedding_options(wc.espace),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=120,
     log:
-        "logs/embed_samples/sscd/{model}/{sampler}.log",
+        "logs/embed_samples/{espace}/{model}/{sampler}.log",
     benchmark:
-        "results/benchmarks/embed_samples/sscd/{model}/{sampler}.tsv"
+        "results/benchmarks/embed_samples/{espace}/{model}/{sampler}.tsv"
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.manifest} "
-        "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m pipeline embed --space {wildcards.espace} --images {input.manifest} "
+        "{params.options} --out {output.vectors} > {log} 2>&1"
 
 
 rule embed_subset:

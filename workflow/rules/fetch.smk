@@ -6,6 +6,7 @@ CIFAR10_ARCHIVE = os.path.join("data", "raw", KNOWN_FILES["cifar10"]["dest"])
 INCEPTION_FILE = KNOWN_FILES["inception"]
 INCEPTION_WEIGHTS = CFG["quality"].get("weights", os.path.join("data", "weights", INCEPTION_FILE["dest"]))
 SSCD_WEIGHTS = os.path.join("data", "weights", KNOWN_FILES["sscd"]["dest"])
+CLIP_DIR = os.path.join("data", "weights", "clip-vit-large-patch14")
 # LPIPS backbones (torchvision ImageNet checkpoints), by file name: the consistency metric's weights.
 LPIPS_FILES = {KNOWN_FILES[k]["dest"]: KNOWN_FILES[k] for k in ("lpips-vgg", "lpips-alex")}
 
@@ -19,6 +20,7 @@ localrules:
     fetch_inception,
     fetch_lpips_backbone,
     fetch_sscd,
+    fetch_clip,
 
 
 rule fetch_cifar10:
@@ -82,3 +84,18 @@ rule fetch_sscd:
         "../envs/data.yaml"
     shell:
         "python -m pipeline fetch --url {params.url} --dest {output} > {log} 2>&1"
+
+
+rule fetch_clip:
+    output:
+        os.path.join(CLIP_DIR, "checksums.json"),
+    params:
+        dest=lambda wc, output: os.path.dirname(output[0]),
+    log:
+        "logs/fetch/clip.log",
+    benchmark:
+        "results/benchmarks/fetch/clip.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m pipeline fetch-clip --dest {params.dest} > {log} 2>&1"

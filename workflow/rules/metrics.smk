@@ -81,6 +81,7 @@ rule metrics:
         reference=reference_stats_input,
         model_stats=model_stats_input,
         sscd=sscd_neighbours_input,
+        clip=clip_inputs,
     output:
         "results/metrics/{model}/{sampler}.json",
     params:
@@ -89,6 +90,7 @@ rule metrics:
         model_stats=lambda wc, input: f"--model-stats {input.model_stats}" if input.model_stats else "",
         sscd=lambda wc, input: (f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', 0.5)}"
                                 if input.sscd else ""),
+        clip=lambda wc, input: f"--clip-images {input.clip[0]} --clip-texts {input.clip[1]}" if input.clip else "",
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -102,5 +104,5 @@ rule metrics:
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
         "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
-        "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} "
+        "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} "
         "--out {output} > {log} 2>&1"
