@@ -116,3 +116,21 @@ def test_digits_classifier_never_sees_training_or_yardstick_images(digits, tmp_p
           "--reserve", "100", "--seed", "0", "--out", str(tmp_path / "clf")])
     stats = json.loads((tmp_path / "clf" / "config.json").read_text())
     assert stats["images"] == len(images) - len(subset) - 100
+
+
+def test_table_note_places_each_model_among_its_yardsticks():
+    from pipeline.tables import _placement
+
+    def row(model, label, quality, mem, nfe=1):
+        return {"model": model, "label": label, "sampler": "s" if nfe else "data", "nfe": nfe, "quality": quality,
+                "mem": mem, "subset": "d"}
+
+    rows = [row("t", "Teacher", 182.4, 0.607), row("c", "Student", 3.0, 0.0), row("w", "Worst", 400.0, 0.5),
+            row("real~d", "Real held-out", 4.7, 0.0, 0), row("replay~d", "Training replay", 166.0, 1.0, 0),
+            row("blur~d", "Blurred", 284.4, 0.0, 0), row("train~d", "Train vs train", 145.0, 0.02, 0)]
+    lines = _placement(rows, "FD")
+    assert lines[0] == ("- Teacher (s): FD 182.40, between training replay 166.00 and blurred 284.40 (floor: real "
+                        "held-out 4.70); L2 Mem 60.70% (real held-out 0.00%, train vs train 2.00%, training replay 100.00%).")
+    assert "better than every yardstick (best: real held-out 4.70)" in lines[1]
+    assert "worse than every yardstick (worst: blurred 284.40)" in lines[2]
+    assert len(lines) == 3

@@ -162,20 +162,21 @@ def yardstick_settings(cfg: Mapping[str, Any]) -> dict:
 
 
 def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
-    """A table's configured rows, then one yardstick row per kind for each training subset its models saw."""
-    rows = [dict(r) for r in cfg["tables"][table]["rows"]]
+    """A table's configured rows, then one yardstick row per kind for each training subset its models saw;
+    every row names its model's training subset (`subset`), which places it among its yardsticks."""
+    rows = [{**r, "subset": subset_of(cfg, r["model"])} for r in cfg["tables"][table]["rows"]]
     if not cfg["tables"][table].get("yardsticks", True):
         return rows
     subsets = []
     for r in rows:
-        s = subset_of(cfg, r["model"])
-        if s not in subsets:
-            subsets.append(s)
+        if r["subset"] not in subsets:
+            subsets.append(r["subset"])
     sigma = yardstick_settings(cfg)["blur_sigma"]
     for s in subsets:
         for kind in yardstick_settings(cfg)["kinds"]:
             label = YARDSTICK_LABELS[kind] + (f" (sigma = {sigma:g} px)" if kind == "blur" else "")
-            rows.append({"setting": s, "label": label, "model": yardstick_id(kind, s), "sampler": YARDSTICK_SAMPLER})
+            rows.append({"setting": s, "label": label, "model": yardstick_id(kind, s), "sampler": YARDSTICK_SAMPLER,
+                         "subset": s})
     return rows
 
 

@@ -28,7 +28,7 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
         mem, q = m["memorization"], m["quality"]
         row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
                "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
-               "quality_reference": q.get("reference", ""),
+               "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
                "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
                "num_samples": mem["n_samples"]}
         for g in groups:
@@ -49,6 +49,41 @@ def _references(rows) -> str:
     if len(refs) == 1:
         return f"measured against {refs[0]}"
     return "each row measured against its own training subset's statistics"
+
+
+def _placement(rows, qname: str) -> list[str]:
+    """One line per generated row: its quality between the neighbouring yardstick values of its own
+    training subset (lower is better), and its memorization beside the real-data and replay rates."""
+    marks: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["nfe"] == 0 and r["subset"]:
+            marks.setdefault(r["subset"], []).append(r)
+    lines = []
+    for r in rows:
+        ys = sorted(marks.get(r["subset"], []), key=lambda y: y["quality"])
+        if r["nfe"] == 0 or not ys:
+            continue
+        better = [y for y in ys if y["quality"] > r["quality"]]
+        worse = [y for y in ys if y["quality"] <= r["quality"]]
+
+        def name(y):
+            return f"{y['label'].lower()} {y['quality']:.2f}"
+
+        if not worse:
+            where = f"better than every yardstick (best: {name(ys[0])})"
+        elif not better:
+            where = f"worse than every yardstick (worst: {name(ys[-1])})"
+        else:
+            where = f"between {name(worse[-1])} and {name(better[0])}"
+        real = next((y for y in ys if y["model"].startswith("real~")), None)
+        if real is not None and real is not (worse[-1] if worse else None) and real is not (better[0] if better else None):
+            where += f" (floor: {name(real)})"
+        mem = {y["model"].partition("~")[0]: y["mem"] for y in ys}
+        beside = ", ".join(f"{label} {_pct(mem[k])}" for k, label in (("real", "real held-out"), ("train", "train vs train"),
+                                                                     ("replay", "training replay")) if k in mem)
+        lines.append(f"- {r['label']} ({r['sampler']}): {qname} {r['quality']:.2f}, {where}; "
+                     f"L2 Mem {_pct(r['mem'])}" + (f" ({beside})" if beside else "") + ".")
+    return lines
 
 
 def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md: str | Path) -> list[dict]:
@@ -82,6 +117,9 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     if sscd:
         lines += ["", f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
                   f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity."]
+    placement = _placement(rows, qname)
+    if placement:
+        lines += ["", "Where each model sits among the yardsticks of its training subset:"] + placement
     if any(r["nfe"] == 0 for r in rows):
         lines += ["", "Yardsticks (no sampler, measured by the same code on the same number of images): real "
                   "held-out images of the dataset, never in any training subset (what a model that generalises "
