@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import config as pconfig
+
 pytestmark = pytest.mark.workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +147,21 @@ def test_embedded_default_without_configfile(tmp_path):
     )
     stats = job_stats(output_of(proc))
     assert stats["train_teacher"] == 1 and stats["distill"] == 1 and stats["table"] == 3
+
+
+@pytest.mark.parametrize("table", list(yaml.safe_load(PAPER.read_text())["tables"]))
+def test_each_paper_table_plans_only_its_own_jobs(tmp_path, table):
+    """`snakemake -n results/tables/<name>.md`: exactly one table, and metrics for exactly its rows and
+    the yardsticks of its subsets; a table with published values reads the published file."""
+    cfg = pconfig.load(PAPER)
+    rows = pconfig.table_rows(cfg, table)
+    proc = check(snakemake(tmp_path, f"results/tables/{table}.md", "-n", configfile=PAPER))
+    out = output_of(proc)
+    stats = job_stats(out)
+    assert stats["table"] == 1 and stats["metrics"] == len({(r["model"], r["sampler"]) for r in rows}), stats
+    planned = set(re.findall(r"output: results/metrics/(\S+)\.json", out))
+    assert planned == {f"{r['model']}/{r['sampler']}" for r in rows}
+    assert ("config/published.yaml" in out) == ("paper" in cfg["tables"][table])
 
 
 def test_embedded_default_with_config_override(tmp_path):

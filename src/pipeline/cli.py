@@ -181,7 +181,15 @@ def cmd_metrics(a):
 def cmd_table(a):
     from .tables import write_table
 
-    rows = write_table(a.title, a.rows, a.metrics, a.csv, a.md)
+    paper = None
+    if a.paper:
+        import yaml
+
+        with open(a.published) as f:
+            published = yaml.safe_load(f)
+        paper = {**published["tables"][a.paper], "source": published["source"],
+                 "full_protocol": published["full_protocol"]}
+    rows = write_table(a.title, a.rows, a.metrics, a.csv, a.md, paper)
     print(open(a.md).read())
     logging.info("table with %d rows written to %s", len(rows), a.md)
 
@@ -242,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
         sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={})
-    add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req)
+    add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req,
+        published={"help": "the published values (config/published.yaml)"}, paper={"help": "its entry for this table"})
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
     return p
 

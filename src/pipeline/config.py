@@ -106,6 +106,44 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(problems))
 
 
+def paper_key(row: Mapping[str, Any]) -> str:
+    """The key of a table row in the published values: its `paper`, else '<setting> / <label>'."""
+    return row.get("paper") or f"{row.get('setting', '')} / {row.get('label', '')}"
+
+
+def load_published(cfg: Mapping[str, Any], root: str | Path = ".") -> dict | None:
+    """The published values (config key `published`), checked against every table that names them.
+
+    Returns None when no table has `paper`. A table naming an entry the file lacks, or a row whose key
+    the entry lacks, is an error: a silent blank would pass for "not reported"."""
+    wanted = {t: spec["paper"] for t, spec in cfg["tables"].items() if "paper" in spec}
+    if not wanted:
+        return None
+    if "published" not in cfg:
+        raise ConfigError(f"tables {sorted(wanted)} name published values (`paper`), but `published` names no file")
+    path = Path(root) / cfg["published"]
+    if not path.exists():
+        raise ConfigError(f"published: {path} does not exist (the repository ships config/published.yaml)")
+    with open(path) as f:
+        published = yaml.safe_load(f)
+    problems = []
+    for tname, entry in wanted.items():
+        if entry not in published.get("tables", {}):
+            problems.append(f"  tables.{tname}.paper: {entry!r} is not an entry of {path}")
+            continue
+        table = published["tables"][entry]
+        for i, row in enumerate(cfg["tables"][tname]["rows"]):
+            values = table["rows"].get(paper_key(row))
+            if values is None:
+                problems.append(f"  tables.{tname}.rows[{i}]: {path} has no row {paper_key(row)!r} in {entry!r} "
+                                f"(rows: {sorted(table['rows'])}); set the row's `paper` key")
+            elif len(values) != len(table["columns"]):
+                problems.append(f"  {path}: {entry}.{paper_key(row)} has {len(values)} cells for {len(table['columns'])} columns")
+    if problems:
+        raise ConfigError(f"published values do not match the tables:\n" + "\n".join(problems))
+    return published
+
+
 EDM_SAMPLERS = ("heun", "stochastic")
 SNAPSHOT_SEP = "@"  # never part of a configured name (see the schema's name pattern)
 

@@ -86,8 +86,25 @@ def _placement(rows, qname: str) -> list[str]:
     return lines
 
 
-def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md: str | Path) -> list[dict]:
+def _paper_cells(rows_cfg, rows, paper: Mapping[str, Any] | None) -> None:
+    """Attach the published cells of each configured row (`paper_<column>`, as printed; blank for
+    yardsticks and rows the study has no value for)."""
+    from .config import paper_key
+
+    if paper is None:
+        return
+    for cfg, row in zip(rows_cfg, rows):
+        values = paper["rows"].get(paper_key(cfg)) if row["nfe"] > 0 else None
+        for col, value in zip(paper["columns"], values or [""] * len(paper["columns"])):
+            row[f"paper_{col}"] = value
+
+
+def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md: str | Path,
+                paper: Mapping[str, Any] | None = None) -> list[dict]:
+    """The table as CSV and Markdown. `paper`: one entry of the published values (config/published.yaml)
+    with `source` and `full_protocol` added, shown as `Paper ...` columns beside ours."""
     groups, rows = table_rows(rows_cfg, metric_paths)
+    _paper_cells(rows_cfg, rows, paper)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -99,6 +116,8 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     clip = all("clip_score" in r for r in rows)
     head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP"] if clip else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
     head += ["SSCD Mem / p95"] if sscd else []
+    head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
+    full = paper["full_protocol"]["num_samples"] if paper else None
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         generated = r["nfe"] > 0
@@ -106,6 +125,9 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
                  f"{r['quality']:.2f}"] + ([f"{r['clip_score']:.2f}"] if clip else []) + [_pct(r["mem"])]
         cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
         cells += [f"{_pct(r['sscd_mem'])} / {r['sscd_p95']:.4f}"] if sscd else []
+        if paper:
+            cells += [r[f"paper_{c}"] for c in paper["columns"]]
+            cells += ["full" if r["num_samples"] >= full else f"reduced ({r['num_samples']} samples)"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
               "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
@@ -117,6 +139,11 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     if sscd:
         lines += ["", f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
                   f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity."]
+    if paper:
+        lines += ["", f"Paper columns: {paper['printed_as']} of {paper['source']}, as printed there. Protocol: "
+                  f"a row of ours is `full` when it measures at least {full} samples (the study's protocol), "
+                  "`reduced` otherwise; reduced rows (fewer samples, shorter training) are not expected to "
+                  "match the printed numbers, only their direction."]
     placement = _placement(rows, qname)
     if placement:
         lines += ["", "Where each model sits among the yardsticks of its training subset:"] + placement

@@ -12,6 +12,9 @@ from pipeline import config as pconfig
 from pipeline.shards import num_shards
 
 CFG = pconfig.validate(config, source="the Snakemake config")
+# Published values beside the tables that name them (`paper`); the path is relative to the repository.
+PUBLISHED = pconfig.load_published(CFG, root=workflow.basedir)
+PUBLISHED_FILE = os.path.join(workflow.basedir, CFG["published"]) if "published" in CFG else None
 MODELS = pconfig.models_of(CFG)
 STUDENTS = CFG.get("students", {})
 SPACE = CFG["memorization"].get("space", "pixels")

@@ -3,13 +3,16 @@
 
 rule table:
     input:
-        lambda wc: [f"results/metrics/{r['model']}/{r['sampler']}.json" for r in TABLE_ROWS[wc.table]],
+        metrics=lambda wc: [f"results/metrics/{r['model']}/{r['sampler']}.json" for r in TABLE_ROWS[wc.table]],
+        published=lambda wc: [PUBLISHED_FILE] if "paper" in CFG["tables"][wc.table] else [],
     output:
         csv="results/tables/{table}.csv",
         md="results/tables/{table}.md",
     params:
         title=lambda wc: CFG["tables"][wc.table].get("title", wc.table),
         rows=lambda wc: as_json(TABLE_ROWS[wc.table]),
+        paper=lambda wc, input: (f"--published {input.published[0]} --paper {CFG['tables'][wc.table]['paper']}"
+                                 if input.published else ""),
     log:
         "logs/table/{table}.log",
     benchmark:
@@ -17,7 +20,7 @@ rule table:
     conda:
         "../envs/report.yaml"
     shell:
-        "python -m pipeline table --title {params.title:q} --rows {params.rows:q} --metrics {input} "
+        "python -m pipeline table --title {params.title:q} --rows {params.rows:q} --metrics {input.metrics} {params.paper} "
         "--csv {output.csv} --md {output.md} > {log} 2>&1"
 
 

@@ -1,0 +1,102 @@
+"""Aggregation: known metric files in, each number in its own cell of the table out, published
+values beside the rows they belong to."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config as pconfig
+from pipeline.tables import write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metric(model, sampler, nfe, fid, mem, by_group, sscd=None, n=50000):
+    m = {"model": model, "sampler": sampler, "nfe": nfe, "num_samples": n,
+         "quality": {"name": "FID", "value": fid, "reference": "the full cifar10 dataset (50000 images)"},
+         "memorization": {"space": "pixels", "mem_ratio": mem, "ratio_median": 0.5 + mem, "ratio_p05": 0.1,
+                          "n_samples": n, "by_group": {g: {"mem_ratio": v} for g, v in by_group.items()}}}
+    if sscd:
+        m["sscd"] = {"mem_ratio": sscd[0], "p95": sscd[1], "mean": 0.3, "max": 0.99, "threshold": 0.5}
+    return m
+
+
+@pytest.fixture
+def built(tmp_path):
+    published = yaml.safe_load((ROOT / "config" / "published.yaml").read_text())
+    paper = {**published["tables"]["table1"], "source": published["source"],
+             "full_protocol": published["full_protocol"]}
+    rows_cfg = [{"setting": "3000-data", "label": "Teacher", "model": "teacher-3000", "sampler": "heun-18",
+                 "subset": "c3000"},
+                {"setting": "3000-data", "label": "Student", "model": "cd-3000", "sampler": "1-step", "subset": "c3000"},
+                {"setting": "c3000", "label": "Real held-out", "model": "real~c3000", "sampler": "data",
+                 "subset": "c3000"}]
+    metrics = [metric("teacher-3000", "heun-18", 35, 21.1, 0.0512, {"a": 0.06, "b": 0.04}, (0.2101, 0.81234)),
+               metric("cd-3000", "1-step", 1, 19.9, 0.0003, {"a": 0.0004, "b": 0.0002}, (0.0301, 0.55557), n=2000),
+               metric("real~c3000", "data", 0, 2.5, 0.0, {"a": 0.0}, (0.001, 0.4), n=2000)]
+    paths = []
+    for i, m in enumerate(metrics):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    write_table("Table 1", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md", paper)
+    md = (tmp_path / "t.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    return head, cells, rows, md
+
+
+def test_every_metric_lands_in_its_cell(built):
+    head, cells, rows, _ = built
+    assert head == ["Setting", "Model", "Sampler", "NFE", "FID", "L2 Mem", "L2 Mem (a)", "L2 Mem (b)", "median d1/d2",
+                    "SSCD Mem / p95", "Paper FID", "Paper Mem", "Paper SSCD Mem / p95", "Protocol"]
+    teacher, student, real = cells
+    assert (teacher["Model"], teacher["Sampler"], teacher["NFE"], teacher["FID"]) == ("Teacher", "heun-18", "35", "21.10")
+    assert (teacher["L2 Mem"], teacher["L2 Mem (a)"], teacher["L2 Mem (b)"]) == ("5.12%", "6.00%", "4.00%")
+    assert teacher["median d1/d2"] == "0.551" and teacher["SSCD Mem / p95"] == "21.01% / 0.8123"
+    assert (student["FID"], student["L2 Mem"], student["L2 Mem (a)"]) == ("19.90", "0.03%", "0.04%")
+    assert student["SSCD Mem / p95"] == "3.01% / 0.5556"
+    # a yardstick has no sampler, and no value for a group it never matched
+    assert (real["Sampler"], real["NFE"], real["L2 Mem (b)"]) == ("-", "-", "")
+    assert rows[0]["sscd_p95"] == "0.81234" and rows[1]["mem_a"] == "0.0004"
+
+
+def test_published_values_stand_beside_their_rows_with_the_protocol(built):
+    _, cells, rows, md = built
+    teacher, student, real = cells
+    assert (teacher["Paper FID"], teacher["Paper Mem"], teacher["Paper SSCD Mem / p95"]) == ("21.78", "4.88%",
+                                                                                          "21.68% / 0.8164")
+    assert (student["Paper FID"], student["Paper Mem"]) == ("20.82", "0.01%")
+    assert real["Paper FID"] == "" and real["Paper Mem"] == ""
+    assert teacher["Protocol"] == "full" and student["Protocol"] == "reduced (2000 samples)"
+    assert rows[0]["paper_FID"] == "21.78"
+    assert "Table 1 (CIFAR-10" in md and "On the Memorization of Consistency Distillation" in md
+
+
+def test_published_values_are_checked_against_the_tables():
+    cfg = pconfig.load(ROOT / "config" / "config.yaml")
+    published = pconfig.load_published(cfg, root=ROOT)
+    assert set(published["tables"]) >= {"table1", "table2", "table3", "table4", "table6", "table7"}
+    for entry in published["tables"].values():
+        assert all(len(v) == len(entry["columns"]) for v in entry["rows"].values())
+        assert all(isinstance(c, str) for v in entry["rows"].values() for c in v)  # as printed, never re-rounded
+    bad = copy.deepcopy(cfg)
+    bad["tables"]["table1"]["rows"][0]["setting"] = "3000 data"
+    with pytest.raises(pconfig.ConfigError, match="no row '3000 data / Teacher'"):
+        pconfig.load_published(bad, root=ROOT)
+    bad = copy.deepcopy(cfg)
+    bad["tables"]["table1"]["paper"] = "table9"
+    with pytest.raises(pconfig.ConfigError, match="'table9' is not an entry"):
+        pconfig.load_published(bad, root=ROOT)
+    bad = copy.deepcopy(cfg)
+    del bad["published"]
+    with pytest.raises(pconfig.ConfigError, match="`published` names no file"):
+        pconfig.load_published(bad, root=ROOT)
+    assert pconfig.load_published(pconfig.load(ROOT / "config" / "embedded.yaml"), root=ROOT) is None
