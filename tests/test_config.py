@@ -51,7 +51,7 @@ def test_shipped_configs_load_and_validate(path):
 
 def test_paper_config_is_table1_grid():
     cfg = pconfig.load(PAPER)
-    assert sorted(cfg["teachers"]) == [f"teacher-{n}" for n in (3000, 4000, 5000, 6000)]
+    assert sorted(cfg["teachers"]) == [f"teacher-{n}" for n in (3000, 4000, 5000, 6000)] + ["teacher-localized"]
     assert {f"cd-{n}" for n in (3000, 4000, 5000, 6000)} <= set(cfg["students"])
     # YAML merge keys (<<: *teacher) must have been expanded with the override applied
     for n in (3000, 4000, 5000, 6000):
@@ -59,6 +59,10 @@ def test_paper_config_is_table1_grid():
         assert cfg["teachers"][f"teacher-{n}"]["train"]["steps"] == 500000
         assert cfg["students"][f"cd-{n}"]["teacher"] == f"teacher-{n}"
     assert len(pconfig.table_pairs(cfg, "table1")) == 8
+    # Table 4: the localized subset, its teacher and a student without snapshots
+    assert cfg["subsets"]["cifar10-localized"]["repeated_classes"] == [0, 1]
+    assert cfg["students"]["cd-localized"]["teacher"] == "teacher-localized"
+    assert cfg["students"]["cd-localized"]["snapshots"] == []
 
 
 def test_load_names_the_source_file(tmp_path, cfg):

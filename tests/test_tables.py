@@ -22,7 +22,8 @@ def metric(model, sampler, nfe, fid, mem, by_group, sscd=None, n=50000):
          "memorization": {"space": "pixels", "mem_ratio": mem, "ratio_median": 0.5 + mem, "ratio_p05": 0.1,
                           "n_samples": n, "by_group": {g: {"mem_ratio": v} for g, v in by_group.items()}}}
     if sscd:
-        m["sscd"] = {"mem_ratio": sscd[0], "p95": sscd[1], "mean": 0.3, "max": 0.99, "threshold": 0.5}
+        m["sscd"] = {"mem_ratio": sscd[0], "p95": sscd[1], "mean": 0.3, "max": 0.99, "threshold": 0.5,
+                     "by_group": {g: {"mem_ratio": v / 2, "p95": sscd[1] / 2} for g, v in by_group.items()}}
     return m
 
 
@@ -56,15 +57,16 @@ def built(tmp_path):
 def test_every_metric_lands_in_its_cell(built):
     head, cells, rows, _ = built
     assert head == ["Setting", "Model", "Sampler", "NFE", "FID", "L2 Mem", "L2 Mem (a)", "L2 Mem (b)", "median d1/d2",
-                    "SSCD Mem / p95", "Paper FID", "Paper Mem", "Paper SSCD Mem / p95", "Protocol"]
+                    "SSCD Mem / p95", "SSCD Mem / p95 (a)", "SSCD Mem / p95 (b)", "Paper FID", "Paper Mem", "Paper SSCD Mem / p95", "Protocol"]
     teacher, student, real = cells
     assert (teacher["Model"], teacher["Sampler"], teacher["NFE"], teacher["FID"]) == ("Teacher", "heun-18", "35", "21.10")
     assert (teacher["L2 Mem"], teacher["L2 Mem (a)"], teacher["L2 Mem (b)"]) == ("5.12%", "6.00%", "4.00%")
     assert teacher["median d1/d2"] == "0.551" and teacher["SSCD Mem / p95"] == "21.01% / 0.8123"
+    assert teacher["SSCD Mem / p95 (a)"] == "3.00% / 0.4062" and teacher["SSCD Mem / p95 (b)"] == "2.00% / 0.4062"
     assert (student["FID"], student["L2 Mem"], student["L2 Mem (a)"]) == ("19.90", "0.03%", "0.04%")
     assert student["SSCD Mem / p95"] == "3.01% / 0.5556"
     # a yardstick has no sampler, and no value for a group it never matched
-    assert (real["Sampler"], real["NFE"], real["L2 Mem (b)"]) == ("-", "-", "")
+    assert (real["Sampler"], real["NFE"], real["L2 Mem (b)"], real["SSCD Mem / p95 (b)"]) == ("-", "-", "", "")
     assert rows[0]["sscd_p95"] == "0.81234" and rows[1]["mem_a"] == "0.0004"
 
 

@@ -89,23 +89,24 @@ def results_files(workdir: Path) -> list[Path]:
 def test_paper_config_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=PAPER))
     stats = job_stats(output_of(proc))
-    # Table 1 (4 teachers, 4 students), Table 6 (stochastic teachers, 2-step students), Table 7 (N = 40,
-    # 80), App. D.3 (2 and 6 blocks, random init) and Figure 1 (5 snapshots of each Table 1 student)
+    # Table 1 (4 teachers, 4 students), Table 4 (the localized teacher and student), Table 6 (stochastic
+    # teachers, 2-step students), Table 7 (N = 40, 80), App. D.3 (2 and 6 blocks, random init) and
+    # Figure 1 (5 snapshots of each Table 1 student)
     expected = {
-        "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "subset": 4, "train_teacher": 4,
-        "distill": 4 + 2 + 3, "snapshot": 4 * 5, "table": 5,
+        "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "subset": 5, "train_teacher": 5,
+        "distill": 4 + 1 + 2 + 3, "snapshot": 4 * 5, "table": 6,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
-    pairs = 8 + 8 + 2 + 3 + 4 * 5
+    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5
     assert stats["sample_manifest"] == stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per (model, sampler) pair
     assert stats["sample_shard"] == 10 * pairs
-    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 4 training subsets
-    assert stats["yardstick"] == 16
-    assert stats["search"] == stats["metrics"] == pairs + 16
+    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 5 training subsets
+    assert stats["yardstick"] == 20
+    assert stats["search"] == stats["metrics"] == pairs + 20
     # SSCD: every sample set and every subset embedded once, one similarity search per sample set
-    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 4
-    assert stats["embed_samples"] == stats["similarity"] == pairs + 16
+    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 5
+    assert stats["embed_samples"] == stats["similarity"] == pairs + 20
     assert stats["reference_stats"] == 1
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats

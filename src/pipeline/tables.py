@@ -38,6 +38,9 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
         if "sscd" in m:
             row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
                        sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"])
+            for g in groups:
+                by = m["sscd"].get("by_group", {}).get(g)
+                row[f"sscd_mem_{g}"], row[f"sscd_p95_{g}"] = (by["mem_ratio"], by["p95"]) if by else (None, None)
         rows.append(row)
     return groups, rows
 
@@ -116,6 +119,8 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     clip = all("clip_score" in r for r in rows)
     head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP"] if clip else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
     head += ["SSCD Mem / p95"] if sscd else []
+    split = sscd and len(groups) > 1  # per-group SSCD columns (Table 4's repeated / non-repeated)
+    head += [f"SSCD Mem / p95 ({g})" for g in groups] if split else []
     head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
     full = paper["full_protocol"]["num_samples"] if paper else None
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -125,6 +130,9 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
                  f"{r['quality']:.2f}"] + ([f"{r['clip_score']:.2f}"] if clip else []) + [_pct(r["mem"])]
         cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
         cells += [f"{_pct(r['sscd_mem'])} / {r['sscd_p95']:.4f}"] if sscd else []
+        if split:
+            cells += ["" if r[f"sscd_mem_{g}"] is None else f"{_pct(r[f'sscd_mem_{g}'])} / {r[f'sscd_p95_{g}']:.4f}"
+                      for g in groups]
         if paper:
             cells += [r[f"paper_{c}"] for c in paper["columns"]]
             cells += ["full" if r["num_samples"] >= full else f"reduced ({r['num_samples']} samples)"]
