@@ -102,3 +102,35 @@ def test_published_values_are_checked_against_the_tables():
     with pytest.raises(pconfig.ConfigError, match="`published` names no file"):
         pconfig.load_published(bad, root=ROOT)
     assert pconfig.load_published(pconfig.load(ROOT / "config" / "embedded.yaml"), root=ROOT) is None
+
+
+def test_curve_figure_draws_students_along_training(tmp_path):
+    """Figure 1 from a table's CSV: one panel per training subset, students at their steps."""
+    from PIL import Image
+
+    from pipeline.tables import curve_figure
+
+    rows_cfg, paths = [], []
+    for subset in ("c3000", "c4000"):
+        entries = [("teacher-" + subset, "heun-18", 35, 20.0, 0.05, "teacher", 500000)]
+        entries += [(f"cd-{subset}@{k}", "1-step", 1, 30.0 - k / 1e5, k / 1e7, "student", k) for k in (100000, 200000)]
+        entries += [(f"real~{subset}", "data", 0, 2.0, 0.0, "yardstick", None)]
+        for model, sampler, nfe, fid, mem, role, step in entries:
+            m = metric(model, sampler, nfe, fid, mem, {"a": mem})
+            m["training"] = {"step": step} if role == "student" else {"steps": step}
+            paths.append(tmp_path / f"m{len(paths)}.json")
+            paths[-1].write_text(json.dumps(m))
+            rows_cfg.append({"setting": subset, "label": role, "model": model, "sampler": sampler, "subset": subset,
+                             "role": role})
+    rows = write_table("fig", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+    assert [r["step"] for r in rows[:4]] == [500000, 100000, 200000, None]
+    curve_figure(tmp_path / "t.csv", tmp_path / "fig.png")
+    with Image.open(tmp_path / "fig.png") as im:
+        assert im.size[0] > 1.6 * im.size[1]  # two panels side by side
+        assert len(set(im.convert("RGB").getdata())) > 20  # drawn, not blank
+    only_teachers = tmp_path / "teachers.csv"
+    with open(tmp_path / "t.csv") as f:
+        kept = [line for i, line in enumerate(f) if i == 0 or ",student," not in line]
+    only_teachers.write_text("".join(kept))
+    with pytest.raises(ValueError, match="no student rows"):
+        curve_figure(only_teachers, tmp_path / "none.png")

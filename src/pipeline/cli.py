@@ -194,6 +194,12 @@ def cmd_table(a):
     logging.info("table with %d rows written to %s", len(rows), a.md)
 
 
+def cmd_curve(a):
+    from .tables import curve_figure
+
+    curve_figure(a.table, a.out)
+
+
 def cmd_figure(a):
     from .tables import neighbour_figure
 
@@ -252,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={})
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req,
         published={"help": "the published values (config/published.yaml)"}, paper={"help": "its entry for this table"})
+    add("curve", cmd_curve, table=req, out=req)
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
     return p
 

@@ -202,7 +202,9 @@ def yardstick_settings(cfg: Mapping[str, Any]) -> dict:
 def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
     """A table's configured rows, then one yardstick row per kind for each training subset its models saw;
     every row names its model's training subset (`subset`), which places it among its yardsticks."""
-    rows = [{**r, "subset": subset_of(cfg, r["model"])} for r in cfg["tables"][table]["rows"]]
+    rows = [{**r, "subset": subset_of(cfg, r["model"]),
+             "role": "teacher" if base_model(r["model"]) in cfg["teachers"] else "student"}
+            for r in cfg["tables"][table]["rows"]]
     if not cfg["tables"][table].get("yardsticks", True):
         return rows
     subsets = []
@@ -214,7 +216,7 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
         for kind in yardstick_settings(cfg)["kinds"]:
             label = YARDSTICK_LABELS[kind] + (f" (sigma = {sigma:g} px)" if kind == "blur" else "")
             rows.append({"setting": s, "label": label, "model": yardstick_id(kind, s), "sampler": YARDSTICK_SAMPLER,
-                         "subset": s})
+                         "subset": s, "role": "yardstick"})
     return rows
 
 

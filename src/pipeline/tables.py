@@ -29,6 +29,7 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
         row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
                "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
                "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
+               "role": cfg.get("role", ""), "step": (m.get("training") or {}).get("step") or (m.get("training") or {}).get("steps"),
                "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
                "num_samples": mem["n_samples"]}
         for g in groups:
@@ -165,6 +166,49 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return rows
+
+
+def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
+    """Memorization and quality of students along training (the study's Figure 1), one panel per
+    training subset, from a table's CSV: student rows at their training step, the teacher's values
+    as dashed lines, the real held-out quality as a dotted floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(table_csv) as f:
+        rows = list(csv.DictReader(f))
+    subsets = list(dict.fromkeys(r["subset"] for r in rows if r["role"] == "student"))
+    if not subsets:
+        raise ValueError(f"{table_csv} has no student rows to draw along training")
+    qname = rows[0]["quality_name"]
+    fig, axes = plt.subplots(1, len(subsets), figsize=(4.5 * len(subsets), 3.4), squeeze=False)
+    for ax, subset in zip(axes[0], subsets):
+        students = sorted((r for r in rows if r["subset"] == subset and r["role"] == "student" and r["step"]),
+                          key=lambda r: int(float(r["step"])))
+        steps = [int(float(r["step"])) for r in students]
+        qax = ax.twinx()
+        ax.plot(steps, [100 * float(r["mem"]) for r in students], "o-", color="tab:red", label="student L2 Mem")
+        qax.plot(steps, [float(r["quality"]) for r in students], "s-", color="tab:blue", label=f"student {qname}")
+        for r in rows:
+            if r["subset"] != subset:
+                continue
+            if r["role"] == "teacher":
+                ax.axhline(100 * float(r["mem"]), color="tab:red", ls="--", lw=1, label="teacher L2 Mem")
+                qax.axhline(float(r["quality"]), color="tab:blue", ls="--", lw=1, label=f"teacher {qname}")
+            elif r["model"].startswith("real~"):
+                qax.axhline(float(r["quality"]), color="tab:blue", ls=":", lw=1, label=f"real held-out {qname}")
+        ax.set_xlabel("distillation step")
+        ax.set_ylabel("L2 Mem (%)", color="tab:red")
+        qax.set_ylabel(f"{qname} (lower is better)", color="tab:blue")
+        ax.set_title(subset)
+        handles = ax.get_legend_handles_labels()[0] + qax.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_output(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, out_png: str | Path,

@@ -49,6 +49,7 @@ wildcard_constraints:
     kind=_names(YARDSTICKS["kinds"]),
     ysubset=_names(YARDSTICK_SUBSETS),
     table=_names(CFG["tables"]),
+    curve=_names([t for t, spec in CFG["tables"].items() if spec.get("figure") == "curve"]),
     space=_names([SPACE]),
     shard=r"\d{5}",
 
@@ -187,6 +188,7 @@ def all_targets():
     for table in CFG["tables"]:
         out += table_files(table)
     out += [figure_file(m, s) for m, s in pconfig.all_pairs(CFG)]
+    out += [f"results/figures/{t}.png" for t, spec in CFG["tables"].items() if spec.get("figure") == "curve"]
     return out
 
 

@@ -42,3 +42,18 @@ rule neighbour_figure:
     shell:
         "python -m pipeline figure --manifest {input.manifest} --neighbours {input.neighbours} --subset {input.subset} "
         "--count {params.figure_samples} --out {output} > {log} 2>&1"
+
+
+rule curve_figure:
+    input:
+        "results/tables/{curve}.csv",
+    output:
+        "results/figures/{curve}.png",
+    log:
+        "logs/curve_figure/{curve}.log",
+    benchmark:
+        "results/benchmarks/curve_figure/{curve}.tsv"
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "python -m pipeline curve --table {input} --out {output} > {log} 2>&1"
