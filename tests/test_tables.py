@@ -30,8 +30,7 @@ def metric(model, sampler, nfe, fid, mem, by_group, sscd=None, n=50000):
 @pytest.fixture
 def built(tmp_path):
     published = yaml.safe_load((ROOT / "config" / "published.yaml").read_text())
-    paper = {**published["tables"]["table1"], "source": published["source"],
-             "full_protocol": published["full_protocol"]}
+    paper = pconfig.published_table(published, "table1")
     rows_cfg = [{"setting": "3000-data", "label": "Teacher", "model": "teacher-3000", "sampler": "heun-18",
                  "subset": "c3000"},
                 {"setting": "3000-data", "label": "Student", "model": "cd-3000", "sampler": "1-step", "subset": "c3000"},

@@ -185,10 +185,10 @@ def cmd_table(a):
     if a.paper:
         import yaml
 
+        from .config import published_table
+
         with open(a.published) as f:
-            published = yaml.safe_load(f)
-        paper = {**published["tables"][a.paper], "source": published["source"],
-                 "full_protocol": published["full_protocol"]}
+            paper = published_table(yaml.safe_load(f), a.paper)
     rows = write_table(a.title, a.rows, a.metrics, a.csv, a.md, paper)
     print(open(a.md).read())
     logging.info("table with %d rows written to %s", len(rows), a.md)

@@ -77,7 +77,9 @@ def load_clip(model_dir: str | Path, device: str = "cpu"):
 
 def _projected(out):
     """transformers 4 returns the projected embedding as a tensor, 5 as the output's pooler_output."""
-    return out if hasattr(out, "norm") else out.pooler_output
+    import torch
+
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def image_features(images: np.ndarray, model_dir: str | Path, batch_size: int = 64,

@@ -140,8 +140,14 @@ def load_published(cfg: Mapping[str, Any], root: str | Path = ".") -> dict | Non
             elif len(values) != len(table["columns"]):
                 problems.append(f"  {path}: {entry}.{paper_key(row)} has {len(values)} cells for {len(table['columns'])} columns")
     if problems:
-        raise ConfigError(f"published values do not match the tables:\n" + "\n".join(problems))
+        raise ConfigError("published values do not match the tables:\n" + "\n".join(problems))
     return published
+
+
+def published_table(published: Mapping[str, Any], entry: str) -> dict:
+    """One printed table of the published values, with the file's `source` and `full_protocol`: what
+    the table writer shows beside its rows."""
+    return {**published["tables"][entry], "source": published["source"], "full_protocol": published["full_protocol"]}
 
 
 EDM_SAMPLERS = ("heun", "stochastic")

@@ -284,7 +284,7 @@ def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto"
         if len(db32) < 2:
             raise ValueError("a leave-one-out search needs at least two database rows")
         scores, idx = index.search(q32, 2)
-        idx, _ = _drop_excluded(idx.astype(np.int64), scores, exclude, 1)
+        idx, _ = _drop_excluded(idx, scores, exclude, 1)
     idx = idx[:, 0].astype(np.int64)
     sim = np.einsum("ij,ij->i", np.asarray(queries, np.float64), np.asarray(database, np.float64)[idx])
     return idx, sim

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from .data import read_subset
 from .io import atomic_output, read_json
 from .shards import read_samples
+from .yardsticks import parse_id as parse_yardstick
 
 
 def _pct(x: float | None) -> str:
@@ -25,11 +26,11 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
     groups = sorted({g for m in metrics for g in m["memorization"]["by_group"]})
     rows = []
     for cfg, m in zip(rows_cfg, metrics):
-        mem, q = m["memorization"], m["quality"]
+        mem, q, training = m["memorization"], m["quality"], m.get("training") or {}
         row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
                "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
                "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
-               "role": cfg.get("role", ""), "step": (m.get("training") or {}).get("step") or (m.get("training") or {}).get("steps"),
+               "role": cfg.get("role", ""), "step": training.get("step") or training.get("steps"),
                "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
                "num_samples": mem["n_samples"]}
         for g in groups:
@@ -67,22 +68,26 @@ def _placement(rows, qname: str) -> list[str]:
         ys = sorted(marks.get(r["subset"], []), key=lambda y: y["quality"])
         if r["nfe"] == 0 or not ys:
             continue
-        better = [y for y in ys if y["quality"] > r["quality"]]
-        worse = [y for y in ys if y["quality"] <= r["quality"]]
+        # yardstick values at or below the row's (scoring as well or better) and above it
+        below = [y for y in ys if y["quality"] <= r["quality"]]
+        above = [y for y in ys if y["quality"] > r["quality"]]
 
         def name(y):
             return f"{y['label'].lower()} {y['quality']:.2f}"
 
-        if not worse:
+        if not below:
             where = f"better than every yardstick (best: {name(ys[0])})"
-        elif not better:
+            shown = [ys[0]]
+        elif not above:
             where = f"worse than every yardstick (worst: {name(ys[-1])})"
+            shown = [ys[-1]]
         else:
-            where = f"between {name(worse[-1])} and {name(better[0])}"
-        real = next((y for y in ys if y["model"].startswith("real~")), None)
-        if real is not None and real is not (worse[-1] if worse else None) and real is not (better[0] if better else None):
-            where += f" (floor: {name(real)})"
-        mem = {y["model"].partition("~")[0]: y["mem"] for y in ys}
+            where = f"between {name(below[-1])} and {name(above[0])}"
+            shown = [below[-1], above[0]]
+        by_kind = {parse_yardstick(y["model"])[0]: y for y in ys}
+        if "real" in by_kind and by_kind["real"] not in shown:
+            where += f" (floor: {name(by_kind['real'])})"
+        mem = {kind: y["mem"] for kind, y in by_kind.items()}
         beside = ", ".join(f"{label} {_pct(mem[k])}" for k, label in (("real", "real held-out"), ("train", "train vs train"),
                                                                      ("replay", "training replay")) if k in mem)
         lines.append(f"- {r['label']} ({r['sampler']}): {qname} {r['quality']:.2f}, {where}; "
@@ -197,7 +202,7 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
             if r["role"] == "teacher":
                 ax.axhline(100 * float(r["mem"]), color="tab:red", ls="--", lw=1, label="teacher L2 Mem")
                 qax.axhline(float(r["quality"]), color="tab:blue", ls="--", lw=1, label=f"teacher {qname}")
-            elif r["model"].startswith("real~"):
+            elif (parse_yardstick(r["model"]) or ("",))[0] == "real":
                 qax.axhline(float(r["quality"]), color="tab:blue", ls=":", lw=1, label=f"real held-out {qname}")
         ax.set_xlabel("distillation step")
         ax.set_ylabel("L2 Mem (%)", color="tab:red")

@@ -98,7 +98,6 @@ def write_yardstick(kind: str, subset_name: str, images: np.ndarray, labels: np.
                     shard_size: int, own_index: np.ndarray | None = None) -> dict:
     """Shards and manifest in the layout of generated samples (nfe 0: nothing was generated); rows that
     are training images carry their index in the `own_train_index` column (see search.py)."""
-
     out_dir = Path(out_dir)
     n = len(images)
     if n < 2:

@@ -13,7 +13,8 @@ from pipeline.shards import num_shards
 
 CFG = pconfig.validate(config, source="the Snakemake config")
 # Published values beside the tables that name them (`paper`); the path is relative to the repository.
-PUBLISHED = pconfig.load_published(CFG, root=workflow.basedir)
+# Loading checks every such table against the file before any job starts.
+pconfig.load_published(CFG, root=workflow.basedir)
 PUBLISHED_FILE = os.path.join(workflow.basedir, CFG["published"]) if "published" in CFG else None
 MODELS = pconfig.models_of(CFG)
 STUDENTS = CFG.get("students", {})
@@ -128,8 +129,9 @@ def embedding_weights(space):
     provides it, its config.json for a directory placed by hand)."""
     if space == "sscd":
         return sscd_weights_file()
-    d = clip_model_dir()
-    return os.path.join(d, "checksums.json") if "weights" not in (CLIP or {}) else os.path.join(d, "config.json")
+    if "weights" in (CLIP or {}):
+        return os.path.join(CLIP["weights"], "config.json")
+    return os.path.join(CLIP_DIR, "checksums.json")
 
 
 def embedding_options(space):
