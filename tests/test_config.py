@@ -51,7 +51,7 @@ def test_shipped_configs_load_and_validate(path):
 
 def test_paper_config_is_table1_grid():
     cfg = pconfig.load(PAPER)
-    assert sorted(cfg["teachers"]) == [f"teacher-{n}" for n in (3000, 4000, 5000, 6000)] + ["teacher-localized"]
+    assert {f"teacher-{n}" for n in (3000, 4000, 5000, 6000)} | {"teacher-localized"} <= set(cfg["teachers"])
     assert {f"cd-{n}" for n in (3000, 4000, 5000, 6000)} <= set(cfg["students"])
     # YAML merge keys (<<: *teacher) must have been expanded with the override applied
     for n in (3000, 4000, 5000, 6000):
@@ -124,6 +124,43 @@ def test_repetition_subset_needs_its_keys(cfg):
     assert "subsets.digits-48" in msg and "repeated_classes" in msg
 
 
+def test_repetition_subset_takes_others_or_others_per_class_not_both(cfg):
+    cfg["subsets"]["digits-48"] = {"dataset": "digits", "kind": "repetition", "seed": 0, "repeated_classes": [0],
+                                   "per_class": 2, "repeats": 3, "others": 5, "others_per_class": 1}
+    assert "subsets.digits-48" in error_of(cfg)
+    del cfg["subsets"]["digits-48"]["others"]
+    pconfig.validate(cfg)
+
+
+def test_imagenet_dataset_names_its_copy_and_where_to_prepare_it(cfg):
+    cfg["datasets"]["in64"] = {"source": "imagenet64", "train_dir": "raw/train"}
+    assert "datasets.in64" in error_of(cfg) and "prepared" in error_of(cfg)
+    cfg["datasets"]["in64"]["prepared"] = "data/prepared/in64"
+    pconfig.validate(cfg)
+    cfg["datasets"]["in64"]["archive"] = "ILSVRC2012_img_train.tar"  # one copy, not two
+    assert "datasets.in64" in error_of(cfg)
+
+
+def test_paper_imagenet_and_capacity_follow_their_references():
+    """Table 2 / Table 4 ImageNet: openai/consistency_models' ImageNet-64 CD (N = 40, mu = 0.95, LPIPS,
+    batch 2048, lr 8e-6) on ADM-layout teachers sampled with 40 Heun steps; App. D.2: teachers of
+    other widths and depth, each with a 2-step student of its own network."""
+    cfg = pconfig.load(PAPER)
+    for n in ("5000", "7000", "10000", "localized"):
+        student = cfg["students"][f"cd-imagenet64-{n}"]
+        assert cfg["teachers"][student["teacher"]]["subset"] == f"imagenet64-{n}"
+        assert (student["num_scales"], student["target_ema"], student["metric"]) == (40, 0.95, "lpips")
+        assert (student["train"]["batch_size"], student["train"]["lr"]) == (2048, 0.000008)
+    assert cfg["nets"]["adm-imagenet64"]["block_out_channels"] == [192, 384, 576, 768]
+    assert cfg["samplers"]["heun-40"] == {"kind": "heun", "steps": 40}
+    localized = cfg["subsets"]["imagenet64-localized"]
+    assert (len(localized["repeated_classes"]), localized["per_class"], localized["repeats"],
+            localized["others_per_class"]) == (50, 5, 10, 50)
+    widths = {cfg["teachers"][r["model"]]["net"] for r in cfg["tables"]["capacity"]["rows"] if r["label"] == "Teacher"}
+    assert widths == {"ddpmpp-cifar", "ddpmpp-cifar-narrow", "ddpmpp-cifar-wide", "ddpmpp-cifar-2blocks"}
+    assert {r["sampler"] for r in cfg["tables"]["capacity"]["rows"] if r["label"] != "Teacher"} == {"2-step"}
+
+
 def test_heun_sampler_without_steps(cfg):
     cfg["samplers"]["heun-18"] = {"kind": "heun"}
     msg = error_of(cfg)
@@ -180,6 +217,8 @@ def test_paper_students_follow_the_cifar10_reference_protocol():
     under stop-gradient), LPIPS, Heun, N = 18 for the Table 1 students, student dropout 0."""
     cfg = pconfig.load(PAPER)
     for name, student in cfg["students"].items():
+        if cfg["subsets"][cfg["teachers"][student["teacher"]]["subset"]]["dataset"] != "cifar10":
+            continue
         assert student["target_ema"] == 0.0, name
         assert student["metric"] == "lpips" and student["solver"] == "heun", name
         assert student.get("dropout", 0.0) == 0.0, name
@@ -330,15 +369,16 @@ def test_allowed_name_characters(cfg, good):
 
 def test_models_of(cfg):
     cfg = pconfig.validate(cfg)
-    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "cd-48": "students",
-                                      "cd-48@200": "snapshots", "cd-48@400": "snapshots"}
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-112": "teachers", "cd-48": "students",
+                                      "cd-112": "students", "cd-48@200": "snapshots", "cd-48@400": "snapshots",
+                                      "cd-112@200": "snapshots", "cd-112@400": "snapshots"}
 
 
 def test_models_of_without_students(cfg):
     del cfg["students"]
     cfg["tables"] = {"demo": {"rows": [cfg["tables"]["demo"]["rows"][0]]}}
     cfg = pconfig.validate(cfg)
-    assert pconfig.models_of(cfg) == {"teacher-48": "teachers"}
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-112": "teachers"}
     assert pconfig.all_pairs(cfg) == [("teacher-48", "heun-18")]
 
 
@@ -366,12 +406,17 @@ def test_dataset_of_subset():
 def test_table_pairs():
     cfg = pconfig.load(EMBEDDED)
     assert pconfig.table_pairs(cfg, "demo") == [
-        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("cd-48", "2-step"),
+        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("teacher-112", "heun-18"), ("cd-112", "1-step"),
     ]
 
 
+THREE_ROWS = [{"setting": "s", "label": "Teacher", "model": "teacher-48", "sampler": "heun-18"},
+              {"setting": "s", "label": "Student", "model": "cd-48", "sampler": "1-step"},
+              {"setting": "s", "label": "Student", "model": "cd-48", "sampler": "2-step"}]
+
+
 def test_all_pairs_deduplicated_in_order(cfg):
-    rows = cfg["tables"]["demo"]["rows"]
+    rows = THREE_ROWS
     cfg["tables"] = {"demo": {"rows": rows}}
     cfg["tables"]["first"] = {"rows": [rows[2], rows[0]]}
     cfg["tables"]["again"] = {"rows": [rows[0], rows[1], rows[0]]}
@@ -386,7 +431,7 @@ def test_all_pairs_deduplicated_in_order(cfg):
 
 
 def test_all_pairs_order_follows_first_appearance(cfg):
-    rows = cfg["tables"]["demo"]["rows"]
+    rows = THREE_ROWS
     cfg["tables"] = {"b": {"rows": [rows[2]]}, "a": {"rows": [rows[0], rows[2], rows[1]]}}
     cfg = pconfig.validate(cfg)
     assert pconfig.all_pairs(cfg) == [("cd-48", "2-step"), ("teacher-48", "heun-18"), ("cd-48", "1-step")]

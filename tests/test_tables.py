@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -43,7 +44,7 @@ def built(tmp_path):
     for i, m in enumerate(metrics):
         paths.append(tmp_path / f"m{i}.json")
         paths[-1].write_text(json.dumps(m))
-    write_table("Table 1", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md", paper)
+    write_table("Table 1", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md", paper, tmp_path / "t.html")
     md = (tmp_path / "t.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -51,6 +52,43 @@ def built(tmp_path):
     with open(tmp_path / "t.csv") as f:
         rows = list(csv.DictReader(f))
     return head, cells, rows, md
+
+
+def test_html_page_holds_the_same_cells_and_notes(built, tmp_path):
+    """The report's page of a table: the Markdown's cells, row by row, and every note's text."""
+    from html.parser import HTMLParser
+
+    head, cells, _, md = built
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.text, self.inside = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.inside = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.rows[-1].append(self.inside)
+                self.inside = None
+
+        def handle_data(self, data):
+            if self.inside is not None:
+                self.inside += data
+            else:
+                self.text.append(data)
+
+    page = Cells()
+    page.feed((tmp_path / "t.html").read_text())
+    assert page.rows[0] == head
+    assert [dict(zip(head, r)) for r in page.rows[1:]] == cells
+    text = " ".join(" ".join(page.text).split())
+    for note in (line for line in md.splitlines() if line and not line.startswith(("|", "#"))):
+        assert " ".join(note.removeprefix("- ").replace("`", "").split()) in text, note
 
 
 def test_every_metric_lands_in_its_cell(built):
@@ -126,7 +164,8 @@ def test_curve_figure_draws_students_along_training(tmp_path):
     curve_figure(tmp_path / "t.csv", tmp_path / "fig.png")
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size[0] > 1.6 * im.size[1]  # two panels side by side
-        assert len(set(im.convert("RGB").getdata())) > 20  # drawn, not blank
+        colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
+        assert len(colours) > 20  # drawn, not blank
     only_teachers = tmp_path / "teachers.csv"
     with open(tmp_path / "t.csv") as f:
         kept = [line for i, line in enumerate(f) if i == 0 or ",student," not in line]

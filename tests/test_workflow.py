@@ -89,25 +89,28 @@ def results_files(workdir: Path) -> list[Path]:
 def test_paper_config_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=PAPER))
     stats = job_stats(output_of(proc))
-    # Table 1 (4 teachers, 4 students), Table 4 (the localized teacher and student), Table 6 (stochastic
-    # teachers, 2-step students), Table 7 (N = 40, 80), App. D.3 (2 and 6 blocks, random init) and
-    # Figure 1 (5 snapshots of each Table 1 student)
+    # Table 1 (4 teachers, 4 students), Table 2 (3 ImageNet teachers and students), Table 4 (the localized
+    # teacher and student on CIFAR-10 and on ImageNet), Table 6 (stochastic teachers, 2-step students),
+    # Table 7 (N = 40, 80), App. D.2 (narrow, wide and shallow teachers with their students), App. D.3
+    # (2 and 6 blocks, random init) and Figure 1 (5 snapshots of each Table 1 student)
     expected = {
-        "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "subset": 5, "train_teacher": 5,
-        "distill": 4 + 1 + 2 + 3, "snapshot": 4 * 5, "table": 6,
+        "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "imagenet_source": 1,
+        "prepare_imagenet64": 1, "subset": 5 + 4, "train_teacher": 5 + 3 + 4,
+        "distill": 4 + 1 + 2 + 3 + 3 + 4, "snapshot": 4 * 5, "table": 8,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
-    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5
+    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6
     assert stats["sample_manifest"] == stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per (model, sampler) pair
     assert stats["sample_shard"] == 10 * pairs
-    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 5 training subsets
-    assert stats["yardstick"] == 20
-    assert stats["search"] == stats["metrics"] == pairs + 20
+    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 9 training subsets
+    assert stats["yardstick"] == 36
+    assert stats["search"] == stats["metrics"] == pairs + 36
     # SSCD: every sample set and every subset embedded once, one similarity search per sample set
-    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 5
-    assert stats["embed_samples"] == stats["similarity"] == pairs + 20
-    assert stats["reference_stats"] == 1
+    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 9
+    assert stats["embed_samples"] == stats["similarity"] == pairs + 36
+    # FID against the full dataset each row's subset came from: CIFAR-10 and ImageNet-64
+    assert stats["reference_stats"] == 2
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats
     assert results_files(tmp_path) == []
@@ -147,7 +150,7 @@ def test_embedded_default_without_configfile(tmp_path):
         + output_of(proc)[-3000:]
     )
     stats = job_stats(output_of(proc))
-    assert stats["train_teacher"] == 1 and stats["distill"] == 1 and stats["table"] == 3
+    assert stats["train_teacher"] == 2 and stats["distill"] == 2 and stats["table"] == 2
 
 
 @pytest.mark.parametrize("table", list(yaml.safe_load(PAPER.read_text())["tables"]))
@@ -179,8 +182,9 @@ def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_
     cfg["quality"]["reference_set"] = "subset"
     proc = check(snakemake(tmp_path, "results/tables/demo.md", "-n", configfile=write_config(tmp_path / "c.yaml", cfg)))
     stats = job_stats(output_of(proc))
-    assert stats["subset_reference_stats"] == 1 and "reference_stats" not in stats, stats
+    assert stats["subset_reference_stats"] == 2 and "reference_stats" not in stats, stats
     assert "results/quality/reference/digits_fd-subset-digits-48.npz" in output_of(proc)
+    assert "results/quality/reference/digits_fd-subset-digits-112.npz" in output_of(proc)
 
 
 def test_clip_score_plans_image_and_prompt_embeddings_and_the_fetch(tmp_path):
@@ -199,15 +203,27 @@ def test_clip_score_plans_image_and_prompt_embeddings_and_the_fetch(tmp_path):
 def test_embedded_explicit_configfile_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
     stats = job_stats(output_of(proc))
-    # 6 (model, sampler) pairs: teacher heun-18 and stochastic, student 1-step and 2-step, 2 snapshots;
-    # 4 yardsticks (real held-out, replay, blurred, train vs train) of the one training subset
+    # Two regimes (48 and 112 digits), each with 4 (model, sampler) pairs: teacher heun-18, student
+    # 1-step, 2 snapshots; 4 yardsticks (real held-out, replay, blurred, train vs train) per subset
     expected = {
-        "subset": 1, "train_teacher": 1, "distill": 1, "snapshot": 2, "sample_shard": 12, "sample_manifest": 6,
-        "yardstick": 4, "search": 10, "metrics": 10, "neighbour_figure": 6, "table": 3,
+        "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 4, "sample_shard": 8, "sample_manifest": 8,
+        "yardstick": 8, "search": 16, "metrics": 16, "neighbour_figure": 8, "table": 2, "curve_figure": 1,
         "train_feature_net": 1, "reference_stats": 1,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     assert "fetch_cifar10" not in stats and "fetch_inception" not in stats
+
+
+def test_embedded_grid_adds_the_sampler_comparison_without_training(tmp_path):
+    """config/embedded-grid.yaml layered on the embedded default: Table 6 in miniature, no new training."""
+    proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
+    base = job_stats(output_of(proc))
+    cmd = ["-n", "--configfile", str(EMBEDDED), str(ROOT / "config" / "embedded-grid.yaml")]
+    grid = job_stats(output_of(check(snakemake(tmp_path, *cmd))))
+    assert grid["table"] == base["table"] + 1
+    assert grid["train_teacher"] == base["train_teacher"] and grid["distill"] == base["distill"]
+    # stochastic teacher and 2-step student samples for both regimes
+    assert grid["sample_manifest"] == base["sample_manifest"] + 4
 
 
 # --------------------------------------------------------------------------- bad config
@@ -258,7 +274,7 @@ def test_teacher_only_table_plans_no_student_jobs(tmp_path, two_tables):
     stats = job_stats(out)
     assert "distill" not in stats, stats
     assert stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 1 and stats["metrics"] == 1 + 4
+    assert stats["sample_shard"] == 1 and stats["sample_manifest"] == 1 and stats["metrics"] == 1 + 4
     assert stats["yardstick"] == 4
     assert stats["table"] == 1
     # the default target's figures are not requested
@@ -272,7 +288,7 @@ def test_student_table_plans_student_jobs(tmp_path, two_tables):
     out = output_of(proc)
     stats = job_stats(out)
     assert stats["distill"] == 1 and stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 4 and stats["sample_manifest"] == 2 and stats["metrics"] == 2 + 4
+    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 2 and stats["metrics"] == 2 + 4
     assert "results/samples/cd-48/1-step/shard-00000.parquet" in out
     assert "teach.md" not in out
 
@@ -286,6 +302,8 @@ SNAPSHOT = ("cd-48@10", "1-step")
 
 def tiny_config() -> dict:
     cfg = copy.deepcopy(embedded())
+    # one regime only: the 48-digit teacher and its student
+    del cfg["subsets"]["digits-112"], cfg["teachers"]["teacher-112"], cfg["students"]["cd-112"]
     # Localized repetition (Table 4's design in miniature): 4 images each of digits 0 and 1 seen
     # 3 times, 8 other digits once, so the table gains per-group memorization columns.
     cfg["subsets"]["digits-48"] = {"dataset": "digits", "kind": "repetition", "repeated_classes": [0, 1],
@@ -298,7 +316,7 @@ def tiny_config() -> dict:
     cfg["memorization"]["figure_samples"] = 8
     cfg["memorization"]["sscd"] = {"weights": "sscd-tiny.torchscript.pt", "preprocessing": "dcr", "threshold": 0.5}
     cfg["quality"]["classifier_epochs"] = 2
-    cfg["tables"] = {TINY_TABLE: {"title": "tiny", "rows": [
+    cfg["tables"] = {TINY_TABLE: {"title": "tiny", "figure": "curve", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
         {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
         {"setting": "16 digits", "label": "Student at step 10", "model": SNAPSHOT[0], "sampler": SNAPSHOT[1]},
@@ -382,17 +400,42 @@ def test_tiny_run_shards_and_manifest(tiny_run, model, sampler, kind):
 
 
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)
-def test_tiny_run_figures(tiny_run, model, sampler, kind):
+def test_tiny_run_galleries(tiny_run, tmp_path, monkeypatch, model, sampler, kind):
+    """The gallery shows the most-memorized samples first (smallest d1/d2), captioned with the SSCD
+    similarity from the SSCD search, and is what the rule drew."""
+    import numpy as np
+    import pyarrow.parquet as pq
     from PIL import Image
 
+    from pipeline.tables import neighbour_figure
+
     workdir, _, _ = tiny_run
+    monkeypatch.chdir(workdir)  # manifests name their shards relative to the working directory
     path = workdir / "results" / "figures" / model / f"{sampler}-neighbours.png"
     with Image.open(path) as im:
         assert im.format == "PNG"
-        im.verify()
-    with Image.open(path) as im:
+        drawn = np.asarray(im.convert("RGB"))
+    nb = pq.read_table(workdir / "results" / "neighbours" / "pixels" / model / f"{sampler}.parquet").to_pydict()
+    again = tmp_path / "gallery.png"
+    ids = neighbour_figure(workdir / "results" / "samples" / model / sampler / "manifest.json",
+                           workdir / "results" / "neighbours" / "pixels" / model / f"{sampler}.parquet",
+                           workdir / "results" / "subsets" / "digits-48.parquet", again, count=8,
+                           sscd_path=workdir / "results" / "neighbours" / "sscd" / model / f"{sampler}.parquet")
+    ratio = dict(zip(nb["sample_id"], nb["ratio"]))
+    shown = [ratio[i] for i in ids]
+    assert len(ids) == 8 and shown == sorted(shown) and shown[0] == min(nb["ratio"])
+    assert sorted(ratio.values())[:8] == shown
+    with Image.open(again) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), drawn)
+
+
+def test_tiny_run_curve(tiny_run):
+    from PIL import Image
+
+    workdir, _, _ = tiny_run
+    with Image.open(workdir / "results" / "figures" / f"{TINY_TABLE}.png") as im:
         im.load()
-        assert im.size[0] > 0 and im.size[1] > 0
+        assert im.format == "PNG" and im.size[0] > 200
 
 
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)
@@ -481,6 +524,7 @@ def test_tiny_run_logs(tiny_run):
         "train_feature_net/digits-classifier.log",
         "reference_stats/digits_fd-digits.log",
         f"table/{TINY_TABLE}.log",
+        f"curve_figure/{TINY_TABLE}.log",
     ]
     for model, sampler, _ in PAIRS:
         expected += [
@@ -514,6 +558,85 @@ def test_tiny_run_benchmarks(tiny_run):
         lines = path.read_text().strip().splitlines()
         assert len(lines) == 2 and lines[0].split("\t")[0] == "s", path
         assert float(lines[1].split("\t")[0]) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_run):
+    """`snakemake --report` on the tiny run: one self-contained HTML file."""
+    workdir, config, _ = tiny_run
+    check(snakemake(workdir, "--report", "report.html", configfile=config, timeout=300))
+    return workdir / "report.html"
+
+
+def report_results(tiny_run) -> list[str]:
+    workdir, _, _ = tiny_run
+    return ([f"results/tables/{TINY_TABLE}.html", f"results/figures/{TINY_TABLE}.png"]
+            + [f"results/figures/{m}/{s}-neighbours.png" for m, s in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT]])
+
+
+def test_tiny_run_report_holds_tables_curves_and_galleries(tiny_run, tiny_report):
+    text = tiny_report.read_text()
+    for path in report_results(tiny_run):
+        assert path in text, path
+    for category in ("Tables", "Figures", "Galleries"):
+        assert category in text
+
+
+def test_tiny_run_report_in_a_browser(tiny_run, tiny_report):
+    """Open the report in headless Chromium as a reader would. Tables: the table page renders in the
+    report's frame with its model and yardstick rows. Galleries: the teacher's gallery is displayed,
+    and the screenshot holds it pixel for pixel. Both screenshots are kept beside the report."""
+    import math
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium is None or sync_playwright is None:
+        message = "needs chromium (Debian package `chromium`) and the playwright package"
+        if os.environ.get("MEMDISTILL_BROWSER_TEST") == "required":
+            pytest.fail(message)
+        pytest.skip(message)
+    workdir, _, _ = tiny_run
+    gallery = workdir / "results" / "figures" / PAIRS[0][0] / f"{PAIRS[0][1]}-neighbours.png"
+    # Chromium on a closed network: no background connections, no sandbox (CI runs as root)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=flags)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(tiny_report.as_uri())
+        page.get_by_role("link", name="Tables", exact=True).click()
+        page.locator("tr", has_text=TINY_TABLE).locator("a").first.click()
+        frame = page.frame_locator("iframe")
+        frame.locator("table").wait_for()
+        body = frame.locator("table").inner_text()
+        assert frame.locator("tr").count() == 1 + 3 + 4, body
+        for label in ("Teacher", "Student at step 10", "Real held-out", "Training replay", "Train vs train"):
+            assert label in body
+        page.screenshot(path=str(workdir / "report-table.png"))
+        page.goto(tiny_report.as_uri())
+        page.get_by_role("link", name="Galleries", exact=True).click()
+        page.locator("tr", has_text=PAIRS[0][0]).locator("a").first.click()
+        img = page.locator("img[src^='data:image/png']")
+        img.wait_for()
+        box = img.bounding_box()
+        page.screenshot(path=str(workdir / "report-gallery.png"))
+        browser.close()
+    table_shot = np.asarray(Image.open(workdir / "report-table.png").convert("L"), dtype=np.float64)
+    assert table_shot.shape == (1000, 1600) and table_shot.std() > 10  # drawn, not a blank page
+    shot = np.asarray(Image.open(workdir / "report-gallery.png").convert("RGB"))
+    drawn = np.asarray(Image.open(gallery).convert("RGB"))
+    h, w = drawn.shape[:2]
+    assert (box["width"], box["height"]) == (w, h)  # shown at its own size
+    x0, y0 = math.floor(box["x"]), math.floor(box["y"])
+    # the browser snaps the image to whole pixels: it sits at the box's corner, rounded either way
+    assert any(np.array_equal(shot[y:y + h, x:x + w], drawn) for y in (y0, y0 + 1) for x in (x0, x0 + 1))
 
 
 def test_tiny_run_is_up_to_date(tiny_run):
@@ -554,3 +677,23 @@ def test_tiny_run_audit_rule(tiny_run):
 def test_sscd_audit_plans_the_fetch_rule(tmp_path):
     proc = check(snakemake(tmp_path, "results/audit/sscd/cd-48/1-step.json", "-n"))
     assert "fetch_sscd" in job_stats(output_of(proc))
+
+
+def test_imagenet_rules_explain_a_missing_copy_and_prepare_a_present_one(tmp_path):
+    """imagenet_source fails naming what to provide; prepare_imagenet64 converts the configured folder."""
+    from PIL import Image
+
+    cfg = embedded()
+    cfg["datasets"]["imagenet64"] = {"source": "imagenet64", "train_dir": "raw/train", "prepared": "prep/in64",
+                                     "resolution": 16}
+    config = write_config(tmp_path / "c.yaml", cfg)
+    proc = snakemake(tmp_path, "prep/in64/manifest.json", "--cores", "1", configfile=config)
+    assert proc.returncode != 0
+    log = (tmp_path / "logs" / "fetch" / "imagenet_source" / "raw" / "train.log").read_text()
+    assert "ImageNet source not found: raw/train" in log and "prepare_imagenet64" in log
+    for k, wnid in enumerate(["n0002", "n0001"]):
+        (tmp_path / "raw" / "train" / wnid).mkdir(parents=True)
+        Image.new("RGB", (40 + k, 30), (10 * k, 0, 0)).save(tmp_path / "raw" / "train" / wnid / "a.JPEG")
+    check(snakemake(tmp_path, "prep/in64/manifest.json", "--cores", "1", configfile=config))
+    manifest = json.loads((tmp_path / "prep" / "in64" / "manifest.json").read_text())
+    assert manifest["images"] == 2 and manifest["classes"] == 2 and manifest["resolution"] == 16

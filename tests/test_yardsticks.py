@@ -87,7 +87,8 @@ def test_ids_and_table_rows():
     assert parse_id("cd-48@200") is None and parse_id("teacher-48") is None
     cfg = pconfig.load(EMBEDDED)
     rows = pconfig.table_rows(cfg, "demo")
-    assert [r["model"] for r in rows[-4:]] == ["real~digits-48", "replay~digits-48", "blur~digits-48", "train~digits-48"]
+    kinds = ["real", "replay", "blur", "train"]
+    assert [r["model"] for r in rows[-8:]] == [f"{k}~digits-{n}" for n in (48, 112) for k in kinds]
     assert pconfig.subset_of(cfg, "replay~digits-48") == "digits-48"
     cfg["tables"]["demo"]["yardsticks"] = False
     assert len(pconfig.table_rows(cfg, "demo")) == len(cfg["tables"]["demo"]["rows"])
@@ -129,7 +130,7 @@ def test_table_note_places_each_model_among_its_yardsticks():
             row("real~d", "Real held-out", 4.7, 0.0, 0), row("replay~d", "Training replay", 166.0, 1.0, 0),
             row("blur~d", "Blurred", 284.4, 0.0, 0), row("train~d", "Train vs train", 145.0, 0.02, 0)]
     lines = _placement(rows, "FD")
-    assert lines[0] == ("- Teacher (s): FD 182.40, between training replay 166.00 and blurred 284.40 (floor: real "
+    assert lines[0] == ("Teacher (s): FD 182.40, between training replay 166.00 and blurred 284.40 (floor: real "
                         "held-out 4.70); L2 Mem 60.70% (real held-out 0.00%, train vs train 2.00%, training replay 100.00%).")
     assert "better than every yardstick (best: real held-out 4.70)" in lines[1]
     assert "worse than every yardstick (worst: blurred 284.40)" in lines[2]

@@ -78,6 +78,22 @@ def cmd_embed(a):
     logging.info("%s embeddings of %d items: %s", a.space, len(vectors), a.out)
 
 
+def cmd_prepare_imagenet(a):
+    from .data.imagenet import prepare_imagenet
+
+    manifest = prepare_imagenet(a.out, train_dir=a.train_dir, archive=a.archive, resolution=a.resolution,
+                                workers=a.workers)
+    logging.info("prepared ImageNet: %s", manifest)
+
+
+def cmd_imagenet_source(a):
+    """What runs when the configured ImageNet copy is absent: fail with how to provide it."""
+    from .data.imagenet import HOW_TO_GET
+
+    if not Path(a.expect).exists():
+        raise FileNotFoundError(f"ImageNet source not found: {a.expect}. {HOW_TO_GET}")
+
+
 def cmd_fetch_clip(a):
     from .clip import fetch_clip
 
@@ -189,7 +205,7 @@ def cmd_table(a):
 
         with open(a.published) as f:
             paper = published_table(yaml.safe_load(f), a.paper)
-    rows = write_table(a.title, a.rows, a.metrics, a.csv, a.md, paper)
+    rows = write_table(a.title, a.rows, a.metrics, a.csv, a.md, paper, a.html)
     print(open(a.md).read())
     logging.info("table with %d rows written to %s", len(rows), a.md)
 
@@ -203,7 +219,7 @@ def cmd_curve(a):
 def cmd_figure(a):
     from .tables import neighbour_figure
 
-    neighbour_figure(a.manifest, a.neighbours, a.subset, a.out, count=a.count)
+    neighbour_figure(a.manifest, a.neighbours, a.subset, a.out, count=a.count, sscd_path=a.sscd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,10 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
         sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={})
+    add("prepare-imagenet", cmd_prepare_imagenet, out=req, train_dir={}, archive={},
+        resolution={"type": int, "default": 64}, workers={"type": int, "default": 1})
+    add("imagenet-source", cmd_imagenet_source, expect=req)
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req,
-        published={"help": "the published values (config/published.yaml)"}, paper={"help": "its entry for this table"})
+        html={"help": "also write the table as an HTML page"}, published={"help": "the published values (config/published.yaml)"}, paper={"help": "its entry for this table"})
     add("curve", cmd_curve, table=req, out=req)
-    add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32})
+    add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},
+        sscd={"help": "the SSCD most-similar search of the same samples, for the captions"})
     return p
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .data import read_subset
 from .io import atomic_output, read_json
@@ -90,7 +91,7 @@ def _placement(rows, qname: str) -> list[str]:
         mem = {kind: y["mem"] for kind, y in by_kind.items()}
         beside = ", ".join(f"{label} {_pct(mem[k])}" for k, label in (("real", "real held-out"), ("train", "train vs train"),
                                                                      ("replay", "training replay")) if k in mem)
-        lines.append(f"- {r['label']} ({r['sampler']}): {qname} {r['quality']:.2f}, {where}; "
+        lines.append(f"{r['label']} ({r['sampler']}): {qname} {r['quality']:.2f}, {where}; "
                      f"L2 Mem {_pct(r['mem'])}" + (f" ({beside})" if beside else "") + ".")
     return lines
 
@@ -109,9 +110,10 @@ def _paper_cells(rows_cfg, rows, paper: Mapping[str, Any] | None) -> None:
 
 
 def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md: str | Path,
-                paper: Mapping[str, Any] | None = None) -> list[dict]:
-    """The table as CSV and Markdown. `paper`: one entry of the published values (config/published.yaml)
-    with `source` and `full_protocol` added, shown as `Paper ...` columns beside ours."""
+                paper: Mapping[str, Any] | None = None, out_html: str | Path | None = None) -> list[dict]:
+    """The table as CSV, Markdown and (for the Snakemake report) a standalone HTML page. `paper`: one
+    entry of the published values (config/published.yaml) with `source` and `full_protocol` added,
+    shown as `Paper ...` columns beside ours."""
     groups, rows = table_rows(rows_cfg, metric_paths)
     _paper_cells(rows_cfg, rows, paper)
     buf = io.StringIO()
@@ -120,6 +122,17 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     writer.writerows(rows)
     with atomic_output(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
+    head, body, notes = _layout(groups, rows, paper)
+    with atomic_output(out_md) as tmp:
+        tmp.write_text(render_markdown(title, head, body, notes))
+    if out_html is not None:
+        with atomic_output(out_html) as tmp:
+            tmp.write_text(render_html(title, head, body, notes))
+    return rows
+
+
+def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str | list[str]]]:
+    """(column heads, formatted cells per row, notes): each note a paragraph or a list of bullets."""
     qname = rows[0]["quality_name"]
     sscd = all("sscd_mem" in r for r in rows)
     clip = all("clip_score" in r for r in rows)
@@ -129,7 +142,7 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     head += [f"SSCD Mem / p95 ({g})" for g in groups] if split else []
     head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
     full = paper["full_protocol"]["num_samples"] if paper else None
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         generated = r["nfe"] > 0
         cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
@@ -142,35 +155,71 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
         if paper:
             cells += [r[f"paper_{c}"] for c in paper["columns"]]
             cells += ["full" if r["num_samples"] >= full else f"reduced ({r['num_samples']} samples)"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
-              "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
-              "Per-group columns use the group of each sample's nearest training image. "
-              f"{qname}: lower is better; {_references(rows)}."]
+        body.append(cells)
+    notes: list[str | list[str]] = [
+        f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
+        "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
+        "Per-group columns use the group of each sample's nearest training image. "
+        f"{qname}: lower is better; {_references(rows)}."]
     if clip:
-        lines += ["", "CLIP: 100 x the cosine similarity of each sample's CLIP image embedding and its prompt's "
-                  "text embedding, averaged (torchmetrics' CLIP score); higher is better."]
+        notes.append("CLIP: 100 x the cosine similarity of each sample's CLIP image embedding and its prompt's "
+                     "text embedding, averaged (torchmetrics' CLIP score); higher is better.")
     if sscd:
-        lines += ["", f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
-                  f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity."]
+        notes.append(f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
+                     f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity.")
     if paper:
-        lines += ["", f"Paper columns: {paper['printed_as']} of {paper['source']}, as printed there. Protocol: "
-                  f"a row of ours is `full` when it measures at least {full} samples (the study's protocol), "
-                  "`reduced` otherwise; reduced rows (fewer samples, shorter training) are not expected to "
-                  "match the printed numbers, only their direction."]
+        notes.append(f"Paper columns: {paper['printed_as']} of {paper['source']}, as printed there. Protocol: "
+                     f"a row of ours is `full` when it measures at least {full} samples (the study's protocol), "
+                     "`reduced` otherwise; reduced rows (fewer samples, shorter training) are not expected to "
+                     "match the printed numbers, only their direction.")
     placement = _placement(rows, qname)
     if placement:
-        lines += ["", "Where each model sits among the yardsticks of its training subset:"] + placement
+        notes += ["Where each model sits among the yardsticks of its training subset:", placement]
     if any(r["nfe"] == 0 for r in rows):
-        lines += ["", "Yardsticks (no sampler, measured by the same code on the same number of images): real "
-                  "held-out images of the dataset, never in any training subset (what a model that generalises "
-                  "perfectly scores); the training set replayed with its repeats (what a pure memorizer scores); "
-                  "the held-out images blurred (what losing detail costs); train vs train, each unique training "
-                  "image against the other training images (what counts as \"similar\" within the data itself: "
-                  "near-duplicates there are memorized by this criterion without any copying)."]
-    with atomic_output(out_md) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return rows
+        notes.append("Yardsticks (no sampler, measured by the same code on the same number of images): real "
+                     "held-out images of the dataset, never in any training subset (what a model that generalises "
+                     "perfectly scores); the training set replayed with its repeats (what a pure memorizer scores); "
+                     "the held-out images blurred (what losing detail costs); train vs train, each unique training "
+                     "image against the other training images (what counts as \"similar\" within the data itself: "
+                     "near-duplicates there are memorized by this criterion without any copying).")
+    return head, body, notes
+
+
+def render_markdown(title: str, head, body, notes) -> str:
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    for note in notes:
+        if isinstance(note, list):
+            lines += [f"- {item}" for item in note]
+        else:
+            lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(title: str, head, body, notes) -> str:
+    """A self-contained page (the Snakemake report shows HTML results in a frame; it has no Markdown view)."""
+    from html import escape
+
+    def code(text: str) -> str:
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
+
+    parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:1.5em;max-width:80em}table{border-collapse:collapse}"
+             "th,td{border:1px solid #bbb;padding:0.25em 0.6em;text-align:right}"
+             "td:nth-child(-n+3),th{text-align:left}tr.yardstick{color:#555;background:#f4f4f4}"
+             "p,li{font-size:0.9em}</style></head><body>", f"<h1>{escape(title)}</h1>", "<table>",
+             "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
+    for cells in body:
+        cls = ' class="yardstick"' if cells[2] == "-" else ""
+        parts.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    for note in notes:
+        if isinstance(note, list):
+            parts.append("<ul>" + "".join(f"<li>{code(item)}</li>" for item in note) + "</ul>")
+        else:
+            parts.append(f"<p>{code(note)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
 
 
 def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
@@ -217,14 +266,21 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
 
 
 def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, out_png: str | Path,
-              per_row: int = 8, scale: int = 4) -> None:
-    """Each sample beside its nearest training image, flagged pairs framed in red, as one PNG."""
+              per_row: int = 8, scale: int | None = None, captions: Sequence[str] | None = None) -> None:
+    """Each sample beside its nearest training image, flagged pairs framed in red, an optional caption
+    under each pair, as one PNG. Small images are enlarged (nearest neighbour, `scale`; by default to
+    at least 64 pixels) so that a pair is wider than its caption."""
     count = len(samples)
     if count == 0:
         raise ValueError("no samples to draw")
     h, w, c = samples.shape[1:]
+    scale = scale or max(1, -(-64 // w))
     pad = 2
-    cell_w, cell_h = 2 * w * scale + 3 * pad, h * scale + 2 * pad
+    font = ImageFont.load_default()
+    caption_h = 0
+    if captions is not None:
+        caption_h = max(draw_height(font, t) for t in captions) + 2 * pad
+    cell_w, cell_h = 2 * w * scale + 3 * pad, h * scale + 2 * pad + caption_h
     per_row = min(per_row, count)
     rows = -(-count // per_row)
     canvas = Image.new("RGB", (per_row * cell_w, rows * cell_h), "white")
@@ -238,18 +294,36 @@ def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, 
         x0, y0 = (k % per_row) * cell_w, (k // per_row) * cell_h
         canvas.paste(tile(samples[k]), (x0 + pad, y0 + pad))
         canvas.paste(tile(neighbours[k]), (x0 + 2 * pad + w * scale, y0 + pad))
+        if captions is not None:
+            draw.text((x0 + 2 * pad, y0 + h * scale + 2 * pad), captions[k], fill=(0, 0, 0), font=font)
         if flagged[k]:
             draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + cell_h - 1], outline=(220, 30, 30), width=pad)
     with atomic_output(out_png) as tmp:
         canvas.save(tmp, format="PNG")
 
 
+def draw_height(font, text: str) -> int:
+    left, top, right, bottom = font.getbbox(text)
+    return int(bottom)
+
+
 def neighbour_figure(manifest_path, neighbours_path, subset_path, out_png, count: int = 32, per_row: int = 8,
-                     scale: int = 4) -> None:
-    """The first `count` samples, each beside its nearest training image; memorized pairs framed in red."""
+                     scale: int | None = None, sscd_path: str | Path | None = None) -> np.ndarray:
+    """The gallery of a sample set: its `count` most-memorized samples (smallest d1/d2 first), each
+    beside its nearest training image and captioned with that ratio and, given the SSCD search
+    (`sscd_path`), the sample's highest SSCD similarity to any training image; pairs the L2 ratio
+    criterion counts as memorized are framed in red. Returns the sample ids drawn, in order."""
     images, _, _ = read_samples(manifest_path)
     nb = pq.read_table(neighbours_path).to_pydict()
     train = read_subset(subset_path).images
-    count = min(count, len(images))
-    nn1 = np.asarray(nb["nn1_index"][:count])
-    pair_grid(images[:count], train[nn1], np.asarray(nb["memorized"][:count]), out_png, per_row, scale)
+    ratio = np.asarray(nb["ratio"], dtype=np.float64)
+    ids = np.asarray(nb["sample_id"], dtype=np.int64)
+    order = np.argsort(ratio, kind="stable")[:min(count, len(images))]
+    captions = [f"d1/d2 {ratio[i]:.3f}" for i in order]
+    if sscd_path is not None:
+        sim = pq.read_table(sscd_path).to_pydict()
+        by_id = dict(zip(sim["sample_id"], sim["similarity"]))
+        captions = [f"{t}  SSCD {by_id[int(ids[i])]:.2f}" for t, i in zip(captions, order)]
+    nn1 = np.asarray(nb["nn1_index"])[order]
+    pair_grid(images[ids[order]], train[nn1], np.asarray(nb["memorized"])[order], out_png, per_row, scale, captions)
+    return ids[order]

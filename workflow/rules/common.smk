@@ -43,6 +43,7 @@ wildcard_constraints:
     run=_names(set(SNAPSHOT_RUNS)),
     step=r"[1-9]\d*",
     subset=_names(CFG["subsets"]),
+    refdata=_names(CFG["datasets"]),
     teacher=_names(CFG["teachers"]),
     student=_names(STUDENTS),
     model=_names(list(MODELS) + YARDSTICK_IDS),
@@ -155,10 +156,31 @@ def model_stats_input(wc):
     return [] if pconfig.parse_yardstick(wc.model) else model_files(wc.model)["stats"]
 
 
+# ImageNet cannot be fetched (each user obtains it under its licence): the configured local copy
+# (`train_dir` folder or `archive`) is converted once into memory-mappable 64x64 arrays.
+IMAGENET = {name: d for name, d in CFG["datasets"].items() if d["source"] == "imagenet64"}
+
+
+def imagenet_raw(dataset_cfg):
+    """The user's ImageNet copy a dataset entry names: its training folder or its archive."""
+    return dataset_cfg.get("train_dir", dataset_cfg.get("archive"))
+
+
+IMAGENET_RAW = {imagenet_raw(d): name for name, d in IMAGENET.items()}
+IMAGENET_PREPARED = {d["prepared"]: name for name, d in IMAGENET.items()}
+
+
+def imagenet_entry(wc):
+    """The dataset entry whose prepared directory a prepare_imagenet64 job writes."""
+    return IMAGENET[IMAGENET_PREPARED[wc.imagenet_dir]]
+
+
 def dataset_inputs(dataset_cfg):
     """Raw files a dataset source reads (none for digits: it ships with scikit-learn)."""
     if dataset_cfg["source"] == "cifar10":
         return [dataset_cfg.get("archive", CIFAR10_ARCHIVE)]
+    if dataset_cfg["source"] == "imagenet64":
+        return [os.path.join(dataset_cfg["prepared"], "manifest.json")]
     return []
 
 
@@ -178,7 +200,7 @@ def shard_files(model, sampler):
 
 
 def table_files(table):
-    return [f"results/tables/{table}.csv", f"results/tables/{table}.md"]
+    return [f"results/tables/{table}.{ext}" for ext in ("csv", "md", "html")]
 
 
 def figure_file(model, sampler):
@@ -229,8 +251,12 @@ def output_dir(wc, output):
 # Quality metric: reference statistics and the network that embeds images for it.
 QUALITY = CFG["quality"]
 REFERENCE = CFG["datasets"][QUALITY["reference"]]
-REFERENCE_STATS = f"results/quality/reference/{QUALITY['kind']}-{QUALITY['reference']}.npz"
 REFERENCE_SET = QUALITY.get("reference_set", "dataset")
+
+
+def reference_file(dataset):
+    """The full dataset's statistics: what models trained on its subsets are judged against."""
+    return f"results/quality/reference/{QUALITY['kind']}-{dataset}.npz"
 
 
 def subset_reference_file(subset):
@@ -238,10 +264,14 @@ def subset_reference_file(subset):
 
 
 def reference_stats_input(wc):
-    """The statistics a (model, sampler) is judged against: the reference dataset's, or its training subset's."""
+    """The statistics a (model, sampler) is judged against: those of the dataset its training subset
+    was drawn from (CIFAR-10 rows against CIFAR-10, ImageNet rows against ImageNet), or of the subset."""
+    subset = pconfig.subset_of(CFG, wc.model)
     if REFERENCE_SET == "subset":
-        return subset_reference_file(pconfig.subset_of(CFG, wc.model))
-    return REFERENCE_STATS
+        return subset_reference_file(subset)
+    return reference_file(CFG["subsets"][subset]["dataset"])
+
+
 DIGITS_CLASSIFIER = "results/quality/digits-classifier"
 
 

@@ -13,6 +13,8 @@ LPIPS_FILES = {KNOWN_FILES[k]["dest"]: KNOWN_FILES[k] for k in ("lpips-vgg", "lp
 
 wildcard_constraints:
     backbone=_names(LPIPS_FILES),
+    imagenet_raw=_names(IMAGENET_RAW),
+    imagenet_dir=_names(IMAGENET_PREPARED),
 
 
 localrules:
@@ -21,6 +23,7 @@ localrules:
     fetch_lpips_backbone,
     fetch_sscd,
     fetch_clip,
+    imagenet_source,
 
 
 rule fetch_cifar10:
@@ -99,3 +102,42 @@ rule fetch_clip:
         "../envs/torch.yaml"
     shell:
         "python -m pipeline fetch-clip --dest {params.dest} > {log} 2>&1"
+
+
+rule imagenet_source:
+    output:
+        "{imagenet_raw}",
+    log:
+        "logs/fetch/imagenet_source/{imagenet_raw}.log",
+    benchmark:
+        "results/benchmarks/fetch/imagenet_source/{imagenet_raw}.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m pipeline imagenet-source --expect {output} > {log} 2>&1"
+
+
+rule prepare_imagenet64:
+    input:
+        lambda wc: imagenet_raw(imagenet_entry(wc)),
+    output:
+        manifest="{imagenet_dir}/manifest.json",
+        images="{imagenet_dir}/images.npy",
+        labels="{imagenet_dir}/labels.npy",
+    params:
+        source=lambda wc, input: f"--{'train-dir' if 'train_dir' in imagenet_entry(wc) else 'archive'} {input[0]}",
+        resolution=lambda wc: imagenet_entry(wc).get("resolution", 64),
+        out=lambda wc, output: os.path.dirname(output.manifest),
+    threads: 16
+    resources:
+        runtime=12 * 60,
+        mem_mb=32000,
+    log:
+        "logs/prepare_imagenet64/{imagenet_dir}.log",
+    benchmark:
+        "results/benchmarks/prepare_imagenet64/{imagenet_dir}.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m pipeline prepare-imagenet {params.source} --out {params.out} --resolution {params.resolution} "
+        "--workers {threads} > {log} 2>&1"

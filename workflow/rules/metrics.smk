@@ -27,21 +27,21 @@ rule train_feature_net:
 rule reference_stats:
     input:
         feature_net=feature_net_input(),
-        raw=dataset_inputs(REFERENCE),
+        raw=lambda wc: dataset_inputs(CFG["datasets"][wc.refdata]),
     output:
-        REFERENCE_STATS,
+        reference_file("{refdata}"),
     params:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
-        dataset=as_json(dataset_spec(REFERENCE)),
+        dataset=lambda wc: as_json(dataset_spec(CFG["datasets"][wc.refdata])),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=120,
     log:
-        f"logs/reference_stats/{QUALITY['kind']}-{QUALITY['reference']}.log",
+        f"logs/reference_stats/{QUALITY['kind']}-{{refdata}}.log",
     benchmark:
-        f"results/benchmarks/reference_stats/{QUALITY['kind']}-{QUALITY['reference']}.tsv"
+        f"results/benchmarks/reference_stats/{QUALITY['kind']}-{{refdata}}.tsv"
     conda:
         "../envs/torch.yaml"
     shell:

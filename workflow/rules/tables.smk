@@ -8,6 +8,8 @@ rule table:
     output:
         csv="results/tables/{table}.csv",
         md="results/tables/{table}.md",
+        html=report("results/tables/{table}.html", caption="../report/table.rst", category="Tables",
+                    labels={"table": "{table}"}),
     params:
         title=lambda wc: CFG["tables"][wc.table].get("title", wc.table),
         rows=lambda wc: as_json(TABLE_ROWS[wc.table]),
@@ -21,7 +23,7 @@ rule table:
         "../envs/report.yaml"
     shell:
         "python -m pipeline table --title {params.title:q} --rows {params.rows:q} --metrics {input.metrics} {params.paper} "
-        "--csv {output.csv} --md {output.md} > {log} 2>&1"
+        "--csv {output.csv} --md {output.md} --html {output.html} > {log} 2>&1"
 
 
 rule neighbour_figure:
@@ -29,10 +31,14 @@ rule neighbour_figure:
         manifest="results/samples/{model}/{sampler}/manifest.json",
         neighbours=f"results/neighbours/{SPACE}/{{model}}/{{sampler}}.parquet",
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
+        sscd=sscd_neighbours_input,
     output:
-        "results/figures/{model}/{sampler}-neighbours.png",
+        report("results/figures/{model}/{sampler}-neighbours.png", caption="../report/gallery.rst",
+               category="Galleries", subcategory=lambda wc: pconfig.subset_of(CFG, wc.model),
+               labels={"model": "{model}", "sampler": "{sampler}"}),
     params:
         figure_samples=CFG["memorization"].get("figure_samples", 32),
+        sscd=lambda wc, input: f"--sscd {input.sscd}" if input.sscd else "",
     log:
         "logs/neighbour_figure/{model}/{sampler}.log",
     benchmark:
@@ -41,14 +47,15 @@ rule neighbour_figure:
         "../envs/report.yaml"
     shell:
         "python -m pipeline figure --manifest {input.manifest} --neighbours {input.neighbours} --subset {input.subset} "
-        "--count {params.figure_samples} --out {output} > {log} 2>&1"
+        "--count {params.figure_samples} {params.sscd} --out {output} > {log} 2>&1"
 
 
 rule curve_figure:
     input:
         "results/tables/{curve}.csv",
     output:
-        "results/figures/{curve}.png",
+        report("results/figures/{curve}.png", caption="../report/curve.rst", category="Figures",
+               labels={"figure": "{curve}"}),
     log:
         "logs/curve_figure/{curve}.log",
     benchmark:

@@ -100,3 +100,12 @@ def load_cifar10(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
             f"delete it and rerun `snakemake fetch_cifar10`"
         ) from exc
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+@register_source("imagenet64")
+def load_imagenet64(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """ImageNet at 64x64 from the directory `prepare_imagenet64` wrote (`cfg["prepared"]`), memory-mapped:
+    a subset job reads only the rows it selects."""
+    from pipeline.data.imagenet import load_prepared
+
+    return load_prepared(cfg["prepared"])

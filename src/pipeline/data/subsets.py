@@ -80,16 +80,21 @@ def _require(spec: dict, key: str):
 
 
 def _repetition(labels: np.ndarray, spec: dict, rng: np.random.Generator):
-    """K images of each repeated class seen R times, plus M singles from the remaining classes.
+    """K images of each repeated class seen R times, plus singles from the remaining classes: M in
+    all (`others`) or M from each (`others_per_class`).
 
-    This is the localized-memorization setting (e.g. 50 CIFAR images of classes 0 and 1 repeated
-    5x plus 1000 from classes 2-9), where memorization should concentrate on the repeated group.
+    This is the localized-memorization setting (50 CIFAR images of classes 0 and 1 repeated 5x plus
+    1000 from classes 2-9; on ImageNet 5 anchors of each of 50 classes repeated 10x plus 50 images of
+    each other class), where memorization should concentrate on the repeated group.
     """
     classes = [int(c) for c in _require(spec, "repeated_classes")]
     per_class = int(_require(spec, "per_class"))
     repeats = int(_require(spec, "repeats"))
-    others = int(_require(spec, "others"))
-    if repeats < 1 or per_class < 0 or others < 0:
+    others = spec.get("others")
+    others_per_class = spec.get("others_per_class")
+    if (others is None) == (others_per_class is None):
+        raise ValueError(f"repetition spec needs exactly one of others or others_per_class: {spec!r}")
+    if repeats < 1 or per_class < 0 or (others is not None and others < 0):
         raise ValueError(f"repetition spec needs repeats >= 1, per_class >= 0, others >= 0: {spec!r}")
     chosen, repeat, group = [], [], []
     for c in classes:
@@ -99,12 +104,24 @@ def _repetition(labels: np.ndarray, spec: dict, rng: np.random.Generator):
         chosen.append(rng.choice(pool, size=per_class, replace=False))
         repeat.append(np.full(per_class, repeats, dtype=np.int64))
         group.append(np.full(per_class, "repeated"))
-    pool = np.flatnonzero(~np.isin(labels, classes))
-    if others > len(pool):
-        raise ValueError(f"only {len(pool)} images outside classes {classes}, repetition spec asks for others={others}")
-    chosen.append(rng.choice(pool, size=others, replace=False))
-    repeat.append(np.ones(others, dtype=np.int64))
-    group.append(np.full(others, "non_repeated"))
+    if others is not None:
+        pool = np.flatnonzero(~np.isin(labels, classes))
+        if others > len(pool):
+            raise ValueError(f"only {len(pool)} images outside classes {classes}, repetition spec asks for others={others}")
+        singles = rng.choice(pool, size=int(others), replace=False)
+    else:
+        # ImageNet's design: a fixed number of single images from every class that is not repeated
+        singles = []
+        for c in np.setdiff1d(np.unique(labels), classes):
+            pool = np.flatnonzero(labels == c)
+            if others_per_class > len(pool):
+                raise ValueError(f"class {c} has {len(pool)} images, repetition spec asks for "
+                                 f"others_per_class={others_per_class}")
+            singles.append(rng.choice(pool, size=int(others_per_class), replace=False))
+        singles = np.concatenate(singles) if singles else np.zeros(0, dtype=np.int64)
+    chosen.append(singles)
+    repeat.append(np.ones(len(singles), dtype=np.int64))
+    group.append(np.full(len(singles), "non_repeated"))
     return np.concatenate(chosen), np.concatenate(repeat), np.concatenate(group)
 
 
