@@ -279,7 +279,7 @@ def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, 
     font = ImageFont.load_default()
     caption_h = 0
     if captions is not None:
-        caption_h = max(draw_height(font, t) for t in captions) + 2 * pad
+        caption_h = max(_text_height(font, t) for t in captions) + 2 * pad
     cell_w, cell_h = 2 * w * scale + 3 * pad, h * scale + 2 * pad + caption_h
     per_row = min(per_row, count)
     rows = -(-count // per_row)
@@ -302,9 +302,8 @@ def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, 
         canvas.save(tmp, format="PNG")
 
 
-def draw_height(font, text: str) -> int:
-    left, top, right, bottom = font.getbbox(text)
-    return int(bottom)
+def _text_height(font, text: str) -> int:
+    return int(font.getbbox(text)[3])
 
 
 def neighbour_figure(manifest_path, neighbours_path, subset_path, out_png, count: int = 32, per_row: int = 8,
