@@ -147,7 +147,8 @@ def test_local_profile(local):
 
 @pytest.mark.workflow
 def test_slurm_profile_dry_run(tmp_path):
-    """The profile loads in Snakemake 9: configfile key, env-var resources, GPU partition."""
+    """The profile loads in Snakemake 9 as shipped, with no conda installed: configfile key, env-var
+    resources, GPU partition."""
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text("marker: paper-grid\n")
     (tmp_path / "Snakefile").write_text(textwrap.dedent("""
@@ -167,8 +168,7 @@ def test_slurm_profile_dry_run(tmp_path):
         MEMDISTILL_SLURM_GPU_PARTITION="gpu-a100",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", str(SLURM.parent), "-n",
-         "--sdm", "env-modules", "--", "t.txt", "s.txt"],
+        [sys.executable, "-m", "snakemake", "--profile", str(SLURM.parent), "-n", "t.txt", "s.txt"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     log = proc.stdout + proc.stderr
@@ -176,6 +176,21 @@ def test_slurm_profile_dry_run(tmp_path):
     jobs = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):.*?resources: ([^\n]*)", log, re.S)}
     assert "slurm_partition=gpu-a100" in jobs["train_teacher"] and "gpu=4" in jobs["train_teacher"]
     assert "slurm_partition=all" in jobs["subset"] and "slurm_account=acct1" in jobs["subset"]
+
+
+def test_slurm_profile_needs_no_conda_and_says_so_when_asked_for_it(tmp_path):
+    """Conda is a choice (`--sdm conda`), not a requirement; asking for it without conda on PATH stops
+    the workflow before any job with a message naming the fix."""
+    slurm = load(SLURM)
+    assert "software-deployment-method" not in slurm
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    if any(Path(d, tool).exists() for d in env["PATH"].split(os.pathsep) for tool in ("conda", "mamba")):
+        pytest.skip("conda is installed on this machine")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--sdm", "conda", "-s", str(ROOT / "Snakefile"),
+                           "--directory", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "neither conda nor mamba is on PATH" in proc.stdout + proc.stderr
 
 
 # --- conda environments ------------------------------------------------------------

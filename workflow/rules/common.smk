@@ -2,14 +2,29 @@
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 
+from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
+
 from pipeline import config as pconfig
 from pipeline.shards import num_shards
+
+# `--sdm conda` (or `software-deployment-method: conda` in a profile) without conda on PATH would
+# otherwise fail later inside Snakemake ("Error running conda info") or in every job.
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method and not any(
+    shutil.which(tool) for tool in ("conda", "mamba")
+):
+    raise WorkflowError(
+        "software deployment method `conda` was asked for (--sdm conda or the profile's "
+        "software-deployment-method), but neither conda nor mamba is on PATH: install one, or drop the "
+        "option to run every rule in the environment snakemake was started from (requirements.txt)"
+    )
 
 CFG = pconfig.validate(config, source="the Snakemake config")
 # Published values beside the tables that name them (`paper`); the path is relative to the repository.
