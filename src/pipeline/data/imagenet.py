@@ -10,7 +10,9 @@ of the sorted class folder names (wnids), as dataset_tool derives them from top-
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -70,10 +72,6 @@ def _archive_classes(archive: Path) -> Iterator[tuple[str, list[tuple[str, bytes
         raise CorruptFileError(f"{archive}: not a readable ILSVRC2012 training archive ({exc}). {HOW_TO_GET}") from exc
 
 
-def _convert(args: tuple[bytes, int]) -> np.ndarray:
-    return center_crop_resize(*args)
-
-
 def prepare_imagenet(out_dir: str | Path, train_dir: str | Path | None = None, archive: str | Path | None = None,
                      resolution: int = 64, workers: int = 1) -> dict:
     """Write `out_dir/{images.npy, labels.npy, classes.json, manifest.json}` from a folder or archive.
@@ -93,13 +91,15 @@ def prepare_imagenet(out_dir: str | Path, train_dir: str | Path | None = None, a
     (tmp / "parts").mkdir(parents=True)
     counts: dict[str, int] = {}
     classes_iter = _folder_classes(source) if train_dir is not None else _archive_classes(source)
-    with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool:
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
         for wnid, files in tqdm(classes_iter, desc="imagenet classes", mininterval=10):
             if wnid in counts:
                 raise CorruptFileError(f"{source}: class {wnid} appears twice")
             files.sort(key=lambda f: f[0])
-            jobs = [(data, resolution) for _, data in files]
-            converted = list(pool.map(_convert, jobs, chunksize=64) if workers > 1 else map(_convert, jobs))
+            datas = [data for _, data in files]
+            sizes = itertools.repeat(resolution, len(datas))
+            converted = list(pool.map(center_crop_resize, datas, sizes, chunksize=64) if pool
+                             else map(center_crop_resize, datas, sizes))
             part = np.stack(converted) if converted else np.zeros((0, resolution, resolution, 3), np.uint8)
             np.save(tmp / "parts" / f"{wnid}.npy", part)
             counts[wnid] = len(part)
