@@ -1,4 +1,7 @@
 """The shared training loop: learning on a tiny problem, and exact resumption from a checkpoint."""
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from pipeline.diffusion.loss import EDMLoss
 from pipeline.nets import build_net
 from tiny import TINY_UNET
 from pipeline.teacher import EDMObjective
+from pipeline.checkpoint import CheckpointStore, TrainingInterrupted
 from pipeline.train import Snapshots, TrainConfig, train
 
 
@@ -27,7 +31,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path):
     cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, ema_halflife_kimg=0.01, log_every=1, checkpoint_every=3)
     rows = np.array([0, 1, 2, 3, 4, 5, 5])  # image 5 repeated twice
     ema_a, stats_a = train(objective(), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "progress.json").exists()
+    assert [d.name for d in CheckpointStore(tmp_path / "ckpt").candidates()] == ["ckpt-000000006", "ckpt-000000003"]
     # A fresh process would start from new random weights; resumption must restore everything.
     ema_b, stats_b = train(objective(seed=1), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ckpt")
     for (name, a), (_, b) in zip(ema_a.state_dict().items(), ema_b.state_dict().items()):
@@ -156,4 +160,90 @@ def test_two_processes_with_ddp_on_cpu(tmp_path):
         if _ == 0:
             first = weights
     assert weights == first
-    assert {p.name for p in (tmp_path / "ck").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    newest = CheckpointStore(tmp_path / "ck").candidates()[0]
+    assert {p.name for p in newest.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    assert CheckpointStore.verify(newest)["processes"] == 2
+
+
+class SignalAt(EDMObjective):
+    """An objective that sends this process `signum` after a chosen step, as SLURM would mid-run."""
+
+    def __init__(self, inner, step, signum):
+        super().__init__(inner.model, inner.edm_loss)
+        self.at, self.signum = step, signum
+
+    def after_step(self, model, step):
+        if step + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_a_checkpoint_stops_and_the_retry_finishes_identically(tmp_path, signum):
+    """SIGTERM (time limit, scancel, preemption) or SIGUSR1 (sbatch --signal) mid-run: the step in
+    flight finishes, its state is saved although no periodic checkpoint is due, training stops, and
+    the next attempt resumes there and ends with the uninterrupted run's weights and loss history."""
+    cfg = TrainConfig(steps=8, batch_size=4, lr=1e-3, ema_halflife_kimg=0.01, log_every=3, checkpoint_every=0)
+    rows = np.arange(6)
+    straight, stats_a = train(objective(), data(), rows, cfg, Accelerator(cpu=True))
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(SignalAt(objective(), 5, signum), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ck")
+    assert err.value.step == 5 and err.value.exit_code == 128 + signum
+    assert signal.getsignal(signum) == before  # the handler is training's only
+    (newest,) = CheckpointStore(tmp_path / "ck").candidates()
+    assert newest == err.value.checkpoint and CheckpointStore.verify(newest)["step"] == 5
+    resumed, stats_b = train(objective(seed=7), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ck")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [h["loss"] for h in stats_b["history"]] == [h["loss"] for h in stats_a["history"]]
+    assert [a["from_step"] for a in stats_b["attempts"]] == [0, 5]
+    assert stats_b["seconds"] >= stats_b["attempts"][0]["seconds"] + stats_b["attempts"][1]["seconds"] - 1e-6
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, ema_halflife_kimg=0.01, log_every=1, checkpoint_every=2)
+    rows = np.arange(6)
+    straight, _ = train(objective(), data(), rows, cfg, Accelerator(cpu=True))
+    store = CheckpointStore(tmp_path / "ck")
+    with pytest.raises(TrainingInterrupted):
+        train(SignalAt(objective(), 5, signal.SIGTERM), data(), rows, cfg, Accelerator(cpu=True), store.root)
+    assert [d.name for d in store.candidates()] == ["ckpt-000000005", "ckpt-000000004"]  # the newest two kept
+    # a node died while the newest was being flushed: one of its files is cut short
+    extras = store.candidates()[0] / "extras.pt"
+    extras.write_bytes(extras.read_bytes()[:100])
+    # and a save cut off before its rename never counts
+    (store.root / ".partial-ckpt-000000006").mkdir()
+    with caplog.at_level("WARNING"):
+        resumed, stats = train(objective(seed=4), data(), rows, cfg, Accelerator(cpu=True), store.root)
+    assert "ckpt-000000005 is unusable" in caplog.text and "does not match its checksum" in caplog.text
+    assert stats["attempts"][-1]["from_step"] == 4
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sigterm_to_the_training_command_exits_nonzero_with_a_valid_checkpoint(tmp_path):
+    """The command a rule runs, killed the way SLURM kills it: exit 143 and a checkpoint that verifies."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.data import build_subset, load_source, write_subset
+
+    images, labels = load_source({"source": "digits", "resolution": 8})
+    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 8, "seed": 0}), {})
+    spec = {"train": {"steps": 100000, "batch_size": 4, "lr": 1e-3, "log_every": 10, "checkpoint_every": 0}}
+    cmd = [sys.executable, "-m", "pipeline", "train-teacher", "--subset", str(tmp_path / "s.parquet"),
+           "--net", json.dumps(TINY_UNET), "--spec", json.dumps(spec), "--out", str(tmp_path / "teacher"),
+           "--checkpoint-dir", str(tmp_path / "ck")]
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while "step 10 loss" not in (tmp_path / "log").read_text() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "log").read_text()
+    (newest,) = CheckpointStore(tmp_path / "ck").candidates()
+    assert CheckpointStore.verify(newest)["step"] >= 10
+    assert "stopped by SIGTERM after step" in (tmp_path / "log").read_text()
+    assert not (tmp_path / "teacher" / "model.safetensors").exists()

@@ -286,7 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return int(args.func(args) or 0)
+    from .checkpoint import TrainingInterrupted
+
+    try:
+        return int(args.func(args) or 0)
+    except TrainingInterrupted as exc:  # SLURM's time limit, scancel or preemption: the retry resumes
+        logging.error("%s", exc)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .io import atomic_output
+from .checkpoint import CheckpointStore, StopSignals, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -184,20 +184,24 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     stream = _IndexStream(rows, cfg.seed, accelerator.process_index)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + accelerator.process_index)
 
-    start, history = 0, []
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    start, history, running, prior_seconds, attempts = 0, [], [], 0.0, []
+    store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
     extras = {"ema": ema, **objective.extra_modules()}
     for m in extras.values():
         m.to(device)
     resumable = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "log_every", "checkpoint_every")}
     fingerprint = json.dumps({"run": fingerprint, "train": resumable}, sort_keys=True)
-    if ckpt and (ckpt / "progress.json").exists():
-        progress = json.loads((ckpt / "progress.json").read_text())
-        if progress.get("fingerprint") == fingerprint and progress["step"] <= cfg.steps:
-            start, history = _load_checkpoint(ckpt, accelerator, extras, stream, gen)
-            log.info("resumed from %s at step %d", ckpt, start)
-        else:
-            log.warning("ignoring checkpoint %s: it belongs to a different configuration", ckpt)
+    found = store.newest_valid(fingerprint, cfg.steps) if store else None
+    if found:
+        directory, progress = found
+        state = store.load(directory, progress, accelerator, extras)
+        stream.load_state_dict(state["stream"])
+        gen.set_state(state["gen"])
+        start, history, running = progress["step"], progress["history"], progress.get("running", [])
+        prior_seconds, attempts = progress.get("seconds", 0.0), progress.get("attempts", [])
+        log.info("resumed from %s at step %d", directory, start)
+    elif store:
+        store.discard(accelerator)
     if snapshots is not None and accelerator.is_main_process:
         snapshots.prune_after(start)
         pending = [k for k in snapshots.steps if k > cfg.steps]
@@ -207,71 +211,55 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process,
                desc="train", mininterval=5)
-    running = []
-    for step in bar:
-        if cfg.lr_rampup_steps:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0)
-        y = images[torch.from_numpy(stream.take(local_batch)).to(device)]
-        loss = objective.loss(model, y, gen).mean()
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for p in model.parameters():  # EDM: keep a rare inf/nan from poisoning the weights
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        opt.step()
-        images_seen = (step + 1) * cfg.batch_size
-        ema_update(ema, accelerator.unwrap_model(model), ema_beta(cfg, images_seen))
-        objective.after_step(accelerator.unwrap_model(model), step)
-        running.append(loss.detach())
-        if snapshots is not None and step + 1 in snapshots.steps and accelerator.is_main_process:
-            snapshots.save(snapshots.path(step + 1), ema, step + 1)
-            log.info("snapshot of the EMA weights at step %d in %s", step + 1, snapshots.path(step + 1))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            mean = accelerator.gather(torch.stack(running).mean().reshape(1)).mean().item()
-            running = []
-            history.append({"step": step + 1, "loss": mean, "seconds": time.time() - t0})
-            bar.set_postfix(loss=f"{mean:.4f}")
-            log.info("step %d loss %.5f", step + 1, mean)
-        if ckpt and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            _save_checkpoint(ckpt, accelerator, extras, stream, gen, step + 1, history, fingerprint)
+    running = [torch.tensor(x, device=device) for x in running]
+
+    def save(done: int) -> Path:
+        elapsed = time.time() - t0
+        progress = {"history": history, "fingerprint": fingerprint, "seconds": prior_seconds + elapsed,
+                    "running": [float(x) for x in running],  # losses since the last log line
+                    "attempts": attempts + [{"from_step": start, "seconds": elapsed}]}
+        return store.save(accelerator, done, extras, {"stream": stream.state_dict(), "gen": gen.get_state()}, progress)
+
+    with StopSignals() as stop:
+        for step in bar:
+            if cfg.lr_rampup_steps:
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0)
+            y = images[torch.from_numpy(stream.take(local_batch)).to(device)]
+            loss = objective.loss(model, y, gen).mean()
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for p in model.parameters():  # EDM: keep a rare inf/nan from poisoning the weights
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+            opt.step()
+            images_seen = (step + 1) * cfg.batch_size
+            ema_update(ema, accelerator.unwrap_model(model), ema_beta(cfg, images_seen))
+            objective.after_step(accelerator.unwrap_model(model), step)
+            running.append(loss.detach())
+            if snapshots is not None and step + 1 in snapshots.steps and accelerator.is_main_process:
+                snapshots.save(snapshots.path(step + 1), ema, step + 1)
+                log.info("snapshot of the EMA weights at step %d in %s", step + 1, snapshots.path(step + 1))
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                mean = accelerator.gather(torch.stack(running).mean().reshape(1)).mean().item()
+                running = []
+                history.append({"step": step + 1, "loss": mean, "seconds": time.time() - t0})
+                bar.set_postfix(loss=f"{mean:.4f}")
+                log.info("step %d loss %.5f", step + 1, mean)
+            periodic = cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
+            signum = stop.requested(accelerator)
+            if store and (periodic or signum):
+                saved = save(step + 1)
+                log.info("checkpoint of step %d in %s", step + 1, saved)
+            if signum:
+                raise TrainingInterrupted(signum, step + 1, saved if store else None)
     accelerator.wait_for_everyone()
+    seconds = time.time() - t0
     stats = {"steps": cfg.steps, "batch_size": cfg.batch_size, "processes": world,
-             "images_seen": cfg.steps * cfg.batch_size, "seconds": time.time() - t0,
+             "images_seen": cfg.steps * cfg.batch_size, "seconds": prior_seconds + seconds,
+             "attempts": attempts + [{"from_step": start, "seconds": seconds}],
              "final_loss": history[-1]["loss"] if history else math.nan, "history": history,
              "train_config": asdict(cfg)}
     return ema.to("cpu"), stats
-
-
-def _save_checkpoint(ckpt: Path, accelerator, extras, stream, gen, step, history, fingerprint):
-    """Everything needed to continue exactly: model/optimizer (accelerate), EMA and target, and each process's data order.
-
-    progress.json is written last, so a checkpoint interrupted half-way is never taken as complete.
-    """
-    accelerator.save_state(str(ckpt / "accelerate"))
-    torch.save({"stream": stream.state_dict(), "gen": gen.get_state()}, ckpt / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        torch.save({k: m.state_dict() for k, m in extras.items()}, ckpt / "extras.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_output(ckpt / "progress.json") as tmp:
-            tmp.write_text(json.dumps({"step": step, "history": history, "processes": accelerator.num_processes,
-                                       "fingerprint": fingerprint}))
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(ckpt: Path, accelerator, extras, stream, gen):
-    progress = json.loads((ckpt / "progress.json").read_text())
-    if progress.get("processes", 1) != accelerator.num_processes:
-        raise RuntimeError(f"{ckpt} was written by {progress.get('processes', 1)} processes, now running "
-                           f"{accelerator.num_processes}: delete it to restart, or relaunch with the same count")
-    accelerator.load_state(str(ckpt / "accelerate"))
-    saved = torch.load(ckpt / "extras.pt", map_location="cpu", weights_only=True)
-    for k, m in extras.items():
-        m.load_state_dict(saved[k])
-    rng = torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=True)
-    stream.load_state_dict(rng["stream"])
-    gen.set_state(rng["gen"])
-    return progress["step"], progress["history"]
