@@ -32,6 +32,7 @@ include: "workflow/rules/search.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/audit.smk"
+include: "workflow/rules/cluster.smk"
 
 
 rule all:

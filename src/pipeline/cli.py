@@ -277,15 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("imagenet-source", cmd_imagenet_source, expect=req)
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req,
         html={"help": "also write the table as an HTML page"}, published={"help": "the published values (config/published.yaml)"}, paper={"help": "its entry for this table"})
+    add("gpu-smoke", cmd_gpu_smoke, out=req)
     add("curve", cmd_curve, table=req, out=req)
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},
         sscd={"help": "the SSCD most-similar search of the same samples, for the captions"})
     return p
 
 
+def cmd_gpu_smoke(a):
+    from .cluster import gpu_smoke
+    from .io import write_json
+
+    write_json(a.out, gpu_smoke())
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .cluster import MissingGPUError, require_gpus
+
+    try:
+        require_gpus()
+    except MissingGPUError as exc:
+        logging.error("%s", exc)
+        return 2
     from .checkpoint import TrainingInterrupted
 
     try:

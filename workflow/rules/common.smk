@@ -95,14 +95,40 @@ def accelerate_launch(spec):
     return " ".join(args) + " -m pipeline"
 
 
-def gpu_resources(spec, runtime=60, mem_mb=8000):
+def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1):
+    """A rule's scheduler request from its config entry's `compute`. A retry (attempt 2, 3, ...) asks
+    for `attempt` times the runtime and half as much memory again per attempt: a job that ran out of
+    time resumes from its checkpoint with more of it."""
     c = compute(spec)
     return dict(
         gpu=c.get("gpus", 0),
-        runtime=c.get("runtime", runtime),
-        mem_mb=c.get("mem_mb", mem_mb),
+        runtime=c.get("runtime", runtime) * attempt,
+        mem_mb=int(c.get("mem_mb", mem_mb) * (1 + (attempt - 1) / 2)),
         cpus_per_task=c.get("cpus_per_task", 2),
     )
+
+
+def preemptible_shell(command):
+    """The shell of a training rule, which SLURM may stop at its time limit, on scancel or preemption.
+
+    SLURM's `--signal` (and `scancel -s TERM`) sends SIGTERM to every process of the job step; training
+    then saves a checkpoint and exits non-zero. The shell and `accelerate launch` between Snakemake and
+    it ignore SIGTERM/SIGUSR1, so neither ends the step first (Python re-arms its own handlers).
+    Snakemake removes a rule's log before each attempt, so every attempt writes its own file beside the
+    checkpoints and the rule's log is rebuilt from all of them: a retry keeps the failed attempt's lines.
+    """
+    return (
+        "trap '' TERM USR1; mkdir -p {params.ckpt}/logs; attempt={params.ckpt}/logs/attempt-$(date +%s%N).log; "
+        'echo "=== attempt started $(date -Is) on $(hostname)${{SLURM_JOB_ID:+, SLURM job $SLURM_JOB_ID}}" > $attempt; '
+        "status=0; " + command + " >> $attempt 2>&1 || status=$?; "
+        "cat {params.ckpt}/logs/attempt-*.log > {log}; "
+        "if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status"
+    )
+
+
+def gpus_required(spec):
+    """What the job computes on: `python -m pipeline` stops at once when CUDA sees fewer GPUs."""
+    return compute(spec).get("gpus", 0)
 
 
 def model_files(model):
@@ -208,6 +234,8 @@ def dataset_spec(dataset_cfg):
 
 SAMPLING = CFG["sampling"]
 NUM_SHARDS = num_shards(SAMPLING["num_samples"], SAMPLING["shard_size"])
+# Every rule that runs on the sampling GPUs (sample, search, embed, metrics, audit) says how many it needs.
+SAMPLING_GPUS = f"MEMDISTILL_GPUS={gpus_required(SAMPLING)} "
 
 
 def shard_files(model, sampler):

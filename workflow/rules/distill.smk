@@ -19,12 +19,13 @@ rule distill:
         spec=lambda wc: as_json(distill_spec(STUDENTS[wc.student])),
         teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc)),
         out=output_dir,
+        gpus=lambda wc: gpus_required(STUDENTS[wc.student]),
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",
     threads: lambda wc: compute(STUDENTS[wc.student]).get("cpus_per_task", 2)
     resources:
         gpu=lambda wc: gpu_resources(STUDENTS[wc.student])["gpu"],
-        runtime=lambda wc: gpu_resources(STUDENTS[wc.student], runtime=24 * 60)["runtime"],
-        mem_mb=lambda wc: gpu_resources(STUDENTS[wc.student])["mem_mb"],
+        runtime=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["runtime"],
+        mem_mb=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(STUDENTS[wc.student])["cpus_per_task"],
     log:
         "logs/distill/{student}.log",
@@ -33,6 +34,8 @@ rule distill:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} distill --method {params.method} --subset {input.subset} "
-        "--teacher {params.teacher_dir} --spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt} "
-        "> {log} 2>&1"
+        preemptible_shell(
+            "MEMDISTILL_GPUS={params.gpus} OMP_NUM_THREADS={threads} {params.launch} distill --method {params.method} "
+            "--subset {input.subset} --teacher {params.teacher_dir} --spec {params.spec:q} --out {params.out} "
+            "--checkpoint-dir {params.ckpt}"
+        )

@@ -28,7 +28,7 @@ rule embed_samples:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline embed --space {wildcards.espace} --images {input.manifest} "
+        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline embed --space {wildcards.espace} --images {input.manifest} "
         "{params.options} --out {output.vectors} > {log} 2>&1"
 
 
@@ -52,7 +52,7 @@ rule embed_subset:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.subset} "
+        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.subset} "
         "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
 
 
@@ -75,5 +75,5 @@ rule similarity:
     conda:
         "../envs/search.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
+        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
         "--subset {input.subset} --manifest {input.manifest} --out {output} > {log} 2>&1"

@@ -45,7 +45,7 @@ rule reference_stats:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
+        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
         "--dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
 
@@ -69,7 +69,7 @@ rule subset_reference_stats:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
+        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
         "--subset {input.subset} --out {output} > {log} 2>&1"
 
 
@@ -102,7 +102,7 @@ rule metrics:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
+        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
         "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
         "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} "
         "--out {output} > {log} 2>&1"

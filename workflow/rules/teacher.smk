@@ -15,12 +15,13 @@ rule train_teacher:
         net=lambda wc: as_json(CFG["nets"][CFG["teachers"][wc.teacher]["net"]]),
         spec=lambda wc: as_json({k: v for k, v in CFG["teachers"][wc.teacher].items() if k in ("edm", "train", "snapshots")}),
         out=output_dir,
+        gpus=lambda wc: gpus_required(CFG["teachers"][wc.teacher]),
         ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
     threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)
     resources:
         gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
-        runtime=lambda wc: gpu_resources(CFG["teachers"][wc.teacher], runtime=24 * 60)["runtime"],
-        mem_mb=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["mem_mb"],
+        runtime=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["runtime"],
+        mem_mb=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["cpus_per_task"],
     log:
         "logs/train_teacher/{teacher}.log",
@@ -29,5 +30,7 @@ rule train_teacher:
     conda:
         "../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} train-teacher --subset {input} --net {params.net:q} "
-        "--spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt} > {log} 2>&1"
+        preemptible_shell(
+            "MEMDISTILL_GPUS={params.gpus} OMP_NUM_THREADS={threads} {params.launch} train-teacher --subset {input} "
+            "--net {params.net:q} --spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt}"
+        )
