@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -94,7 +93,7 @@ def test_default_resources_partition_and_account(slurm):
 def test_gpu_rules_only_get_a_partition(slurm):
     sets = slurm.get("set-resources", {})
     for rule, res in sets.items():
-        assert set(res) <= {"slurm_partition", "gpu_model", "runtime", "mem_mb", "constraint"}, rule
+        assert set(res) <= {"slurm_partition", "gpu_model", "runtime", "mem_mb", "constraint", "slurm_extra"}, rule
         # GPU counts come from the rules (config `compute.gpus`), never from the profile
         assert "gpu" not in res and "gres" not in res, rule
     for rule in GPU_RULES:
@@ -126,8 +125,18 @@ def test_every_gpu_rule_goes_to_the_gpu_partition(slurm):
 
 
 def test_configfiles(slurm, local):
-    assert slurm["configfile"] == "config/config.yaml"
+    """The SLURM profile says where jobs run, not what runs: no configfile of its own."""
+    assert "configfile" not in slurm
     assert local["configfile"] == "config/embedded.yaml"
+
+
+def test_only_training_is_retried_and_warned_before_its_time_limit(slurm):
+    assert slurm["retries"] == 0
+    assert set(slurm["preemptible-rules"]) == {"train_teacher", "distill"} and slurm["preemptible-retries"] >= 1
+    for rule in slurm["preemptible-rules"]:
+        assert re.fullmatch(r"'--signal=TERM@\d+'", slurm["set-resources"][rule]["slurm_extra"]), rule
+    # rule-level `retries:` would also rerun a failed job inside its own allocation
+    assert not any(re.search(r"^\s*retries:", text, re.M) for text in rule_blocks().values())
 
 
 @pytest.mark.parametrize("path", [SLURM, LOCAL], ids=["slurm", "local"])
@@ -146,37 +155,52 @@ def test_local_profile(local):
     assert "software-deployment-method" not in local  # opt-in, see its comment
 
 
-@pytest.mark.workflow
-def test_slurm_profile_dry_run(tmp_path):
-    """The profile loads in Snakemake 9 as shipped, with no conda installed: configfile key, env-var
-    resources, GPU partition."""
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text("marker: paper-grid\n")
-    (tmp_path / "Snakefile").write_text(textwrap.dedent("""
-        assert config["marker"] == "paper-grid", config
-        rule train_teacher:
-            output: "t.txt"
-            resources: gpu=4, runtime=600, mem_mb=64000, cpus_per_task=16
-            shell: "touch {output}"
-        rule subset:
-            output: "s.txt"
-            shell: "touch {output}"
-        """))
+def profile_dry_run(tmp_path, *args):
     env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         MEMDISTILL_SLURM_ACCOUNT="acct1",
         MEMDISTILL_SLURM_PARTITION="all",  # a Python builtin name: must stay a string
         MEMDISTILL_SLURM_GPU_PARTITION="gpu-a100",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", str(SLURM.parent), "-n", "t.txt", "s.txt"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "snakemake", "--profile", str(SLURM.parent), "-s", str(ROOT / "Snakefile"),
+         "--directory", str(tmp_path), "-n", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log
-    jobs = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):.*?resources: ([^\n]*)", log, re.S)}
-    assert "slurm_partition=gpu-a100" in jobs["train_teacher"] and "gpu=4" in jobs["train_teacher"]
-    assert "slurm_partition=all" in jobs["subset"] and "slurm_account=acct1" in jobs["subset"]
+    assert proc.returncode == 0, log[-5000:]
+    jobs = {}
+    for block in re.split(r"\n(?=\[[^\n]*\]\nrule )", log):
+        m = re.search(r"^rule (\w+):", block, re.M)
+        if m:
+            jobs.setdefault(m.group(1), []).append(block)
+    return jobs
+
+
+@pytest.mark.workflow
+def test_slurm_profile_dry_run_of_one_paper_table(tmp_path):
+    """As shipped, with no conda: the paper grid named by --configfile, one table's target after `--`,
+    env-var partitions and account, GPU rules on the GPU partition with their threads shown."""
+    jobs = profile_dry_run(tmp_path, "--configfile", str(ROOT / "config" / "config.yaml"), "--",
+                           "results/tables/table1.md")
+    assert "table" in jobs and "prepare_imagenet64" not in jobs  # table1 only: CIFAR-10, no ImageNet
+    teacher = jobs["train_teacher"][0]
+    assert "threads: 16" in teacher, teacher
+    for word in ("slurm_partition=gpu-a100", "gpu=4", "runtime=4320", "cpus_per_task=16",
+                 "slurm_extra=--signal=TERM@600", "MEMDISTILL_GPUS=4 OMP_NUM_THREADS=16 accelerate launch",
+                 "--multi_gpu --num_processes 4"):
+        assert word in teacher, word
+    subset = jobs["subset"][0]
+    assert "slurm_partition=all" in subset and "slurm_account=acct1" in subset and "gpu=" not in subset
+
+
+@pytest.mark.workflow
+def test_slurm_profile_dry_run_of_the_embedded_table(tmp_path):
+    """No --configfile: the embedded study, and a target needs no `--`."""
+    jobs = profile_dry_run(tmp_path, "results/tables/demo.md")
+    assert len(jobs["train_teacher"]) == 2
+    assert all("MEMDISTILL_GPUS=0 OMP_NUM_THREADS=1 accelerate launch" in t for t in jobs["train_teacher"])
+    assert all("runtime=60" in t for t in jobs["train_teacher"])
 
 
 def test_slurm_profile_needs_no_conda_and_says_so_when_asked_for_it(tmp_path):
@@ -230,3 +254,9 @@ def test_rules_point_at_existing_envs():
     rules = rule_blocks()
     without = [name for name, text in rules.items() if "conda:" not in text and name != "all"]
     assert not without, f"rules without a conda environment: {without}"
+
+
+@pytest.mark.workflow
+def test_slurm_profile_dry_run_of_the_gpu_smoke_rule(tmp_path):
+    (smoke,) = profile_dry_run(tmp_path, "gpu_smoke")["gpu_smoke"]
+    assert "slurm_partition=gpu-a100" in smoke and "gpu=1" in smoke and "nvidia-smi -L" in smoke

@@ -12,7 +12,8 @@ from pipeline.diffusion.loss import EDMLoss
 from pipeline.nets import build_net
 from tiny import TINY_UNET
 from pipeline.teacher import EDMObjective
-from pipeline.checkpoint import CheckpointStore, TrainingInterrupted
+from pipeline.checkpoint import CheckpointStore
+from pipeline.cluster import TrainingInterrupted
 from pipeline.train import Snapshots, TrainConfig, train
 
 

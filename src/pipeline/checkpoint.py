@@ -32,19 +32,6 @@ PREFIX = "ckpt-"
 PROGRESS = "progress.json"
 
 
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after saving its state; the exit is non-zero so a retry resumes."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        where = f"state saved in {checkpoint}" if checkpoint else "no checkpoint directory, state lost"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # what a shell reports for a process ended by that signal
-
-
 class StopSignals:
     """Record SIGTERM and SIGUSR1 instead of dying, so training can stop cleanly between steps.
 

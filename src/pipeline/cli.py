@@ -294,17 +294,14 @@ def cmd_gpu_smoke(a):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .cluster import MissingGPUError, require_gpus
+    from .cluster import MissingGPUError, TrainingInterrupted, require_gpus
 
     try:
         require_gpus()
+        return int(args.func(args) or 0)
     except MissingGPUError as exc:
         logging.error("%s", exc)
         return 2
-    from .checkpoint import TrainingInterrupted
-
-    try:
-        return int(args.func(args) or 0)
     except TrainingInterrupted as exc:  # SLURM's time limit, scancel or preemption: the retry resumes
         logging.error("%s", exc)
         return exc.exit_code

@@ -1,4 +1,4 @@
-"""What a cluster job checks about its node before it computes: the GPUs its config entry asks for.
+"""What a cluster job checks about its node before it computes, and how it reports being stopped.
 
 A rule whose `compute.gpus` is N exports MEMDISTILL_GPUS=N. If CUDA then sees fewer GPUs (a node
 without drivers, CUDA_VISIBLE_DEVICES emptied, a GPU request lost in a profile), the job stops at
@@ -7,14 +7,29 @@ once instead of quietly running a multi-day training on CPU.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
+from pathlib import Path
 
 ENV = "MEMDISTILL_GPUS"
 
 
 class MissingGPUError(RuntimeError):
     """The job was configured for GPUs that CUDA does not see."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after saving its state; the exit is non-zero so a retry resumes."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"state saved in {checkpoint}" if checkpoint else "no checkpoint directory, state lost"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by that signal
 
 
 def visible_gpus() -> int:

@@ -21,7 +21,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointStore, StopSignals, TrainingInterrupted
+from .checkpoint import CheckpointStore, StopSignals
+from .cluster import TrainingInterrupted
 
 log = logging.getLogger(__name__)
 

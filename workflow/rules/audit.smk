@@ -27,6 +27,8 @@ rule audit:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline audit --train {input.subset} --samples {input.manifest} "
-        "--space {wildcards.aspace} {params.weights} --ratio {params.ratio} --out {output.json} "
-        "--figure {output.figure} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline audit --train {input.subset} --samples {input.manifest} "
+            "--space {wildcards.aspace} {params.weights} --ratio {params.ratio} --out {output.json} "
+            "--figure {output.figure} > {log} 2>&1"
+        )

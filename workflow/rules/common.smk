@@ -117,13 +117,12 @@ def preemptible_shell(command):
     Snakemake removes a rule's log before each attempt, so every attempt writes its own file beside the
     checkpoints and the rule's log is rebuilt from all of them: a retry keeps the failed attempt's lines.
     """
-    return (
+    start = (
         "trap '' TERM USR1; mkdir -p {params.ckpt}/logs; attempt={params.ckpt}/logs/attempt-$(date +%s%N).log; "
-        'echo "=== attempt started $(date -Is) on $(hostname)${{SLURM_JOB_ID:+, SLURM job $SLURM_JOB_ID}}" > $attempt; '
-        "status=0; " + command + " >> $attempt 2>&1 || status=$?; "
-        "cat {params.ckpt}/logs/attempt-*.log > {log}; "
-        "if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status"
+        'echo "=== attempt started $(date -Is) on $(hostname)${{SLURM_JOB_ID:+, SLURM job $SLURM_JOB_ID}}" > $attempt'
     )
+    end = "cat {params.ckpt}/logs/attempt-*.log > {log}; if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status"
+    return f"{start}; status=0; {command} >> $attempt 2>&1 || status=$?; {end}"
 
 
 def gpus_required(spec):
@@ -234,8 +233,11 @@ def dataset_spec(dataset_cfg):
 
 SAMPLING = CFG["sampling"]
 NUM_SHARDS = num_shards(SAMPLING["num_samples"], SAMPLING["shard_size"])
-# Every rule that runs on the sampling GPUs (sample, search, embed, metrics, audit) says how many it needs.
-SAMPLING_GPUS = f"MEMDISTILL_GPUS={gpus_required(SAMPLING)} "
+
+
+def on_sampling_gpus(command):
+    """Shell commands on the sampling GPUs (sample, search, embed, metrics, audit) say how many they need."""
+    return f"MEMDISTILL_GPUS={gpus_required(SAMPLING)} {command}"
 
 
 def shard_files(model, sampler):

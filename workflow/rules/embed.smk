@@ -28,8 +28,10 @@ rule embed_samples:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline embed --space {wildcards.espace} --images {input.manifest} "
-        "{params.options} --out {output.vectors} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline embed --space {wildcards.espace} --images {input.manifest} "
+            "{params.options} --out {output.vectors} > {log} 2>&1"
+        )
 
 
 rule embed_subset:
@@ -52,8 +54,10 @@ rule embed_subset:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.subset} "
-        "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.subset} "
+            "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
+        )
 
 
 rule similarity:
@@ -75,5 +79,7 @@ rule similarity:
     conda:
         "../envs/search.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
-        "--subset {input.subset} --manifest {input.manifest} --out {output} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
+            "--subset {input.subset} --manifest {input.manifest} --out {output} > {log} 2>&1"
+        )

@@ -45,8 +45,10 @@ rule reference_stats:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
-        "--dataset {params.dataset:q} --out {output} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
+            "--dataset {params.dataset:q} --out {output} > {log} 2>&1"
+        )
 
 
 rule subset_reference_stats:
@@ -69,8 +71,10 @@ rule subset_reference_stats:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
-        "--subset {input.subset} --out {output} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline reference-stats --kind {params.kind} --feature-net {params.feature_net} "
+            "--subset {input.subset} --out {output} > {log} 2>&1"
+        )
 
 
 rule metrics:
@@ -102,7 +106,9 @@ rule metrics:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
-        "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
-        "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} "
-        "--out {output} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
+            "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
+            "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} "
+            "--out {output} > {log} 2>&1"
+        )

@@ -32,10 +32,12 @@ rule sample_shard:
     conda:
         "../envs/torch.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline sample --model {params.model_dir} --model-id {wildcards.model} "
-        "--sampler-name {wildcards.sampler} --sampler {params.sampler:q} --shard {params.shard} "
-        "--shard-size {params.shard_size} --num-samples {params.num_samples} --seed {params.seed} "
-        "--batch-size {params.batch_size} --out {output} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline sample --model {params.model_dir} --model-id {wildcards.model} "
+            "--sampler-name {wildcards.sampler} --sampler {params.sampler:q} --shard {params.shard} "
+            "--shard-size {params.shard_size} --num-samples {params.num_samples} --seed {params.seed} "
+            "--batch-size {params.batch_size} --out {output} > {log} 2>&1"
+        )
 
 
 rule sample_manifest:

@@ -20,5 +20,7 @@ rule search:
     conda:
         "../envs/search.yaml"
     shell:
-        SAMPLING_GPUS + "OMP_NUM_THREADS={threads} python -m pipeline search --subset {input.subset} --manifest {input.manifest} "
-        "--space {wildcards.space} --ratio {params.ratio} --out {output} > {log} 2>&1"
+        on_sampling_gpus(
+            "OMP_NUM_THREADS={threads} python -m pipeline search --subset {input.subset} --manifest {input.manifest} "
+            "--space {wildcards.space} --ratio {params.ratio} --out {output} > {log} 2>&1"
+        )
