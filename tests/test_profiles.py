@@ -68,6 +68,8 @@ def local():
 
 def test_slurm_uses_executor_plugin(slurm):
     assert slurm["executor"] == "slurm"
+    # works with and without accounting, and sees a cancelled job as failed (sacct says "CANCELLED by 0")
+    assert slurm["slurm-status-command"] == "squeue"
     for key in ("jobs", "latency-wait", "retries"):
         assert isinstance(slurm[key], int) and slurm[key] >= 0, key
 

@@ -88,12 +88,12 @@ def slurm_config(workdir: Path) -> Path:
 
 
 def derived_profile(workdir: Path) -> Path:
-    """profiles/slurm as shipped, plus what this cluster needs: `squeue` for job states (it has no
-    accounting), quick status checks, and the fake GPU requested by the training and sampling rules
-    (their config computes on CPU, so they run there)."""
+    """profiles/slurm as shipped (its `squeue` status command works on this cluster without
+    accounting), plus quick status checks, the sbatch calls in the log, and the fake GPU requested by
+    the training and sampling rules (their config computes on CPU, so they run there)."""
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
-    profile.update({"slurm-status-command": "squeue", "slurm-init-seconds-before-status-checks": 2,
-                    "latency-wait": 5, "verbose": True})
+    assert profile["slurm-status-command"] == "squeue"
+    profile.update({"slurm-init-seconds-before-status-checks": 2, "latency-wait": 5, "verbose": True})
     for rule in ("train_teacher", "distill", "sample_shard"):
         profile["set-resources"][rule]["gpu"] = 1
     (workdir / "profile").mkdir()

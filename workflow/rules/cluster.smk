@@ -12,6 +12,8 @@ rule gpu_smoke:
         mem_mb=4000,
     log:
         "logs/gpu_smoke.log",
+    benchmark:
+        "results/benchmarks/gpu_smoke.tsv"
     conda:
         "../envs/torch.yaml"
     shell:
