@@ -1,4 +1,5 @@
 """The shared training loop: learning on a tiny problem, and exact resumption from a checkpoint."""
+import json
 import os
 import signal
 
@@ -188,17 +189,34 @@ def test_signal_saves_a_checkpoint_stops_and_the_retry_finishes_identically(tmp_
     straight, stats_a = train(objective(), data(), rows, cfg, Accelerator(cpu=True))
     before = signal.getsignal(signum)
     with pytest.raises(TrainingInterrupted) as err:
-        train(SignalAt(objective(), 5, signum), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ck")
+        train(SignalAt(objective(), 5, signum), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ck",
+              metrics_log=tmp_path / "train.jsonl")
     assert err.value.step == 5 and err.value.exit_code == 128 + signum
     assert signal.getsignal(signum) == before  # the handler is training's only
     (newest,) = CheckpointStore(tmp_path / "ck").candidates()
     assert newest == err.value.checkpoint and CheckpointStore.verify(newest)["step"] == 5
-    resumed, stats_b = train(objective(seed=7), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ck")
+    resumed, stats_b = train(objective(seed=7), data(), rows, cfg, Accelerator(cpu=True), tmp_path / "ck",
+                             metrics_log=tmp_path / "train.jsonl")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert [h["loss"] for h in stats_b["history"]] == [h["loss"] for h in stats_a["history"]]
     assert [a["from_step"] for a in stats_b["attempts"]] == [0, 5]
+    # the metrics log holds the whole run, the first attempt's line rewritten from the checkpoint
+    lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["attempt"]) for r in lines] == [(3, 1), (6, 2), (8, 2)]
+    assert [r["loss"] for r in lines] == [h["loss"] for h in stats_a["history"]]
     assert stats_b["seconds"] >= stats_b["attempts"][0]["seconds"] + stats_b["attempts"][1]["seconds"] - 1e-6
+
+
+def test_metrics_log_records_loss_lr_throughput_and_memory(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, lr_rampup_steps=4, ema_halflife_kimg=0.01, log_every=2)
+    _, stats = train(objective(), data(), np.arange(6), cfg, Accelerator(cpu=True), metrics_log=tmp_path / "m.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert lines == stats["history"]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert [r["lr"] for r in lines] == pytest.approx([5e-4, 1e-3, 1e-3])  # the warm-up, then the set rate
+    assert all(r["images_per_second"] > 0 and r["max_memory_mb"] > 0 and r["attempt"] == 1 for r in lines)
+    assert lines[-1]["seconds"] <= stats["seconds"]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):

@@ -546,6 +546,12 @@ def test_tiny_run_logs(tiny_run):
     # every rule that ran (all but the `all` target) wrote a log directory
     assert {p.name for p in logs.iterdir()} == {p.split("/")[0] for p in expected}
     assert "step 40" in (logs / "train_teacher" / "teacher-48.log").read_text()
+    assert "=== attempt started" in (logs / "train_teacher" / "teacher-48.log").read_text()
+    # beside each training log, its metrics as JSON lines (steps 10..40 and 10..20 at log_every 10)
+    for rule, name, steps in (("train_teacher", "teacher-48", 40), ("distill", "cd-48", 20)):
+        records = [json.loads(line) for line in (logs / rule / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(10, steps + 1, 10))
+        assert all(r["images_per_second"] > 0 and r["lr"] > 0 for r in records)
 
 
 def test_tiny_run_benchmarks(tiny_run):

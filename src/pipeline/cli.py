@@ -40,14 +40,14 @@ def cmd_subset(a):
 def cmd_train_teacher(a):
     from .teacher import train_teacher
 
-    train_teacher(a.subset, a.out, a.spec, a.net, a.checkpoint_dir)
+    train_teacher(a.subset, a.out, a.spec, a.net, a.checkpoint_dir, a.metrics_log)
 
 
 def cmd_distill(a):
     from .distill.cd import distill_cd
 
     methods = {"cd": distill_cd}
-    methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir)
+    methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
 
 
 def cmd_embed(a):
@@ -236,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     js = {"required": True, "type": _json}
     add("fetch", cmd_fetch, url=req, dest=req, md5={}, sha256={}, sha256_prefix={})
     add("subset", cmd_subset, dataset=js, spec=js, out=req)
-    add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={})
+    metrics_log = {"help": "JSON lines of loss, lr, images/s and peak memory at every log point"}
+    add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={},
+        metrics_log=metrics_log)
     add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
-        out=req, checkpoint_dir={})
+        out=req, checkpoint_dir={}, metrics_log=metrics_log)
     add("embed", cmd_embed, space={"choices": ["sscd", "clip", "clip-text"], "default": "sscd"}, images=req,
         weights={"required": True, "help": "the SSCD TorchScript file, or the CLIP model directory"},
         preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"}, out=req)

@@ -39,7 +39,7 @@ class EDMObjective:
 
 
 def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str, Any], net_cfg: Mapping[str, Any],
-                  checkpoint_dir: str | Path | None = None) -> dict:
+                  checkpoint_dir: str | Path | None = None, metrics_log: str | Path | None = None) -> dict:
     accelerator = Accelerator()
     tcfg = TrainConfig.from_dict(cfg["train"])
     set_seed(tcfg.seed)  # the initial weights come from the config's seed, like everything after them
@@ -58,7 +58,7 @@ def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str
                       edm.get("sigma_min", 0.002), edm.get("sigma_max", 80.0))
     snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "edm")
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
-                       snapshots)
+                       snapshots, metrics_log)
     stats.update(parameters=count_parameters(model), subset=str(subset_path), unique_images=len(subset))
     if accelerator.is_main_process:
         publish_snapshots(snapshots, out_dir)

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointStore, StopSignals
+from .io import atomic_output
 from .cluster import TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,38 @@ def _optimizer(cfg: TrainConfig, params):
     return opts[cfg.optimizer](params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def _max_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the device's allocator on CUDA, this process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """One JSON line per log point (step, loss, lr, images/s, peak memory, attempt) for plotting while
+    training runs. The records travel in the checkpoint, so a resumed job rewrites the earlier ones
+    first and the file always holds the whole run."""
+
+    def __init__(self, path: str | Path | None, enabled: bool):
+        self.path = Path(path) if path and enabled else None
+
+    def restart(self, records: list[dict]) -> None:
+        if self.path:
+            with atomic_output(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def append(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: TrainConfig,
           accelerator: Accelerator, checkpoint_dir: str | Path | None = None,
-          fingerprint: str = "", snapshots: Snapshots | None = None) -> tuple[torch.nn.Module, dict]:
+          fingerprint: str = "", snapshots: Snapshots | None = None,
+          metrics_log: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
     """Run `cfg.steps` optimizer steps; return (EMA model on CPU, stats).
 
     images: unique training images (N, C, H, W) in [-1, 1]; rows: positions into `images`, with a
@@ -168,7 +198,8 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     A checkpoint is resumed only if it carries the same `fingerprint` (the caller's description of
     data, network and method) and the same training config up to its length and logging, so a
     changed run restarts instead of continuing a different one, while a longer run continues.
-    `snapshots` saves the EMA weights at its steps (main process only).
+    `snapshots` saves the EMA weights at its steps (main process only); `metrics_log` is the JSON-lines
+    file of the log points (main process only).
     """
     world = accelerator.num_processes
     if cfg.batch_size % world:
@@ -209,7 +240,10 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
         if pending:
             raise ValueError(f"snapshot steps {pending} lie beyond the run's {cfg.steps} steps")
 
-    t0 = time.time()
+    metrics = MetricsLog(metrics_log, accelerator.is_main_process)
+    metrics.restart(history)
+    t0 = last_log = time.time()
+    last_step = start
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process,
                desc="train", mininterval=5)
     running = [torch.tensor(x, device=device) for x in running]
@@ -246,9 +280,17 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 mean = accelerator.gather(torch.stack(running).mean().reshape(1)).mean().item()
                 running = []
-                history.append({"step": step + 1, "loss": mean, "seconds": time.time() - t0})
+                now = time.time()
+                record = {"step": step + 1, "loss": mean, "lr": opt.param_groups[0]["lr"],
+                          "images_per_second": (step + 1 - last_step) * cfg.batch_size / max(now - last_log, 1e-9),
+                          "max_memory_mb": _max_memory_mb(device), "seconds": prior_seconds + now - t0,
+                          "attempt": len(attempts) + 1}
+                last_log, last_step = now, step + 1
+                history.append(record)
+                metrics.append(record)
                 bar.set_postfix(loss=f"{mean:.4f}")
-                log.info("step %d loss %.5f", step + 1, mean)
+                log.info("step %d loss %.5f lr %.3g %.1f images/s", step + 1, mean, record["lr"],
+                         record["images_per_second"])
             periodic = cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
             signum = stop.requested(accelerator)
             if store and (periodic or signum):

@@ -121,7 +121,7 @@ def preemptible_shell(command):
         "trap '' TERM USR1; mkdir -p {params.ckpt}/logs; attempt={params.ckpt}/logs/attempt-$(date +%s%N).log; "
         'echo "=== attempt started $(date -Is) on $(hostname)${{SLURM_JOB_ID:+, SLURM job $SLURM_JOB_ID}}" > $attempt'
     )
-    end = "cat {params.ckpt}/logs/attempt-*.log > {log}; if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status"
+    end = "cat {params.ckpt}/logs/attempt-*.log > {log.main}; if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status"
     return f"{start}; status=0; {command} >> $attempt 2>&1 || status=$?; {end}"
 
 

@@ -28,7 +28,8 @@ rule distill:
         mem_mb=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(STUDENTS[wc.student])["cpus_per_task"],
     log:
-        "logs/distill/{student}.log",
+        main="logs/distill/{student}.log",
+        metrics="logs/distill/{student}.jsonl",
     benchmark:
         "results/benchmarks/distill/{student}.tsv"
     conda:
@@ -37,5 +38,5 @@ rule distill:
         preemptible_shell(
             "MEMDISTILL_GPUS={params.gpus} OMP_NUM_THREADS={threads} {params.launch} distill --method {params.method} "
             "--subset {input.subset} --teacher {params.teacher_dir} --spec {params.spec:q} --out {params.out} "
-            "--checkpoint-dir {params.ckpt}"
+            "--checkpoint-dir {params.ckpt} --metrics-log {log.metrics}"
         )

@@ -24,7 +24,8 @@ rule train_teacher:
         mem_mb=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["cpus_per_task"],
     log:
-        "logs/train_teacher/{teacher}.log",
+        main="logs/train_teacher/{teacher}.log",
+        metrics="logs/train_teacher/{teacher}.jsonl",
     benchmark:
         "results/benchmarks/train_teacher/{teacher}.tsv"
     conda:
@@ -32,5 +33,5 @@ rule train_teacher:
     shell:
         preemptible_shell(
             "MEMDISTILL_GPUS={params.gpus} OMP_NUM_THREADS={threads} {params.launch} train-teacher --subset {input} "
-            "--net {params.net:q} --spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt}"
+            "--net {params.net:q} --spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt} --metrics-log {log.metrics}"
         )

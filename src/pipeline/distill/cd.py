@@ -139,7 +139,7 @@ def build_student(teacher, teacher_net: Mapping[str, Any], spec: Mapping[str, An
 
 
 def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: Mapping[str, Any],
-               checkpoint_dir: str | Path | None = None) -> dict:
+               checkpoint_dir: str | Path | None = None, metrics_log: str | Path | None = None) -> dict:
     accelerator = Accelerator()
     tcfg = TrainConfig.from_dict(cfg["train"])
     set_seed(tcfg.seed)  # a random or partly random student's initial weights come from the config's seed
@@ -173,7 +173,7 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
                       sigma_min, sigma_max, teacher=str(teacher_dir))
     snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "cd")
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
-                       snapshots)
+                       snapshots, metrics_log)
     stats.update(method="cd", teacher=str(teacher_dir), num_scales=cfg["num_scales"], metric=metric, solver=solver,
                  target_ema=objective.mu, student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"),
                  **counts)
