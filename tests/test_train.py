@@ -51,6 +51,33 @@ def test_loss_decreases_and_stats_are_reported():
     assert all(not p.requires_grad for p in ema.parameters())
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a test with other precision settings starts and ends clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_autocast_trains_on_cpu(fresh_accelerate_state):
+    """compute.mixed_precision: bf16 (what `accelerate launch --mixed_precision bf16` sets): the network
+    runs in bfloat16, the weights, their EMA and the loss stay float32, and it still learns."""
+    cfg = TrainConfig(steps=60, batch_size=6, lr=3e-3, ema_halflife_kimg=0.05, log_every=20)
+    obj = objective()
+    seen = []
+    conv = next(m for m in obj.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    assert accelerator.mixed_precision == "bf16"
+    ema, stats = train(obj, data(), np.arange(6), cfg, accelerator)
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in ema.parameters())
+    losses = [h["loss"] for h in stats["history"]]
+    assert losses[-1] < losses[0]
+
+
 def test_batch_must_split_across_processes():
     class FakeAccelerator:
         num_processes = 4

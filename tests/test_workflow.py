@@ -175,6 +175,17 @@ def test_embedded_default_with_config_override(tmp_path):
     assert proc.returncode == 0, output_of(proc)[-3000:]
 
 
+def test_mixed_precision_reaches_the_training_launch(tmp_path):
+    cfg = embedded()
+    cfg["teachers"]["teacher-48"]["compute"]["mixed_precision"] = "bf16"
+    proc = check(snakemake(tmp_path, "results/teachers/teacher-48/model.safetensors", "-n", "-p",
+                           configfile=write_config(tmp_path / "bf16.yaml", cfg)))
+    assert "--mixed_precision bf16" in output_of(proc)
+    cfg["teachers"]["teacher-48"]["compute"]["mixed_precision"] = "fp8"
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "fp8.yaml", cfg))
+    assert proc.returncode != 0 and "mixed_precision" in output_of(proc)
+
+
 def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_path):
     """`quality.reference_set: subset`: each model (and yardstick) is judged against its own training
     subset's statistics; the full-dataset reference is not built."""

@@ -255,6 +255,8 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
                     "attempts": attempts + [{"from_step": start, "seconds": elapsed}]}
         return store.save(accelerator, done, extras, {"stream": stream.state_dict(), "gen": gen.get_state()}, progress)
 
+    # fp16's loss scaler finds inf gradients itself and skips that step; clamping them would hide them.
+    scaled = accelerator.mixed_precision == "fp16"
     with StopSignals() as stop:
         for step in bar:
             if cfg.lr_rampup_steps:
@@ -266,9 +268,10 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
             accelerator.backward(loss)
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for p in model.parameters():  # EDM: keep a rare inf/nan from poisoning the weights
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+            if not scaled:  # EDM: keep a rare inf/nan from poisoning the weights
+                for p in model.parameters():
+                    if p.grad is not None:
+                        torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
             opt.step()
             images_seen = (step + 1) * cfg.batch_size
             ema_update(ema, accelerator.unwrap_model(model), ema_beta(cfg, images_seen))

@@ -83,7 +83,8 @@ def accelerate_launch(spec):
     """`accelerate launch` for a rule's compute spec: CPU here, N GPUs (optionally DeepSpeed ZeRO) on a cluster."""
     c = compute(spec)
     gpus = c.get("gpus", 0)
-    args = ["accelerate launch", "--num_machines 1", "--mixed_precision no", "--dynamo_backend no"]
+    args = ["accelerate launch", "--num_machines 1", f"--mixed_precision {c.get('mixed_precision', 'no')}",
+            "--dynamo_backend no"]
     if gpus == 0:
         args += ["--cpu", "--num_processes 1"]
     elif gpus == 1:
