@@ -3,7 +3,7 @@
 # Stages (one rule file each, data flowing one way through files):
 #   fetch -> subset -> train_teacher -> distill -> sample -> search -> metrics -> tables
 # With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
-# the paper grid is config/config.yaml (profiles/slurm sets it).
+# the paper grid is --configfile config/config.yaml (no profile sets it: profiles say where jobs run).
 import os
 
 from snakemake.utils import min_version
