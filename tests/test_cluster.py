@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.cluster import MissingGPUError, require_gpus, visible_gpus
-from tiny import TINY_UNET
+from tiny import train_teacher_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +36,9 @@ def run_pipeline(tmp_path, *args, **env):
 
 def test_a_training_configured_for_more_gpus_than_cuda_sees_stops_before_it_starts(tmp_path):
     """Not a silent CPU run: exit 2, a message naming the count and the fix, nothing written."""
-    from pipeline.data import build_subset, load_source, write_subset
-
-    images, labels = load_source({"source": "digits", "resolution": 8})
-    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 8, "seed": 0}), {})
-    spec = {"train": {"steps": 2, "batch_size": 4, "lr": 1e-3}}
     need = visible_gpus() + 1
-    proc = run_pipeline(tmp_path, "train-teacher", "--subset", "s.parquet", "--net", json.dumps(TINY_UNET),
-                        "--spec", json.dumps(spec), "--out", "teacher", MEMDISTILL_GPUS=str(need))
+    proc = run_pipeline(tmp_path, *train_teacher_args(tmp_path, {"train": {"steps": 2, "batch_size": 4, "lr": 1e-3}}),
+                        MEMDISTILL_GPUS=str(need))
     assert proc.returncode == 2, proc.stderr
     assert f"configured for {need} GPU(s)" in proc.stderr and "compute.gpus" in proc.stderr
     assert not (tmp_path / "teacher").exists()
@@ -53,14 +48,9 @@ def test_a_training_configured_for_more_gpus_than_cuda_sees_stops_before_it_star
 def test_a_multi_gpu_launch_without_the_gpus_fails_instead_of_running_one_cpu_process(tmp_path):
     """What the issue saw: `accelerate launch --multi_gpu --num_processes 2` on a node without GPUs
     ran as a single CPU process. With the rule's MEMDISTILL_GPUS it fails."""
-    from pipeline.data import build_subset, load_source, write_subset
-
-    images, labels = load_source({"source": "digits", "resolution": 8})
-    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 8, "seed": 0}), {})
-    spec = {"train": {"steps": 2, "batch_size": 4, "lr": 1e-3}}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "-m", "pipeline", "train-teacher",
-           "--subset", "s.parquet", "--net", json.dumps(TINY_UNET), "--spec", json.dumps(spec), "--out", "teacher"]
+           "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "-m", "pipeline",
+           *train_teacher_args(tmp_path, {"train": {"steps": 2, "batch_size": 4, "lr": 1e-3}})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MEMDISTILL_GPUS": "2"})
     assert proc.returncode != 0

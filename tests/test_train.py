@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from pipeline.diffusion import EDMDenoiser
 from pipeline.diffusion.loss import EDMLoss
 from pipeline.nets import build_net
-from tiny import TINY_UNET
+from tiny import TINY_UNET, train_teacher_args
 from pipeline.teacher import EDMObjective
 from pipeline.checkpoint import CheckpointStore
 from pipeline.cluster import TrainingInterrupted
@@ -167,19 +167,12 @@ def test_snapshot_errors(tmp_path):
 
 def test_two_processes_with_ddp_on_cpu(tmp_path):
     """The multi-process path (what N GPUs run) exercised with 2 CPU processes over gloo."""
-    import json
-    import os
     import subprocess
     import sys
 
-    from pipeline.data import build_subset, load_source, write_subset
-
-    images, labels = load_source({"source": "digits", "resolution": 8})
-    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 8, "seed": 0}), {})
     spec = {"train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "log_every": 2, "checkpoint_every": 2}}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", "train-teacher",
-           "--subset", str(tmp_path / "s.parquet"), "--net", json.dumps(TINY_UNET), "--spec", json.dumps(spec),
-           "--out", str(tmp_path / "teacher"), "--checkpoint-dir", str(tmp_path / "ck")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline",
+           *train_teacher_args(tmp_path, spec, checkpoint_dir=tmp_path / "ck")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     for _ in range(2):  # the second launch resumes from the final checkpoint and rewrites the same model
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
@@ -269,19 +262,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog
 
 def test_sigterm_to_the_training_command_exits_nonzero_with_a_valid_checkpoint(tmp_path):
     """The command a rule runs, killed the way SLURM kills it: exit 143 and a checkpoint that verifies."""
-    import json
     import subprocess
     import sys
     import time
 
-    from pipeline.data import build_subset, load_source, write_subset
-
-    images, labels = load_source({"source": "digits", "resolution": 8})
-    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 8, "seed": 0}), {})
     spec = {"train": {"steps": 100000, "batch_size": 4, "lr": 1e-3, "log_every": 10, "checkpoint_every": 0}}
-    cmd = [sys.executable, "-m", "pipeline", "train-teacher", "--subset", str(tmp_path / "s.parquet"),
-           "--net", json.dumps(TINY_UNET), "--spec", json.dumps(spec), "--out", str(tmp_path / "teacher"),
-           "--checkpoint-dir", str(tmp_path / "ck")]
+    cmd = [sys.executable, "-m", "pipeline", *train_teacher_args(tmp_path, spec, checkpoint_dir=tmp_path / "ck")]
     log = open(tmp_path / "log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120

@@ -67,6 +67,7 @@ def gpu_smoke(size: int = 4096, repeats: int = 10) -> dict:
     a, b = (torch.randn(size, size, generator=g) for _ in range(2))
     dev_a, dev_b = a.cuda(), b.cuda()
     torch.backends.cuda.matmul.allow_tf32 = False
+    dev_a @ dev_b  # the first call loads cuBLAS and picks a kernel: not what a matmul costs
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
