@@ -455,7 +455,7 @@ def _analytic_weighted_loss(sigma, sd=SIGMA_DATA, s=S):
 def test_edm_loss_fixed_sigma_matches_analytic_expectation(sigma):
     loss = EDMLoss(p_mean=math.log(sigma), p_std=0.0, sigma_data=SIGMA_DATA)
     y = _gaussian_batch(40000, seed=10)
-    per_sample = loss(exact_denoiser, y, generator=torch.Generator().manual_seed(11))
+    per_sample = loss(exact_denoiser, y, torch.Generator().manual_seed(11))
     assert per_sample.shape == (40000,)
     expected = _analytic_weighted_loss(sigma)
     # per-sample value is expected * chi2_4 / 4: relative std 1/sqrt(2 * 40000) ~ 0.35%
@@ -468,7 +468,7 @@ def test_edm_loss_lognormal_sigma_matches_quadrature():
     """Default p_mean/p_std: E_sigma[lambda * err] by Gauss-Hermite quadrature over ln sigma."""
     loss = EDMLoss(sigma_data=SIGMA_DATA)
     y = _gaussian_batch(40000, seed=12)
-    mc = loss(exact_denoiser, y, generator=torch.Generator().manual_seed(13)).mean().item()
+    mc = loss(exact_denoiser, y, torch.Generator().manual_seed(13)).mean().item()
     import numpy as np
     nodes, weights = np.polynomial.hermite_e.hermegauss(80)
     sig = np.exp(loss.p_mean + loss.p_std * nodes)
@@ -480,10 +480,10 @@ def test_edm_loss_through_preconditioned_exact_net_and_determinism():
     loss = EDMLoss(sigma_data=SIGMA_DATA)
     y = _gaussian_batch(256, seed=14)
     model = EDMDenoiser(ExactEDMNet(), SIGMA_DATA)
-    a = loss(model, y, generator=torch.Generator().manual_seed(5))
-    b = loss(model, y, generator=torch.Generator().manual_seed(5))
-    c = loss(model, y, generator=torch.Generator().manual_seed(6))
-    d = loss(exact_denoiser, y, generator=torch.Generator().manual_seed(5))
+    a = loss(model, y, torch.Generator().manual_seed(5))
+    b = loss(model, y, torch.Generator().manual_seed(5))
+    c = loss(model, y, torch.Generator().manual_seed(6))
+    d = loss(exact_denoiser, y, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     torch.testing.assert_close(a, d, rtol=1e-9, atol=1e-12)
@@ -493,3 +493,24 @@ def test_edm_loss_unit_at_every_sigma_when_s_equals_sigma_data():
     """EDM's design point: for s = sigma_data the optimal denoiser's weighted loss is 1 at all sigma."""
     for sigma in (0.01, 0.5, 50.0):
         assert _analytic_weighted_loss(sigma, sd=0.5, s=0.5) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_batch_noise_rows_do_not_depend_on_the_split():
+    """Row i of a global batch gets the same draws whether it is computed alone, in a half or whole."""
+    from pipeline.diffusion.noise import BatchNoise, step_seed
+
+    def draws(lo, hi):
+        g = torch.Generator().manual_seed(step_seed(3, 17))
+        noise = BatchNoise(g, 8, lo, hi)
+        return noise.randint(40), noise.randn((1, 2, 2))
+
+    whole_n, whole_z = draws(0, 8)
+    for lo, hi in ((0, 4), (4, 8), (6, 8), (5, 6)):
+        n, z = draws(lo, hi)
+        assert torch.equal(n, whole_n[lo:hi]) and torch.equal(z, whole_z[lo:hi])
+    assert step_seed(3, 17) != step_seed(3, 18) and step_seed(3, 17) != step_seed(4, 17)
+    assert 0 <= step_seed(2**31, 10**9) < 2**63
+    with pytest.raises(ValueError, match="do not lie"):
+        BatchNoise(None, 4, 2, 6)
+    with pytest.raises(ValueError, match="noise for 2 rows, batch of 3"):
+        BatchNoise.of(BatchNoise(None, 4, 0, 2), 3, "cpu")

@@ -46,9 +46,9 @@ def test_cd_loss_vanishes_for_exact_consistency_function(metric, rel_bound):
     x = gaussian_batch(8192, seed=0)
     sig = ascending(80)
     exact = cd_loss(exact_consistency, exact_consistency, exact_denoiser, x, sig, dist,
-                    generator=torch.Generator().manual_seed(1))
+                    noise=torch.Generator().manual_seed(1))
     off = cd_loss(perturbed_consistency, exact_consistency, exact_denoiser, x, sig, dist,
-                  generator=torch.Generator().manual_seed(1))
+                  noise=torch.Generator().manual_seed(1))
     assert exact.shape == off.shape == (8192,)
     assert torch.all(exact >= 0)
     ref = off.mean().item()
@@ -65,7 +65,7 @@ def test_cd_loss_exact_student_converges_at_heun_local_order():
     losses = []
     for n in (40, 80, 160):
         losses.append(cd_loss(exact_consistency, exact_consistency, exact_denoiser, x, ascending(n), l2,
-                              generator=torch.Generator().manual_seed(3)).mean().item())
+                              noise=torch.Generator().manual_seed(3)).mean().item())
     for a, b in zip(losses[:-1], losses[1:]):
         assert a / b > 32, losses
 
@@ -75,7 +75,7 @@ def test_cd_loss_euler_teacher_converges_at_first_order():
     so doubling N divides the loss by ~2^4, against ~2^6 for Heun above."""
     x = gaussian_batch(16384, seed=2)
     losses = [cd_loss(exact_consistency, exact_consistency, exact_denoiser, x, ascending(n), l2,
-                      generator=torch.Generator().manual_seed(3), solver=euler_step).mean().item()
+                      noise=torch.Generator().manual_seed(3), solver=euler_step).mean().item()
               for n in (40, 80, 160)]
     for a, b in zip(losses[:-1], losses[1:]):
         assert 10 < a / b < 24, losses
@@ -95,7 +95,7 @@ def test_cd_loss_uses_target_at_teacher_step_and_student_at_next_level():
         seen["target"] = t.clone()
         return exact_consistency(xx, t)
 
-    cd_loss(student, target, exact_denoiser, x, sig, l2, generator=torch.Generator().manual_seed(5))
+    cd_loss(student, target, exact_denoiser, x, sig, l2, noise=torch.Generator().manual_seed(5))
     idx_next = torch.searchsorted(sig, seen["student"])
     idx_cur = torch.searchsorted(sig, seen["target"])
     torch.testing.assert_close(sig[idx_next], seen["student"])

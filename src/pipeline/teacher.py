@@ -28,8 +28,8 @@ class EDMObjective:
         self.model = model
         self.edm_loss = loss
 
-    def loss(self, model, y, generator):
-        return self.edm_loss(model, y, generator)
+    def loss(self, model, y, noise):
+        return self.edm_loss(model, y, noise)
 
     def after_step(self, model, step):
         pass

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointStore, StopSignals
+from .diffusion.noise import BatchNoise, step_seed
 from .io import atomic_output
 from .cluster import TrainingInterrupted
 
@@ -33,6 +34,7 @@ class TrainConfig:
     steps: int
     batch_size: int
     lr: float
+    batch_per_process: int | None = None
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -54,7 +56,7 @@ class TrainConfig:
 class Objective(Protocol):
     model: torch.nn.Module
 
-    def loss(self, model: torch.nn.Module, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+    def loss(self, model: torch.nn.Module, y: torch.Tensor, noise: BatchNoise) -> torch.Tensor: ...
 
     def after_step(self, model: torch.nn.Module, step: int) -> None: ...
 
@@ -78,15 +80,17 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> Non
 
 
 class _IndexStream:
-    """Epoch-style shuffled indices for one process: every training row is seen once per epoch.
+    """Epoch-style shuffled indices of the global batch: every training row is seen once per epoch.
 
-    Subsets here fit in device memory, so batches are gathered from a resident tensor instead of a
-    DataLoader, which would spend more time in worker plumbing than in the model on small images.
+    Every process follows the same stream and keeps its slice of each global batch, so the data order
+    does not depend on the number of processes. Subsets here fit in device memory, so batches are
+    gathered from a resident tensor instead of a DataLoader, which would spend more time in worker
+    plumbing than in the model on small images.
     """
 
-    def __init__(self, rows: np.ndarray, seed: int, rank: int):
+    def __init__(self, rows: np.ndarray, seed: int):
         self.rows = rows
-        self.rng = np.random.default_rng([seed, rank])
+        self.rng = np.random.default_rng(seed)
         self.buf = np.empty(0, dtype=np.int64)
 
     def take(self, n: int) -> np.ndarray:
@@ -186,6 +190,20 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def split_batch(batch_size: int, processes: int, batch_per_process: int | None) -> tuple[int, int]:
+    """(micro-batch, accumulation steps): the global batch split over processes, then into micro-batches
+    of at most `batch_per_process` rows (NVlabs/edm training/training_loop.py: `batch_gpu`,
+    `num_accumulation_rounds = batch_gpu_total // batch_gpu`)."""
+    if batch_size % processes:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {processes} processes")
+    local = batch_size // processes
+    micro = min(local, batch_per_process or local)
+    if local % micro:
+        raise ValueError(f"{local} rows per process do not split into micro-batches of {micro} "
+                         f"(batch_per_process); choose a divisor of {local}")
+    return micro, local // micro
+
+
 def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: TrainConfig,
           accelerator: Accelerator, checkpoint_dir: str | Path | None = None,
           fingerprint: str = "", snapshots: Snapshots | None = None,
@@ -194,46 +212,49 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
 
     images: unique training images (N, C, H, W) in [-1, 1]; rows: positions into `images`, with a
     row repeated as often as that image is repeated in the training set. The global batch is split
-    evenly across processes, so the same config gives the same effective batch on 1 or N GPUs.
+    evenly across processes, then into micro-batches whose gradients are accumulated; its data order
+    and noise are drawn for the whole global batch (diffusion/noise.py), so the same config trains the
+    same model on 1 or N GPUs with or without accumulation, up to float summation order (dropout
+    masks, drawn per micro-batch, are the exception).
     A checkpoint is resumed only if it carries the same `fingerprint` (the caller's description of
     data, network and method) and the same training config up to its length and logging, so a
     changed run restarts instead of continuing a different one, while a longer run continues.
     `snapshots` saves the EMA weights at its steps (main process only); `metrics_log` is the JSON-lines
     file of the log points (main process only).
     """
-    world = accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    local_batch = cfg.batch_size // world
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro, accumulation = split_batch(cfg.batch_size, world, cfg.batch_per_process)
+    local_batch = micro * accumulation
     device = accelerator.device
-    torch.manual_seed(cfg.seed)
     images = images.to(device)
 
     model = objective.model
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    accelerator.gradient_accumulation_steps = accumulation
     model, opt = accelerator.prepare(model, opt)
-    stream = _IndexStream(rows, cfg.seed, accelerator.process_index)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + accelerator.process_index)
+    stream = _IndexStream(rows, cfg.seed)
+    gen = torch.Generator(device=device)
 
     start, history, running, prior_seconds, attempts = 0, [], [], 0.0, []
     store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
     extras = {"ema": ema, **objective.extra_modules()}
     for m in extras.values():
         m.to(device)
-    resumable = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "log_every", "checkpoint_every")}
-    fingerprint = json.dumps({"run": fingerprint, "train": resumable}, sort_keys=True)
+    resumable = {k: v for k, v in asdict(cfg).items()
+                 if k not in ("steps", "log_every", "checkpoint_every", "batch_per_process")}
+    fingerprint = json.dumps({"run": fingerprint, "train": resumable, "noise": "global-batch"}, sort_keys=True)
     found = store.newest_valid(fingerprint, cfg.steps) if store else None
     if found:
         directory, progress = found
         state = store.load(directory, progress, accelerator, extras)
         stream.load_state_dict(state["stream"])
-        gen.set_state(state["gen"])
         start, history, running = progress["step"], progress["history"], progress.get("running", [])
         prior_seconds, attempts = progress.get("seconds", 0.0), progress.get("attempts", [])
         log.info("resumed from %s at step %d", directory, start)
     elif store:
         store.discard(accelerator)
+    accelerator.step = 0  # accelerate's micro-batch counter: every optimizer step starts a new round
     if snapshots is not None and accelerator.is_main_process:
         snapshots.prune_after(start)
         pending = [k for k in snapshots.steps if k > cfg.steps]
@@ -253,7 +274,7 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
         progress = {"history": history, "fingerprint": fingerprint, "seconds": prior_seconds + elapsed,
                     "running": [float(x) for x in running],  # losses since the last log line
                     "attempts": attempts + [{"from_step": start, "seconds": elapsed}]}
-        return store.save(accelerator, done, extras, {"stream": stream.state_dict(), "gen": gen.get_state()}, progress)
+        return store.save(accelerator, done, extras, {"stream": stream.state_dict()}, progress)
 
     # fp16's loss scaler finds inf gradients itself and skips that step; clamping them would hide them.
     scaled = accelerator.mixed_precision == "fp16"
@@ -262,17 +283,27 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
             if cfg.lr_rampup_steps:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0)
-            y = images[torch.from_numpy(stream.take(local_batch)).to(device)]
-            loss = objective.loss(model, y, gen).mean()
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not scaled:  # EDM: keep a rare inf/nan from poisoning the weights
-                for p in model.parameters():
-                    if p.grad is not None:
-                        torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-            opt.step()
+            batch = torch.from_numpy(stream.take(cfg.batch_size)).to(device)
+            seed = step_seed(cfg.seed, step)
+            loss = 0.0
+            for j in range(accumulation):
+                lo = rank * local_batch + j * micro
+                gen.manual_seed(seed)  # every micro-batch draws the global batch's noise and keeps its rows
+                torch.manual_seed(step_seed(seed, lo))  # dropout masks: per micro-batch, reproducible on resume
+                with accelerator.accumulate(model):
+                    part = objective.loss(model, images[batch[lo:lo + micro]],
+                                          BatchNoise(gen, cfg.batch_size, lo, lo + micro)).mean()
+                    accelerator.backward(part)
+                    loss = loss + part.detach() / accumulation
+                    if accelerator.sync_gradients:
+                        if cfg.grad_clip:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        if not scaled:  # EDM: keep a rare inf/nan from poisoning the weights
+                            for p in model.parameters():
+                                if p.grad is not None:
+                                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
             images_seen = (step + 1) * cfg.batch_size
             ema_update(ema, accelerator.unwrap_model(model), ema_beta(cfg, images_seen))
             objective.after_step(accelerator.unwrap_model(model), step)
@@ -303,7 +334,8 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
                 raise TrainingInterrupted(signum, step + 1, saved if store else None)
     accelerator.wait_for_everyone()
     seconds = time.time() - t0
-    stats = {"steps": cfg.steps, "batch_size": cfg.batch_size, "processes": world,
+    stats = {"steps": cfg.steps, "batch_size": cfg.batch_size, "processes": world, "micro_batch": micro,
+             "accumulation_steps": accumulation,
              "images_seen": cfg.steps * cfg.batch_size, "seconds": prior_seconds + seconds,
              "attempts": attempts + [{"from_step": start, "seconds": seconds}],
              "final_loss": history[-1]["loss"] if history else math.nan, "history": history,

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .noise import BatchNoise
 from .precond import EDMDenoiser
 
 
@@ -18,10 +19,12 @@ class EDMLoss:
         """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2: unit loss at every noise level."""
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
-    def __call__(self, denoiser: EDMDenoiser, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, denoiser: EDMDenoiser, y: torch.Tensor,
+                 noise: BatchNoise | torch.Generator | None = None) -> torch.Tensor:
         """Per-sample weighted loss, shape (batch,). y is a batch of clean images in [-1, 1]."""
-        rnd = torch.randn(y.shape[0], device=y.device, dtype=y.dtype, generator=generator)
+        noise = BatchNoise.of(noise, y.shape[0], y.device)
+        rnd = noise.randn(dtype=y.dtype)
         sigma = (rnd * self.p_std + self.p_mean).exp()
-        n = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator) * sigma.reshape(-1, 1, 1, 1)
+        n = noise.randn(y.shape[1:], dtype=y.dtype) * sigma.reshape(-1, 1, 1, 1)
         d = denoiser(y + n, sigma)
         return (self.weight(sigma).reshape(-1, 1, 1, 1) * (d - y) ** 2).flatten(1).mean(1)

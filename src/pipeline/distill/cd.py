@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 
 from ..data import read_subset
 from ..diffusion import ConsistencyFunction, euler_step, heun_step, karras_sigmas
+from ..diffusion.noise import BatchNoise
 from ..io import images_to_unit, sha256_file
 from ..modelio import load_model, model_meta, model_snapshots, save_model
 from ..nets import build_net, count_parameters, inherit_parameters
@@ -53,7 +54,7 @@ def replayed_rng(device: torch.device):
             torch.cuda.set_rng_state(dev, device)
 
 
-def cd_loss(student, target, teacher, x, sigmas: torch.Tensor, distance, generator=None, solver=heun_step,
+def cd_loss(student, target, teacher, x, sigmas: torch.Tensor, distance, noise=None, solver=heun_step,
             shared_dropout: bool = False) -> torch.Tensor:
     """Per-sample consistency distillation loss on clean images x.
 
@@ -61,10 +62,10 @@ def cd_loss(student, target, teacher, x, sigmas: torch.Tensor, distance, generat
     shared_dropout: the target's forward pass reuses the online pass's dropout masks (both in train
     mode), so online and target differ by their weights and inputs only, as in the reference code.
     """
-    n_levels = sigmas.numel()
-    n = torch.randint(0, n_levels - 1, (x.shape[0],), device=x.device, generator=generator)
+    noise = BatchNoise.of(noise, x.shape[0], x.device)
+    n = noise.randint(sigmas.numel() - 1)
     t_cur, t_next = sigmas[n].to(x.dtype), sigmas[n + 1].to(x.dtype)
-    z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    z = noise.randn(x.shape[1:], dtype=x.dtype)
     x_next = x + t_next.reshape(-1, 1, 1, 1) * z
     with torch.no_grad():
         x_cur = solver(teacher, x_next, t_next, t_cur)
@@ -95,9 +96,9 @@ class ConsistencyDistillation:
         self.shared_dropout = has_dropout(student)
         self.target = copy.deepcopy(student).requires_grad_(False).train(self.shared_dropout)
 
-    def loss(self, model, y, generator):
+    def loss(self, model, y, noise):
         sigmas = self.sigmas.to(y.device)
-        return cd_loss(model, self.target, self.teacher, y, sigmas, self.distance, generator, self.solver,
+        return cd_loss(model, self.target, self.teacher, y, sigmas, self.distance, noise, self.solver,
                        self.shared_dropout)
 
     def after_step(self, model, step):
