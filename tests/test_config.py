@@ -157,7 +157,7 @@ def test_paper_imagenet_and_capacity_follow_their_references():
     assert (len(localized["repeated_classes"]), localized["per_class"], localized["repeats"],
             localized["others_per_class"]) == (50, 5, 10, 50)
     widths = {cfg["teachers"][r["model"]]["net"] for r in cfg["tables"]["capacity"]["rows"] if r["label"] == "Teacher"}
-    assert widths == {"ddpmpp-cifar", "ddpmpp-cifar-narrow", "ddpmpp-cifar-wide", "ddpmpp-cifar-2blocks"}
+    assert widths == {"ncsnpp-cifar10", "ncsnpp-cifar10-narrow", "ncsnpp-cifar10-wide", "ncsnpp-cifar10-2blocks"}
     assert {r["sampler"] for r in cfg["tables"]["capacity"]["rows"] if r["label"] != "Teacher"} == {"2-step"}
 
 
@@ -225,7 +225,7 @@ def test_paper_students_follow_the_cifar10_reference_protocol():
     for n in (3000, 4000, 5000, 6000):
         assert cfg["students"][f"cd-{n}"]["num_scales"] == 18
     # the teacher's net keeps EDM's CIFAR-10 dropout; the student's is its own setting
-    assert cfg["nets"]["ddpmpp-cifar"]["dropout"] == 0.13
+    assert cfg["nets"]["ncsnpp-cifar10"]["dropout"] == 0.13
 
 
 def test_paper_config_names_the_study_variants():

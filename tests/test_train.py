@@ -105,6 +105,20 @@ def test_accumulated_micro_batches_train_the_same_model_as_one_batch():
                                                                        rel=1e-4)
 
 
+def test_channels_last_trains_the_same_model():
+    """train.channels_last stores the network and batches NHWC (faster convolutions on tensor cores);
+    the arithmetic is the same up to rounding."""
+    runs = []
+    for channels_last in (False, True):
+        cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, ema_halflife_kimg=0.01, channels_last=channels_last)
+        ema, _ = train(objective(), data(), np.arange(6), cfg, Accelerator(cpu=True))
+        runs.append(ema)
+    conv = runs[1].net.unet.down_blocks[0].resnets[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for (name, a), (_, b) in zip(runs[0].state_dict().items(), runs[1].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
+
+
 def test_train_config_from_plain_data():
     cfg = TrainConfig.from_dict({"steps": 3, "batch_size": 2, "lr": 0.1, "betas": [0.5, 0.6], "optimizer": "radam"})
     assert cfg.betas == (0.5, 0.6) and cfg.optimizer == "radam"

@@ -186,6 +186,22 @@ def test_mixed_precision_reaches_the_training_launch(tmp_path):
     assert proc.returncode != 0 and "mixed_precision" in output_of(proc)
 
 
+def test_deepspeed_config_file_and_compile_reach_the_training_launch(tmp_path):
+    """compute.accelerate_config names the shipped ZeRO-2 file, which accelerate reads as DeepSpeed
+    stage 2; compute.compile turns on accelerate's inductor backend."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    zero2 = "config/accelerate/deepspeed-zero2.yaml"
+    parsed = load_config_from_file(str(ROOT / zero2))
+    assert parsed.distributed_type == "DEEPSPEED" and parsed.deepspeed_config["zero_stage"] == 2
+    assert parsed.deepspeed_config["gradient_clipping"] == 0.0  # EDM does not clip
+    cfg = embedded()
+    cfg["teachers"]["teacher-48"]["compute"].update(accelerate_config=zero2, compile=True)
+    out = output_of(check(snakemake(tmp_path, "results/teachers/teacher-48/model.safetensors", "-n", "-p",
+                                    configfile=write_config(tmp_path / "zero2.yaml", cfg))))
+    assert f"--config_file {zero2}" in out and "--dynamo_backend inductor" in out
+
+
 def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_path):
     """`quality.reference_set: subset`: each model (and yardstick) is judged against its own training
     subset's statistics; the full-dataset reference is not built."""

@@ -280,10 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("table", cmd_table, title={"default": ""}, rows=js, metrics={"required": True, "nargs": "+"}, csv=req, md=req,
         html={"help": "also write the table as an HTML page"}, published={"help": "the published values (config/published.yaml)"}, paper={"help": "its entry for this table"})
     add("gpu-smoke", cmd_gpu_smoke, out=req)
+    add("count-parameters", cmd_count_parameters, config={"default": "config/config.yaml"},
+        out={"help": "also write the table (Markdown) here"})
     add("curve", cmd_curve, table=req, out=req)
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},
         sscd={"help": "the SSCD most-similar search of the same samples, for the captions"})
     return p
+
+
+def cmd_count_parameters(a):
+    from .config import load
+    from .io import atomic_output
+    from .nets import format_parameter_report, parameter_report
+
+    report = format_parameter_report(parameter_report(load(a.config)))
+    print(report, end="")
+    if a.out:
+        with atomic_output(a.out) as tmp:
+            tmp.write_text(report)
 
 
 def cmd_gpu_smoke(a):

@@ -84,15 +84,15 @@ def accelerate_launch(spec):
     c = compute(spec)
     gpus = c.get("gpus", 0)
     args = ["accelerate launch", "--num_machines 1", f"--mixed_precision {c.get('mixed_precision', 'no')}",
-            "--dynamo_backend no"]
+            f"--dynamo_backend {'inductor' if c.get('compile') else 'no'}"]
     if gpus == 0:
         args += ["--cpu", "--num_processes 1"]
     elif gpus == 1:
         args += ["--num_processes 1"]
     else:
         args += ["--multi_gpu", f"--num_processes {gpus}"]
-    if c.get("deepspeed_zero_stage"):
-        args += ["--use_deepspeed", f"--zero_stage {c['deepspeed_zero_stage']}"]
+    if c.get("accelerate_config"):
+        args += [f"--config_file {c['accelerate_config']}"]
     return " ".join(args) + " -m pipeline"
 
 

@@ -1,0 +1,71 @@
+"""Training throughput of the shared loop (teacher objective) for a net of a pipeline config.
+
+Usage:
+  python benchmarks/train_throughput.py --config config/embedded.yaml --net tiny-unet --batch 64 --steps 60
+  python benchmarks/train_throughput.py --net ncsnpp-cifar10 --batch 512 --precision bf16 --steps 60  # a GPU
+
+Random images of the net's data shape go through `pipeline.train.train` exactly as in a teacher run
+(EMA, checkpoint-free); the first `--warmup` steps (allocator, cuDNN autotuning, compilation) are
+excluded, and images/s is the loop's own log point over the remaining steps. Prints one Markdown row.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from pipeline import config as pconfig
+from pipeline.diffusion import EDMDenoiser
+from pipeline.diffusion.loss import EDMLoss
+from pipeline.nets import DATA_SHAPES, build_net, trainable_parameters
+from pipeline.teacher import EDMObjective
+from pipeline.train import TrainConfig, train
+
+
+def shape_of(cfg, net: str) -> tuple[int, int]:
+    for teacher in cfg["teachers"].values():
+        if teacher["net"] == net:
+            dataset = cfg["datasets"][cfg["subsets"][teacher["subset"]]["dataset"]]
+            resolution, channels = DATA_SHAPES[dataset["source"]]
+            return dataset.get("resolution", resolution), channels
+    return 32, 3
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="config/config.yaml")
+    p.add_argument("--net", required=True)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batch-per-process", type=int)
+    p.add_argument("--steps", type=int, default=60, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--cpu", action="store_true")
+    a = p.parse_args(argv)
+
+    cfg = pconfig.load(a.config)
+    resolution, channels = shape_of(cfg, a.net)
+    accelerator = Accelerator(cpu=a.cpu or not torch.cuda.is_available(), mixed_precision=a.precision)
+    torch.manual_seed(0)
+    model = EDMDenoiser(build_net(cfg["nets"][a.net], resolution, channels))
+    images = torch.rand(max(a.batch, 1024), channels, resolution, resolution) * 2 - 1
+    tcfg = TrainConfig(steps=a.warmup + a.steps, batch_size=a.batch, lr=1e-4, log_every=a.warmup,
+                       batch_per_process=a.batch_per_process, channels_last=a.channels_last)
+    _, stats = train(EDMObjective(model, EDMLoss()), images, np.arange(len(images)), tcfg, accelerator)
+    last = stats["history"][-1]
+    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print("| net | parameters | device | precision | channels-last | batch (micro) | images/s | peak memory MB |")
+    print("|---|---:|---|---|---|---|---:|---:|")
+    print(f"| {a.net} | {trainable_parameters(model) / 1e6:.2f}M | {device} | {a.precision} | {a.channels_last} | "
+          f"{a.batch} ({stats['micro_batch']}) | {last['images_per_second']:.1f} | {last['max_memory_mb']:.0f} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
