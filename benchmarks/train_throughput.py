@@ -1,7 +1,7 @@
 """Training throughput of the shared loop (teacher objective) for a net of a pipeline config.
 
 Usage:
-  python benchmarks/train_throughput.py --config config/embedded.yaml --net tiny-unet --batch 64 --steps 60
+  python benchmarks/train_throughput.py --config config/embedded.yaml --net unet-tiny --batch 64 --steps 60
   python benchmarks/train_throughput.py --net ncsnpp-cifar10 --batch 512 --precision bf16 --steps 60  # a GPU
 
 Random images of the net's data shape go through `pipeline.train.train` exactly as in a teacher run
@@ -21,18 +21,9 @@ from accelerate import Accelerator
 from pipeline import config as pconfig
 from pipeline.diffusion import EDMDenoiser
 from pipeline.diffusion.loss import EDMLoss
-from pipeline.nets import DATA_SHAPES, build_net, trainable_parameters
+from pipeline.nets import build_net, net_data_shape, trainable_parameters
 from pipeline.teacher import EDMObjective
 from pipeline.train import TrainConfig, train
-
-
-def shape_of(cfg, net: str) -> tuple[int, int]:
-    for teacher in cfg["teachers"].values():
-        if teacher["net"] == net:
-            dataset = cfg["datasets"][cfg["subsets"][teacher["subset"]]["dataset"]]
-            resolution, channels = DATA_SHAPES[dataset["source"]]
-            return dataset.get("resolution", resolution), channels
-    return 32, 3
 
 
 def main(argv=None) -> None:
@@ -49,7 +40,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
 
     cfg = pconfig.load(a.config)
-    resolution, channels = shape_of(cfg, a.net)
+    resolution, channels = net_data_shape(cfg, a.net)
     accelerator = Accelerator(cpu=a.cpu or not torch.cuda.is_available(), mixed_precision=a.precision)
     torch.manual_seed(0)
     model = EDMDenoiser(build_net(cfg["nets"][a.net], resolution, channels))

@@ -37,9 +37,6 @@ UNET_KEYS = (
     "attention_head_dim", "norm_num_groups", "dropout", "resnet_time_scale_shift",
     "add_attention", "downsample_type", "upsample_type", "time_embedding_dim", "num_class_embeds", "norm_eps",
 )
-# Keys of our own (module docstring), and keys that only describe the config (`reference`).
-LAYOUT_KEYS = ("noise_embedding", "noise_channels", "noise_endpoint", "fourier_scale", "resample_filter",
-               "encoder_input", "decoder_attention")
 FIR = (1, 3, 3, 1)
 
 
@@ -182,20 +179,25 @@ def trainable_parameters(module: nn.Module) -> int:
 DATA_SHAPES = {"digits": (8, 1), "cifar10": (32, 3), "imagenet64": (64, 3)}
 
 
+def net_data_shape(cfg: Mapping[str, Any], net: str) -> tuple[int, int]:
+    """(resolution, channels) of the first dataset a teacher using `net` trains on; (32, 3) if none does."""
+    for teacher in cfg.get("teachers", {}).values():
+        if teacher["net"] == net:
+            dataset = cfg["datasets"][cfg["subsets"][teacher["subset"]]["dataset"]]
+            resolution, channels = DATA_SHAPES[dataset["source"]]
+            return dataset.get("resolution", resolution), channels
+    return 32, 3
+
+
 def parameter_report(cfg: Mapping[str, Any]) -> list[dict]:
     """Every net of a pipeline config with its trainable parameter count, beside its `reference` if any.
 
-    Built on the meta device, so ImageNet's 296M-parameter ADM costs no memory. The data shape is that
-    of the first dataset a teacher using the net trains on (the count does not depend on resolution).
+    Built on the meta device, so ImageNet's 296M-parameter ADM costs no memory. The data shape is the
+    net's `net_data_shape` (the count does not depend on resolution).
     """
-    shapes = {}
-    for teacher in cfg.get("teachers", {}).values():
-        dataset = cfg["datasets"][cfg["subsets"][teacher["subset"]]["dataset"]]
-        resolution, channels = DATA_SHAPES[dataset["source"]]
-        shapes.setdefault(teacher["net"], (dataset.get("resolution", resolution), channels))
     rows = []
     for name, net_cfg in cfg["nets"].items():
-        resolution, channels = shapes.get(name, (32, 3))
+        resolution, channels = net_data_shape(cfg, name)
         with torch.device("meta"):
             ours = trainable_parameters(build_net(net_cfg, resolution, channels))
         ref = net_cfg.get("reference") or {}
