@@ -48,7 +48,9 @@ def main(argv=None) -> None:
     images = torch.rand(max(a.batch, 1024), channels, resolution, resolution) * 2 - 1
     tcfg = TrainConfig(steps=a.warmup + a.steps, batch_size=a.batch, lr=1e-4, log_every=a.warmup,
                        batch_per_process=a.batch_per_process, channels_last=a.channels_last)
-    _, stats = train(EDMObjective(model, EDMLoss()), images, np.arange(len(images)), tcfg, accelerator)
+    classes = pconfig.num_classes(cfg["nets"][a.net])  # a class-conditional net trains with a class per image
+    labels = None if classes is None else torch.randint(0, classes, (len(images),), generator=torch.Generator().manual_seed(0))
+    _, stats = train(EDMObjective(model, EDMLoss()), images, np.arange(len(images)), tcfg, accelerator, labels=labels)
     warm = next(r for r in stats["history"] if r["step"] == a.warmup)
     last = stats["history"][-1]
     images_per_second = a.steps * a.batch / (last["seconds"] - warm["seconds"])

@@ -35,3 +35,22 @@ def exact_flow(x, sigma_a, sigma_b, mu=MU, s=S):
     """The exact PF-ODE map from sigma_a to sigma_b."""
     m = _mu_like(x, mu)
     return m + (x - m) * math.sqrt(s ** 2 + sigma_b ** 2) / math.sqrt(s ** 2 + sigma_a ** 2)
+
+
+# Class-conditional data: class c ~ N(CLASS_MUS[c], s^2 I), where the conditional denoiser and
+# consistency function are the formulas above with the row's own class mean.
+CLASS_MUS = torch.stack([MU, -MU, MU.flip(0)])
+
+
+def _class_mu(x, class_labels):
+    return CLASS_MUS[class_labels].reshape(x.shape)
+
+
+def exact_class_denoiser(x, sigma, class_labels, s=S):
+    m, sig = _class_mu(x, class_labels), _col(sigma, x)
+    return m + s ** 2 / (s ** 2 + sig ** 2) * (x - m)
+
+
+def exact_class_consistency(x, sigma, class_labels, s=S, sigma_min=SIGMA_MIN):
+    m, sig = _class_mu(x, class_labels), _col(sigma, x)
+    return m + (x - m) * math.sqrt(s ** 2 + sigma_min ** 2) / (s ** 2 + sig ** 2).sqrt()

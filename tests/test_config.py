@@ -161,6 +161,30 @@ def test_paper_imagenet_and_capacity_follow_their_references():
     assert {r["sampler"] for r in cfg["tables"]["capacity"]["rows"] if r["label"] != "Teacher"} == {"2-step"}
 
 
+def test_imagenet_models_are_class_conditional_and_table_rows_group_by_class():
+    """Section 4.1: ImageNet generation is class-conditional, so Table 2 and 4's ImageNet rows (and their
+    yardsticks) group samples by the class they were generated for; CIFAR-10 rows by nearest image."""
+    cfg = pconfig.load(PAPER)
+    for n in ("5000", "7000", "10000", "localized"):
+        assert pconfig.num_classes(pconfig.net_of(cfg, f"teacher-imagenet64-{n}")) == 1000
+        assert pconfig.class_conditional(cfg, f"cd-imagenet64-{n}")
+    assert not pconfig.class_conditional(cfg, "teacher-localized") and not pconfig.class_conditional(cfg, "cd-3000@50000")
+    by = {(r["setting"], r["label"]): r["group_by"] for r in pconfig.table_rows(cfg, "table4")}
+    assert by[("ImageNet", "Teacher")] == by[("ImageNet", "Student")] == "class"
+    assert by[("CIFAR-10", "Teacher")] == by[("CIFAR-10", "Student")] == "neighbour"
+    assert by[("imagenet64-localized", "Real held-out")] == "class"
+    assert by[("cifar10-localized", "Real held-out")] == "neighbour"
+
+
+def test_student_conditioned_unlike_its_teacher(cfg):
+    cfg["nets"]["unet-tiny-cond"] = {**cfg["nets"]["unet-tiny"], "num_class_embeds": 10}
+    cfg["students"]["cd-48"]["net"] = "unet-tiny-cond"
+    msg = error_of(cfg)
+    assert "students.cd-48.net" in msg and "conditioned on 10 classes" in msg and "None" in msg
+    cfg["teachers"]["teacher-48"]["net"] = "unet-tiny-cond"
+    pconfig.validate(cfg)
+
+
 def test_heun_sampler_without_steps(cfg):
     cfg["samplers"]["heun-18"] = {"kind": "heun"}
     msg = error_of(cfg)

@@ -19,7 +19,8 @@ from pipeline.distill.cd import ConsistencyDistillation, build_student, cd_loss,
 from pipeline.distill.distances import (DISTANCES, LPIPSDistance, build_lpips, get_distance, l1, l2, load_backbone,
                                         pseudo_huber)
 from pipeline.nets import build_net, count_parameters
-from gaussian import F64, MU, S, SIGMA_MAX, SIGMA_MIN, exact_consistency, exact_denoiser
+from gaussian import (CLASS_MUS, F64, MU, S, SIGMA_MAX, SIGMA_MIN, exact_class_consistency, exact_class_denoiser,
+                      exact_consistency, exact_denoiser)
 from tiny import TINY_UNET
 from pipeline.train import TrainConfig, ema_beta, ema_update
 
@@ -57,6 +58,28 @@ def test_cd_loss_vanishes_for_exact_consistency_function(metric, rel_bound):
     assert ref == pytest.approx(expected_ref, rel=0.02)
     assert exact.mean().item() < rel_bound * ref, exact.mean().item() / ref
     assert exact.max().item() < 1e3 * rel_bound * ref
+
+
+def test_cd_loss_gives_each_rows_class_to_teacher_student_and_target():
+    """Class-conditional Gaussians: with the exact conditional teacher and consistency function the loss
+    vanishes only when all three networks see each row's class (openai/consistency_models passes
+    model_kwargs to each); a target or teacher given another class leaves a large loss."""
+    labels = torch.arange(6000) % 3
+    x = CLASS_MUS[labels].reshape(-1, 1, 2, 2) + S * torch.randn(6000, 1, 2, 2, dtype=F64,
+                                                                   generator=torch.Generator().manual_seed(2))
+    sig, l2 = ascending(80), get_distance("l2")
+
+    def shifted(fn):
+        return lambda x, sigma, class_labels: fn(x, sigma, (class_labels + 1) % 3)
+
+    def loss(student, target, teacher):
+        return cd_loss(student, target, teacher, x, sig, l2, torch.Generator().manual_seed(3), labels=labels).mean()
+
+    exact = loss(exact_class_consistency, exact_class_consistency, exact_class_denoiser).item()
+    assert exact < 1e-6
+    assert loss(exact_class_consistency, shifted(exact_class_consistency), exact_class_denoiser).item() > 1e3 * exact
+    assert loss(exact_class_consistency, exact_class_consistency, shifted(exact_class_denoiser)).item() > 1e3 * exact
+    assert loss(shifted(exact_class_consistency), exact_class_consistency, exact_class_denoiser).item() > 1e3 * exact
 
 
 def test_cd_loss_exact_student_converges_at_heun_local_order():

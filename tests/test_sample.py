@@ -10,7 +10,8 @@ from pipeline.modelio import load_model, model_meta, save_model
 from pipeline.nets import build_net
 from tiny import TINY_UNET
 from pipeline.diffusion import ConsistencyFunction, EDMDenoiser
-from pipeline.sample import NoiseStream, consistency_ts, generate, sample_noise, sample_seed, sampler_nfe, write_shard
+from pipeline.sample import (NoiseStream, consistency_ts, generate, sample_labels, sample_noise, sample_seed, sampler_nfe,
+                             write_shard)
 from pipeline.shards import num_shards, read_samples, shard_range, write_manifest
 
 
@@ -117,6 +118,16 @@ def test_sampler_must_match_model_kind(models):
     model, meta = load_model(models["edm"])
     with pytest.raises(ValueError, match="consistency model"):
         generate(model, meta, {"kind": "consistency", "ts": [80.0]}, [1, 2])
+    with pytest.raises(ValueError, match="labels were given to an unconditional model"):
+        generate(model, meta, {"kind": "heun", "steps": 2}, [1, 2], labels=[0, 1])
+
+
+def test_sample_labels_are_uniform_and_depend_only_on_run_seed_and_index():
+    labels = sample_labels(0, range(20000), 10)
+    np.testing.assert_array_equal(labels[500:510], sample_labels(0, range(500, 510), 10))
+    assert not np.array_equal(labels[:100], sample_labels(1, range(100), 10))
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() > 1800 and counts.max() < 2200  # 2000 +- 4.7 standard deviations
 
 
 def test_missing_model_names_the_rule(tmp_path):

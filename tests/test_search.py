@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.memorization import l2_ratio_memorized, memorization_table, summarize
+from pipeline.memorization import class_groups, l2_ratio_memorized, memorization_table, summarize
 from pipeline.search import faiss_gpu_available, nearest_neighbours
 
 
@@ -156,8 +156,9 @@ def test_memorization_table_and_summary_by_group():
 
     assert table.column_names == [
         "sample_id", "nn1_index", "nn1_distance", "nn2_index", "nn2_distance",
-        "ratio", "memorized", "nn1_group", "nn1_label",
+        "ratio", "memorized", "nn1_group", "nn1_label", "label", "label_group",
     ]
+    assert table.column("label").to_pylist() == [-1] * 5  # unconditional samples carry no class
     assert table.column("memorized").to_pylist() == [True, True, False, False, False]
     assert table.column("nn1_group").to_pylist() == [
         "repeated", "repeated", "repeated", "other", "other"
@@ -179,6 +180,36 @@ def test_memorization_table_and_summary_by_group():
     }
     assert type(summary["n_samples"]) is int and type(summary["ratio_p05"]) is float
     assert type(summary["by_group"]["other"]["n_samples"]) is int
+    assert "by_label" not in summary and "by_class_group" not in summary
+
+
+def test_class_labelled_samples_are_summarized_per_class_and_class_group():
+    """Table 4 on ImageNet groups class-conditional samples by the class they were generated for: a
+    sample of a repeated class counts there even when its nearest image lies in another group."""
+    train_groups = np.array(["repeated", "repeated", "non_repeated", "non_repeated", "non_repeated"])
+    train_labels = np.array([0, 0, 1, 2, 2])
+    assert class_groups(train_groups, train_labels) == {0: "repeated", 1: "non_repeated", 2: "non_repeated"}
+    indices = np.array([[0, 1], [2, 3], [3, 4], [1, 0], [4, 3]])
+    d1 = np.array([0.1, 0.2, 0.9, 0.5, 0.05])
+    sample_labels = np.array([0, 0, 2, 1, 7])  # class 7 has no training image
+    table = memorization_table(indices, np.stack([d1, np.ones(5)], 1), train_groups, train_labels,
+                               np.arange(5), sample_labels=sample_labels)
+    assert table.column("label").to_pylist() == [0, 0, 2, 1, 7]
+    assert table.column("label_group").to_pylist() == ["repeated", "repeated", "non_repeated", "non_repeated", "unseen"]
+    summary = summarize(table)
+    # memorized: samples 0, 1 and 4 (d1 < 1/3); by nearest image: repeated {0, 3}, non_repeated {1, 2, 4}
+    assert summary["by_group"] == {"non_repeated": {"n_samples": 3, "mem_ratio": pytest.approx(2 / 3)},
+                                   "repeated": {"n_samples": 2, "mem_ratio": 0.5}}
+    assert summary["by_class_group"] == {"non_repeated": {"n_samples": 2, "mem_ratio": 0.0},
+                                         "repeated": {"n_samples": 2, "mem_ratio": 1.0},
+                                         "unseen": {"n_samples": 1, "mem_ratio": 1.0}}
+    assert summary["by_label"] == {"0": {"n_samples": 2, "mem_ratio": 1.0}, "1": {"n_samples": 1, "mem_ratio": 0.0},
+                                   "2": {"n_samples": 1, "mem_ratio": 0.0}, "7": {"n_samples": 1, "mem_ratio": 1.0}}
+    # nearest images' classes 0, 1, 2, 0, 2 against the samples' 0, 0, 2, 1, 7
+    assert summary["nn1_same_class"] == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="sample_labels"):
+        memorization_table(indices, np.stack([d1, np.ones(5)], 1), train_groups, train_labels, np.arange(5),
+                           sample_labels=[0, 1])
 
 
 def test_memorization_table_rejects_duplicate_training_images():

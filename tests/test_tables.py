@@ -172,3 +172,33 @@ def test_curve_figure_draws_students_along_training(tmp_path):
     only_teachers.write_text("".join(kept))
     with pytest.raises(ValueError, match="no student rows"):
         curve_figure(only_teachers, tmp_path / "none.png")
+
+
+def test_class_conditional_rows_group_by_the_class_they_were_generated_for(tmp_path):
+    """Table 4 on ImageNet: a class-conditional row's per-group cells come from `by_class_group`, an
+    unconditional row's from `by_group`; the note says which."""
+    def with_classes(m, by_class):
+        m["memorization"]["by_class_group"] = {g: {"mem_ratio": v} for g, v in by_class.items()}
+        m["sscd"]["by_class_group"] = {g: {"mem_ratio": v, "p95": 0.5} for g, v in by_class.items()}
+        return m
+
+    rows_cfg = [{"setting": "CIFAR-10", "label": "Teacher", "model": "t-c", "sampler": "heun-18", "group_by": "neighbour"},
+                {"setting": "ImageNet", "label": "Teacher", "model": "t-i", "sampler": "heun-40", "group_by": "class"}]
+    metrics = [with_classes(metric("t-c", "heun-18", 35, 12.0, 0.14, {"repeated": 0.74, "non_repeated": 0.0}, (0.1, 0.8)),
+                            {"repeated": 0.99, "non_repeated": 0.99}),
+               with_classes(metric("t-i", "heun-40", 79, 25.0, 0.0037, {"repeated": 0.5, "non_repeated": 0.5}, (0.0037, 0.25)),
+                            {"repeated": 0.0735, "non_repeated": 0.0})]
+    paths = []
+    for i, m in enumerate(metrics):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    rows = write_table("Table 4", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+    assert (rows[0]["mem_repeated"], rows[0]["mem_non_repeated"]) == (0.74, 0.0)
+    assert (rows[1]["mem_repeated"], rows[1]["mem_non_repeated"]) == (0.0735, 0.0)
+    assert rows[1]["sscd_mem_repeated"] == 0.0735 and rows[0]["sscd_mem_repeated"] == 0.37
+    md = (tmp_path / "t.md").read_text()
+    assert "for class-conditional models and their yardsticks, the group of the class each sample was generated for" in md
+    del metrics[1]["memorization"]["by_class_group"]
+    paths[1].write_text(json.dumps(metrics[1]))
+    with pytest.raises(ValueError, match="by_class_group"):
+        write_table("Table 4", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")

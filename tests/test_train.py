@@ -105,6 +105,31 @@ def test_accumulated_micro_batches_train_the_same_model_as_one_batch():
                                                                        rel=1e-4)
 
 
+def test_class_labels_travel_with_their_rows():
+    """Every micro-batch hands the objective each image's own class: images whose pixels spell their
+    index, labels a function of the index, with repeats and accumulation."""
+    class Recording(EDMObjective):
+        seen = []
+
+        def loss(self, model, y, noise, labels=None):
+            index = y[:, 0, 0, 0].round().long()
+            assert torch.equal(labels, (7 * index) % 5), (index, labels)
+            self.seen += index.tolist()
+            return super().loss(model, y / 10, noise, labels)
+
+    torch.manual_seed(0)
+    net = build_net({**TINY_UNET, "num_class_embeds": 5}, 8, 1)
+    images = torch.arange(6, dtype=torch.float32).reshape(6, 1, 1, 1).expand(6, 1, 8, 8).contiguous()
+    labels = (7 * torch.arange(6)) % 5
+    rows = np.array([0, 1, 2, 3, 4, 5, 5, 2])
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, ema_halflife_kimg=0.01, batch_per_process=2)
+    objective = Recording(EDMDenoiser(net), EDMLoss())
+    train(objective, images, rows, cfg, Accelerator(cpu=True), labels=labels)
+    assert sorted(objective.seen) == sorted(rows.tolist() * 3)  # every row of every step, once
+    with pytest.raises(ValueError, match="one class per image"):
+        train(objective, images, rows, cfg, Accelerator(cpu=True), labels=labels[:4])
+
+
 def test_channels_last_trains_the_same_model():
     """train.channels_last stores the network and batches NHWC (faster convolutions on tensor cores);
     the arithmetic is the same up to rounding."""

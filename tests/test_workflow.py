@@ -494,6 +494,11 @@ def test_tiny_run_yardsticks_bracket_the_models(tiny_run, monkeypatch):
     # replayed training images are their own most similar training image in SSCD space too
     assert metrics["replay"]["sscd"]["mem_ratio"] == 1.0
     assert metrics["replay"]["sscd"]["max"] == pytest.approx(1.0, abs=1e-5)
+    # yardstick images carry their class: per-class figures in both spaces, and a replayed image's
+    # nearest training image (itself) is always of its own class
+    for space in ("memorization", "sscd"):
+        assert metrics["replay"][space]["nn1_same_class"] == 1.0
+        assert sum(v["n_samples"] for v in metrics["real"][space]["by_label"].values()) == metrics["real"]["num_samples"]
     assert metrics["real"]["memorization"]["mem_ratio"] == 0.0
     assert metrics["real"]["quality"]["value"] < metrics["blur"]["quality"]["value"]
     subset = read_subset(workdir / "results" / "subsets" / "digits-48.parquet")

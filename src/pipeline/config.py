@@ -62,6 +62,12 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
         need("teachers", s["teacher"], f"students.{name}.teacher")
         if "net" in s:
             need("nets", s["net"], f"students.{name}.net")
+    if not problems:
+        for name, s in cfg.get("students", {}).items():
+            ours, theirs = num_classes(net_of(cfg, name)), num_classes(net_of(cfg, s["teacher"]))
+            if ours != theirs:
+                problems.append(f"  students.{name}.net: conditioned on {ours} classes, its teacher {s['teacher']!r} "
+                                f"on {theirs} (num_class_embeds; None = unconditional): they must agree")
     for kind in ("teachers", "students"):
         for name, entry in cfg.get(kind, {}).items():
             late = [k for k in entry.get("snapshots", []) if k > entry["train"]["steps"]]
@@ -181,6 +187,25 @@ def model_dir(cfg: Mapping[str, Any], model: str) -> str:
     return f"results/{kind}/{model}"
 
 
+def net_of(cfg: Mapping[str, Any], model: str) -> dict:
+    """The net config of a teacher or student (or snapshot): a student's own `net`, else its teacher's."""
+    model = base_model(model)
+    if model in cfg["teachers"]:
+        return cfg["nets"][cfg["teachers"][model]["net"]]
+    student = cfg["students"][model]
+    return cfg["nets"][student["net"]] if "net" in student else net_of(cfg, student["teacher"])
+
+
+def class_conditional(cfg: Mapping[str, Any], model: str) -> bool:
+    return num_classes(net_of(cfg, model)) is not None
+
+
+def num_classes(net: Mapping[str, Any]) -> int | None:
+    """The number of classes a net is conditioned on (diffusers' `num_class_embeds`), None if unconditional."""
+    n = net.get("num_class_embeds")
+    return None if n is None else int(n)
+
+
 def subset_of(cfg: Mapping[str, Any], model: str) -> str:
     """The training subset a model saw: its own for a teacher, its teacher's for a student; for a
     yardstick, the subset it stands beside."""
@@ -207,9 +232,13 @@ def yardstick_settings(cfg: Mapping[str, Any]) -> dict:
 
 def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
     """A table's configured rows, then one yardstick row per kind for each training subset its models saw;
-    every row names its model's training subset (`subset`), which places it among its yardsticks."""
+    every row names its model's training subset (`subset`), which places it among its yardsticks, and
+    how its per-group columns group samples (`group_by`): by the class a class-conditional model
+    generated each sample for, else by each sample's nearest training image; a yardstick groups as the
+    models of its subset do."""
     rows = [{**r, "subset": subset_of(cfg, r["model"]),
-             "role": "teacher" if base_model(r["model"]) in cfg["teachers"] else "student"}
+             "role": "teacher" if base_model(r["model"]) in cfg["teachers"] else "student",
+             "group_by": "class" if class_conditional(cfg, r["model"]) else "neighbour"}
             for r in cfg["tables"][table]["rows"]]
     if not cfg["tables"][table].get("yardsticks", True):
         return rows
@@ -221,8 +250,9 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
     for s in subsets:
         for kind in yardstick_settings(cfg)["kinds"]:
             label = YARDSTICK_LABELS[kind] + (f" (sigma = {sigma:g} px)" if kind == "blur" else "")
+            by_class = any(r["group_by"] == "class" for r in rows if r["subset"] == s and r["role"] != "yardstick")
             rows.append({"setting": s, "label": label, "model": yardstick_id(kind, s), "sampler": YARDSTICK_SAMPLER,
-                         "subset": s, "role": "yardstick"})
+                         "subset": s, "role": "yardstick", "group_by": "class" if by_class else "neighbour"})
     return rows
 
 

@@ -24,7 +24,11 @@ COLUMNS = (
     "memorized",
     "nn1_group",
     "nn1_label",
+    "label",
+    "label_group",
 )
+UNLABELLED = -1  # the `label` of a sample generated without a class (an unconditional model)
+UNSEEN = "unseen"  # the class group of a label no training image carries
 
 
 def l2_ratio_memorized(d1, d2, ratio: float = DEFAULT_RATIO) -> np.ndarray:
@@ -60,6 +64,24 @@ def _per_train_column(values, name: str, indices: np.ndarray) -> pa.Array:
     return pa.array(values[indices])
 
 
+def class_groups(train_group, train_label) -> dict[int, str]:
+    """The group of each class of a training set: "repeated" if any of its images is repeated, else the
+    commonest group of its images ("uniform", "non_repeated"). A class-conditional sample belongs to
+    the group of the class it was generated for: Table 4's repeated and non-repeated classes."""
+    groups: dict[int, list[str]] = {}
+    for g, c in zip(np.asarray(train_group).tolist(), np.asarray(train_label).tolist()):
+        groups.setdefault(int(c), []).append(str(g))
+    return {c: "repeated" if "repeated" in gs else max(sorted(set(gs)), key=gs.count) for c, gs in groups.items()}
+
+
+def label_groups(sample_labels, train_group, train_label) -> pa.Array:
+    """The class group of each sample's label (`class_groups` of the training set; null for an
+    unlabelled sample, UNSEEN for a class no training image has)."""
+    groups = class_groups(train_group, train_label)
+    return pa.array([None if int(c) == UNLABELLED else groups.get(int(c), UNSEEN)
+                     for c in np.asarray(sample_labels).tolist()], pa.string())
+
+
 def memorization_table(
     indices,
     distances,
@@ -67,11 +89,14 @@ def memorization_table(
     train_label,
     sample_ids,
     ratio: float = DEFAULT_RATIO,
+    sample_labels=None,
 ) -> pa.Table:
     """One row per generated sample: its two nearest unique training images and the verdict.
 
     `indices`/`distances` come from `search.nearest_neighbours` (k >= 2) run against the
     deduplicated training set; `train_group`/`train_label` are indexed by that set's rows.
+    `sample_labels`: each sample's own class (UNLABELLED = -1 without one), with the group of
+    that class beside it (`class_groups`).
     """
     indices = np.asarray(indices)
     distances = np.asarray(distances, dtype=np.float64)
@@ -84,6 +109,10 @@ def memorization_table(
     sample_ids = np.asarray(sample_ids)
     if sample_ids.shape != (indices.shape[0],):
         raise ValueError(f"sample_ids must have length {indices.shape[0]}, got {sample_ids.shape}")
+
+    labels = np.full(len(sample_ids), UNLABELLED, np.int64) if sample_labels is None else np.asarray(sample_labels, np.int64)
+    if labels.shape != sample_ids.shape:
+        raise ValueError(f"sample_labels must have length {len(sample_ids)}, got {labels.shape}")
 
     idx1 = indices[:, 0].astype(np.int64)
     idx2 = indices[:, 1].astype(np.int64)
@@ -100,8 +129,33 @@ def memorization_table(
             "memorized": pa.array(memorized),
             "nn1_group": _per_train_column(train_group, "train_group", idx1),
             "nn1_label": _per_train_column(train_label, "train_label", idx1),
+            "label": pa.array(labels),
+            "label_group": label_groups(labels, train_group, train_label),
         }
     )
+
+
+def _grouped(keys, values, stats) -> dict:
+    """`stats(values[rows])` for the rows of each key, keys as strings in sorted order."""
+    keys = np.asarray(keys)
+    return {str(k): stats(values[keys == k]) for k in sorted(set(keys.tolist()))}
+
+
+def _class_stats(table: pa.Table, values: np.ndarray, stats) -> dict:
+    """Per-class figures of class-labelled samples: by the sample's own class (`by_label`), by the group
+    of that class (`by_class_group`), and the share whose nearest training image is of that class
+    (`nn1_same_class`; for real images, pixel-space 1-NN classification accuracy). Empty when any
+    sample is unlabelled (an unconditional model)."""
+    if "label" not in table.column_names:
+        return {}
+    labels = table.column("label").to_numpy()
+    if len(labels) == 0 or (labels == UNLABELLED).any():
+        return {}
+    out = {"by_label": _grouped(labels, values, stats),
+           "by_class_group": _grouped(np.asarray(table.column("label_group").to_pylist()), values, stats)}
+    if "nn1_label" in table.column_names:
+        out["nn1_same_class"] = float((table.column("nn1_label").to_numpy() == labels).mean())
+    return out
 
 
 def summarize(table: pa.Table) -> dict:
@@ -121,13 +175,9 @@ def summarize(table: pa.Table) -> dict:
     nn1 = np.asarray(table.column("nn1_distance").to_numpy(zero_copy_only=False), dtype=np.float64)
     groups = table.column("nn1_group").to_pylist()
 
-    by_group: dict = {}
-    for group in sorted(set(groups), key=lambda g: (str(type(g)), g)):
-        mask = np.fromiter((g == group for g in groups), dtype=bool, count=len(groups))
-        by_group[group] = {
-            "n_samples": int(mask.sum()),
-            "mem_ratio": float(memorized[mask].mean()),
-        }
+    def stats(flags):
+        return {"n_samples": int(flags.size), "mem_ratio": float(flags.mean())}
+
     return {
         "n_samples": int(table.num_rows),
         "mem_ratio": float(memorized.mean()),
@@ -135,16 +185,18 @@ def summarize(table: pa.Table) -> dict:
         "ratio_median": float(np.median(ratio)),
         "ratio_p05": float(np.percentile(ratio, 5)),
         "nn1_distance_median": float(np.median(nn1)),
-        "by_group": by_group,
+        "by_group": _grouped(np.asarray(groups, dtype=str), memorized, stats),
+        **_class_stats(table, memorized, stats),
     }
 
 
 SSCD_THRESHOLD = 0.5  # the copy threshold of Somepalli et al. (2023) and the study (Section 4.1)
 
 
-def similarity_summary(similarity, groups=None, threshold: float = SSCD_THRESHOLD) -> dict:
+def similarity_summary(similarity, groups=None, threshold: float = SSCD_THRESHOLD, table: pa.Table | None = None) -> dict:
     """The study's SSCD statistics of nearest-neighbour similarities: share above `threshold`
-    ("SSCD Mem"), p95, mean and max, overall and per group tag of the nearest training image."""
+    ("SSCD Mem"), p95, mean and max, overall and per group tag of the nearest training image; with the
+    similarity `table` of class-labelled samples, per class and class group too."""
     sim = np.asarray(similarity, dtype=np.float64)
     if sim.ndim != 1 or sim.size == 0:
         raise ValueError("need a non-empty 1-D array of similarities")
@@ -155,6 +207,7 @@ def similarity_summary(similarity, groups=None, threshold: float = SSCD_THRESHOL
 
     out = {**stats(sim), "threshold": threshold}
     if groups is not None:
-        groups = np.asarray(groups)
-        out["by_group"] = {str(g): stats(sim[groups == g]) for g in sorted(set(groups.tolist()))}
+        out["by_group"] = _grouped(np.asarray(groups), sim, stats)
+    if table is not None:
+        out.update(_class_stats(table, sim, stats))
     return out

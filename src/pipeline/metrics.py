@@ -37,7 +37,8 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         if sim.num_rows != manifest["num_samples"]:
             raise ValueError(f"{sscd_neighbours} has {sim.num_rows} rows, {manifest_path} lists {manifest['num_samples']}")
         result["sscd"] = similarity_summary(sim.column("similarity").to_numpy(),
-                                            sim.column("nn1_group").to_numpy(zero_copy_only=False), sscd_threshold)
+                                            sim.column("nn1_group").to_numpy(zero_copy_only=False), sscd_threshold,
+                                            table=sim)
     if clip_images or clip_texts:
         from .clip import clip_score
         from .embed import read_embeddings

@@ -31,6 +31,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import upsample_2d
 from torch import nn
 
+from .config import num_classes
+
 # Keys passed straight to diffusers.UNet2DModel; everything else in a net config is rejected by the schema.
 UNET_KEYS = (
     "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
@@ -145,6 +147,19 @@ def build_net(cfg: Mapping[str, Any], resolution: int, channels: int) -> UNetBac
         residual = ResidualInput(channels, widths, cfg.get("resample_filter", (1, 1)))
         residual.attach(unet.down_blocks[:-1])
     return UNetBackbone(unet, residual)
+
+
+def class_labels(cfg: Mapping[str, Any], labels, source: str = "the training set") -> torch.Tensor | None:
+    """The per-image classes a net trains on: None for an unconditional net, else `labels` as int64,
+    each checked to lie in [0, num_class_embeds) so a wrong label cannot index a wrong embedding."""
+    n = num_classes(cfg)
+    if n is None:
+        return None
+    labels = torch.as_tensor(np.array(labels, dtype=np.int64))
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        raise ValueError(f"{source} has class labels in [{int(labels.min())}, {int(labels.max())}], the "
+                         f"class-conditional net embeds {n} classes (num_class_embeds): labels must lie in [0, {n})")
+    return labels
 
 
 def count_parameters(module: nn.Module) -> int:

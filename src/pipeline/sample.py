@@ -2,7 +2,9 @@
 
 Sample i's noise comes from its own generator, seeded from (run seed, i), and is drawn on the CPU
 before moving to the device: shard k of N samples holds the same images whether one GPU wrote all
-shards or many GPUs wrote one each, and whatever the batch size.
+shards or many GPUs wrote one each, and whatever the batch size. A class-conditional model's sample i
+is generated for a class drawn uniformly from a stream of its own (run seed, i, LABEL_STREAM), as
+NVlabs/edm generate.py draws a random class per seed, and the shard's `label` column records it.
 """
 from __future__ import annotations
 
@@ -15,13 +17,25 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import EDM_SAMPLERS
-from .diffusion import consistency_sample, edm_sample, karras_sigmas
+from .diffusion import conditioned, consistency_sample, edm_sample, karras_sigmas
 from .diffusion.solvers import heun_nfe
 from .io import unit_to_images, write_image_table
 from .shards import shard_range
 from .modelio import load_model
+from .nets import class_labels, num_classes
 
 log = logging.getLogger(__name__)
+
+
+LABEL_STREAM = 1  # third word of a sample's class seed: a stream apart from its noise, which keeps (run seed, i)
+
+
+def sample_labels(run_seed: int, indices: Sequence[int], classes: int) -> np.ndarray:
+    """The class of each sample index, uniform over [0, classes), from (run seed, index) alone."""
+    if classes < 1:
+        raise ValueError(f"a class-conditional model needs at least one class, got {classes}")
+    return np.asarray([np.random.default_rng([int(run_seed), int(i), LABEL_STREAM]).integers(classes)
+                       for i in indices], dtype=np.int64)
 
 
 def sample_seed(run_seed: int, index: int) -> int:
@@ -74,10 +88,20 @@ def sampler_nfe(sampler: Mapping[str, Any]) -> int:
 
 
 def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: Sequence[int],
-             device: torch.device | str = "cpu") -> np.ndarray:
-    """Generate one image per seed with the named sampler; returns uint8 NHWC."""
+             device: torch.device | str = "cpu", labels: Sequence[int] | None = None) -> np.ndarray:
+    """Generate one image per seed with the named sampler; returns uint8 NHWC. A class-conditional
+    model needs `labels`, the class of each image; an unconditional one takes none."""
     shape = (meta["channels"], meta["resolution"], meta["resolution"])
     kind = sampler["kind"]
+    classes = num_classes(meta["net"])
+    if (classes is None) != (labels is None):
+        raise ValueError("a class-conditional model needs one label per sample" if labels is None
+                         else "labels were given to an unconditional model")
+    if labels is not None:
+        labels = class_labels(meta["net"], labels, "the requested samples").to(device)
+        if len(labels) != len(seeds):
+            raise ValueError(f"{len(labels)} labels for {len(seeds)} samples")
+    model = conditioned(model, labels)
     noise = NoiseStream(seeds, shape, device)
     if kind in EDM_SAMPLERS:
         if meta["kind"] != "edm":
@@ -102,19 +126,23 @@ def write_shard(model_dir: str | Path, out_path: str | Path, sampler_name: str, 
     model, meta = load_model(model_dir, device)
     indices = list(shard_range(shard, shard_size, num_samples))
     seeds = [sample_seed(run_seed, i) for i in indices]
+    classes = num_classes(meta["net"])
+    labels = None if classes is None else sample_labels(run_seed, indices, classes)
     images = []
     for lo in tqdm(range(0, len(seeds), batch_size), desc=f"sample {model_id}/{sampler_name} shard {shard}", mininterval=5):
-        images.append(generate(model, meta, sampler, seeds[lo:lo + batch_size], device))
+        images.append(generate(model, meta, sampler, seeds[lo:lo + batch_size], device,
+                               None if labels is None else labels[lo:lo + batch_size]))
     images = np.concatenate(images)
     n = len(indices)
     nfe = sampler_nfe(sampler)
     write_image_table(out_path, images, {
         "sample_id": np.asarray(indices, dtype=np.int64),
         "seed": np.asarray(seeds, dtype=np.int64),
-        "label": np.full(n, -1, dtype=np.int64),  # unconditional models; class-conditional ones fill this
+        "label": np.full(n, -1, dtype=np.int64) if labels is None else labels,  # -1: unconditional
         "model": [model_id] * n,
         "sampler": [sampler_name] * n,
         "nfe": np.full(n, nfe, dtype=np.int64),
-    }, {"model": model_id, "sampler": sampler_name, "run_seed": run_seed, "shard": shard})
+    }, {"model": model_id, "sampler": sampler_name, "run_seed": run_seed, "shard": shard,
+        "num_classes": classes if classes is not None else 0})
     log.info("wrote %d samples (%d NFE each) to %s", n, nfe, out_path)
     return n

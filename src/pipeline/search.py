@@ -300,6 +300,11 @@ def own_training_index(table) -> np.ndarray | None:
     return table.column(OWN_INDEX).to_numpy().astype(np.int64)
 
 
+def sample_labels(table) -> np.ndarray | None:
+    """The `label` column of a sample table (each sample's class, -1 when generated without one), or None."""
+    return table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names else None
+
+
 def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", ratio: float | None = None,
                    device: str = "auto") -> dict:
     """Stage 5: nearest unique training images of every sample, with the L2 ratio decision, to Parquet."""
@@ -321,7 +326,8 @@ def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", 
                                             exclude=exclude)
     distances = distances * DISTANCE_SCALE.get(space, 1.0)
     result = memorization_table(indices, distances, subset.group, subset.labels,
-                                table.column("sample_id").to_numpy(), ratio=ratio or DEFAULT_RATIO)
+                                table.column("sample_id").to_numpy(), ratio=ratio or DEFAULT_RATIO,
+                                sample_labels=sample_labels(table))
     with atomic_output(out_path) as tmp:
         pq.write_table(result.replace_schema_metadata({"space": space, "manifest": str(manifest_path)}), tmp)
     return summarize(result)
@@ -335,6 +341,7 @@ def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_pat
     from .data import read_subset
     from .embed import read_embeddings
     from .io import atomic_output
+    from .memorization import UNLABELLED, label_groups
     from .shards import read_samples
 
     samples, train = read_embeddings(samples_emb), read_embeddings(train_emb)
@@ -346,7 +353,11 @@ def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_pat
     if len(samples) != n:
         raise ValueError(f"{samples_emb} holds {len(samples)} rows, {manifest_path} lists {n} samples")
     idx, sim = most_similar(samples, train, device, exclude=own_training_index(table))
+    labels = sample_labels(table)
+    labels = np.full(n, UNLABELLED, np.int64) if labels is None else labels
     table = pa.table({"sample_id": pa.array(np.arange(n, dtype=np.int64)), "nn1_index": pa.array(idx),
-                      "similarity": pa.array(sim), "nn1_group": pa.array(subset.group[idx])})
+                      "similarity": pa.array(sim), "nn1_group": pa.array(subset.group[idx]),
+                      "nn1_label": pa.array(subset.labels[idx]), "label": pa.array(labels),
+                      "label_group": label_groups(labels, subset.group, subset.labels)})
     with atomic_output(out_path) as tmp:
         pq.write_table(table.replace_schema_metadata({"space": "sscd"}), tmp)

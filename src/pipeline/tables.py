@@ -21,28 +21,41 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
+# A row's per-group columns: the group of each sample's nearest training image, or of the class a
+# class-conditional model generated it for (config.table_rows decides which, per row).
+GROUPINGS = {"neighbour": "by_group", "class": "by_class_group"}
+
+
+def _by(summary: Mapping[str, Any], key: str) -> dict:
+    if key in summary:
+        return summary[key]
+    raise ValueError(f"the metrics have no {key!r}: per-class figures need every sample to carry its class "
+                     "(the `label` column of the samples); rerun the sample and search rules")
+
+
 def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str | Path]) -> tuple[list[str], list[dict]]:
     """One row per configured (model, sampler); returns (group names in order, rows of raw values)."""
     metrics = [read_json(p) for p in metric_paths]
-    groups = sorted({g for m in metrics for g in m["memorization"]["by_group"]})
+    grouping = [GROUPINGS[cfg.get("group_by", "neighbour")] for cfg in rows_cfg]
+    groups = sorted({g for m, key in zip(metrics, grouping) for g in _by(m["memorization"], key)})
     rows = []
-    for cfg, m in zip(rows_cfg, metrics):
+    for cfg, m, key in zip(rows_cfg, metrics, grouping):
         mem, q, training = m["memorization"], m["quality"], m.get("training") or {}
         row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
                "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
                "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
                "role": cfg.get("role", ""), "step": training.get("step") or training.get("steps"),
                "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
-               "num_samples": mem["n_samples"]}
+               "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour")}
         for g in groups:
-            row[f"mem_{g}"] = mem["by_group"].get(g, {}).get("mem_ratio")
+            row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
         if "clip" in m:
             row["clip_score"] = m["clip"]["value"]
         if "sscd" in m:
             row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
                        sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"])
             for g in groups:
-                by = m["sscd"].get("by_group", {}).get(g)
+                by = _by(m["sscd"], key).get(g)
                 row[f"sscd_mem_{g}"], row[f"sscd_p95_{g}"] = (by["mem_ratio"], by["p95"]) if by else (None, None)
         rows.append(row)
     return groups, rows
@@ -159,7 +172,7 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     notes: list[str | list[str]] = [
         f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
         "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
-        "Per-group columns use the group of each sample's nearest training image. "
+        f"{_grouping_note(rows)} "
         f"{qname}: lower is better; {_references(rows)}."]
     if clip:
         notes.append("CLIP: 100 x the cosine similarity of each sample's CLIP image embedding and its prompt's "
@@ -183,6 +196,19 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                      "image against the other training images (what counts as \"similar\" within the data itself: "
                      "near-duplicates there are memorized by this criterion without any copying).")
     return head, body, notes
+
+
+def _grouping_note(rows) -> str:
+    ways = {r["group_by"] for r in rows}
+    by_class = ("the group of the class each sample was generated for (a class is repeated if any of its "
+                "training images is; real images count under their own class)")
+    by_neighbour = "the group of each sample's nearest training image"
+    if ways == {"class"}:
+        return f"Per-group columns use {by_class}."
+    if ways == {"neighbour"}:
+        return f"Per-group columns use {by_neighbour}."
+    return (f"Per-group columns use, for class-conditional models and their yardsticks, {by_class}; "
+            f"for the others, {by_neighbour}.")
 
 
 def render_markdown(title: str, head, body, notes) -> str:

@@ -15,7 +15,7 @@ from .diffusion import EDMDenoiser
 from .diffusion.loss import EDMLoss
 from .io import images_to_unit, sha256_file
 from .modelio import model_meta, model_snapshots, save_model
-from .nets import build_net, count_parameters
+from .nets import build_net, class_labels, count_parameters, num_classes
 from .train import TrainConfig, publish_snapshots, train
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ class EDMObjective:
         self.model = model
         self.edm_loss = loss
 
-    def loss(self, model, y, noise):
-        return self.edm_loss(model, y, noise)
+    def loss(self, model, y, noise, labels=None):
+        return self.edm_loss(model, y, noise, labels)
 
     def after_step(self, model, step):
         pass
@@ -50,16 +50,20 @@ def train_teacher(subset_path: str | Path, out_dir: str | Path, cfg: Mapping[str
     sigma_data = edm.get("sigma_data", 0.5)
     model = EDMDenoiser(build_net(net_cfg, resolution, channels), sigma_data)
     objective = EDMObjective(model, EDMLoss(edm.get("p_mean", -1.2), edm.get("p_std", 1.2), sigma_data))
-    log.info("teacher: %d unique images (%d with repeats), %d parameters, %d processes",
-             len(subset), len(subset.expanded_indices()), count_parameters(model), accelerator.num_processes)
+    labels = class_labels(net_cfg, subset.labels, str(subset_path))
+    log.info("teacher: %d unique images (%d with repeats), %d parameters, %s, %d processes",
+             len(subset), len(subset.expanded_indices()), count_parameters(model),
+             "unconditional" if labels is None else f"conditioned on {num_classes(net_cfg)} classes",
+             accelerator.num_processes)
     fingerprint = json.dumps({"net": net_cfg, "edm": cfg.get("edm", {}), "snapshots": cfg.get("snapshots", []),
                               "subset": sha256_file(subset_path)}, sort_keys=True)
     meta = model_meta("edm", net_cfg, resolution, channels, sigma_data,
                       edm.get("sigma_min", 0.002), edm.get("sigma_max", 80.0))
     snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "edm")
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
-                       snapshots, metrics_log)
-    stats.update(parameters=count_parameters(model), subset=str(subset_path), unique_images=len(subset))
+                       snapshots, metrics_log, labels)
+    stats.update(parameters=count_parameters(model), subset=str(subset_path), unique_images=len(subset),
+                 num_classes=num_classes(net_cfg))
     if accelerator.is_main_process:
         publish_snapshots(snapshots, out_dir)
         save_model(out_dir, ema, meta, stats)

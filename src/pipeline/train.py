@@ -57,7 +57,8 @@ class TrainConfig:
 class Objective(Protocol):
     model: torch.nn.Module
 
-    def loss(self, model: torch.nn.Module, y: torch.Tensor, noise: BatchNoise) -> torch.Tensor: ...
+    def loss(self, model: torch.nn.Module, y: torch.Tensor, noise: BatchNoise,
+             labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def after_step(self, model: torch.nn.Module, step: int) -> None: ...
 
@@ -208,11 +209,13 @@ def split_batch(batch_size: int, processes: int, batch_per_process: int | None) 
 def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: TrainConfig,
           accelerator: Accelerator, checkpoint_dir: str | Path | None = None,
           fingerprint: str = "", snapshots: Snapshots | None = None,
-          metrics_log: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
+          metrics_log: str | Path | None = None, labels: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict]:
     """Run `cfg.steps` optimizer steps; return (EMA model on CPU, stats).
 
     images: unique training images (N, C, H, W) in [-1, 1]; rows: positions into `images`, with a
-    row repeated as often as that image is repeated in the training set. The global batch is split
+    row repeated as often as that image is repeated in the training set; labels: the class of each
+    image (N,), given to the objective with its batch for a class-conditional model, else None.
+    The global batch is split
     evenly across processes, then into micro-batches whose gradients are accumulated; its data order
     and noise are drawn for the whole global batch (diffusion/noise.py), so the same config trains the
     same model on 1 or N GPUs with or without accumulation, up to float summation order (dropout
@@ -228,6 +231,10 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     local_batch = micro * accumulation
     device = accelerator.device
     images = images.to(device)
+    if labels is not None:
+        if labels.shape != (len(images),):
+            raise ValueError(f"{tuple(labels.shape)} labels for {len(images)} images: need one class per image")
+        labels = labels.to(device=device, dtype=torch.long)
 
     model = objective.model
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -298,8 +305,10 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
                 gen.manual_seed(seed)  # every micro-batch draws the global batch's noise and keeps its rows
                 torch.manual_seed(step_seed(seed, lo))  # dropout masks: per micro-batch, reproducible on resume
                 with accelerator.accumulate(model):
-                    y = images[batch[lo:lo + micro]].contiguous(memory_format=layout)
-                    part = objective.loss(model, y, BatchNoise(gen, cfg.batch_size, lo, lo + micro)).mean()
+                    rows_j = batch[lo:lo + micro]
+                    y = images[rows_j].contiguous(memory_format=layout)
+                    part = objective.loss(model, y, BatchNoise(gen, cfg.batch_size, lo, lo + micro),
+                                          None if labels is None else labels[rows_j]).mean()
                     accelerator.backward(part)
                     loss = loss + part.detach() / accumulation
                     if accelerator.sync_gradients:

@@ -1,6 +1,6 @@
 """The one EDM/consistency core shared by teacher training, distillation and sampling."""
 from .karras import karras_sigmas
-from .precond import ConsistencyFunction, EDMDenoiser, consistency_scalings, edm_scalings
+from .precond import ConsistencyFunction, EDMDenoiser, conditioned, consistency_scalings, edm_scalings
 from .solvers import consistency_sample, edm_sample, euler_step, heun_sample, heun_step
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "consistency_scalings",
     "EDMDenoiser",
     "ConsistencyFunction",
+    "conditioned",
     "euler_step",
     "heun_step",
     "heun_sample",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .noise import BatchNoise
-from .precond import EDMDenoiser
+from .precond import EDMDenoiser, conditioned
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,13 @@ class EDMLoss:
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
     def __call__(self, denoiser: EDMDenoiser, y: torch.Tensor,
-                 noise: BatchNoise | torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample weighted loss, shape (batch,). y is a batch of clean images in [-1, 1]."""
+                 noise: BatchNoise | torch.Generator | None = None,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample weighted loss, shape (batch,). y is a batch of clean images in [-1, 1]; a
+        class-conditional denoiser sees each image's class (NVlabs/edm training/loss.py EDMLoss: net(y + n, sigma, labels))."""
         noise = BatchNoise.of(noise, y.shape[0], y.device)
         rnd = noise.randn(dtype=y.dtype)
         sigma = (rnd * self.p_std + self.p_mean).exp()
         n = noise.randn(y.shape[1:], dtype=y.dtype) * sigma.reshape(-1, 1, 1, 1)
-        d = denoiser(y + n, sigma)
+        d = conditioned(denoiser, class_labels)(y + n, sigma)
         return (self.weight(sigma).reshape(-1, 1, 1, 1) * (d - y) ** 2).flatten(1).mean(1)

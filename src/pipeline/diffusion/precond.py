@@ -5,6 +5,8 @@ why a consistency student can be initialized from an EDM teacher's weights uncha
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -49,11 +51,15 @@ class EDMDenoiser(nn.Module):
         c_skip, c_out, _, _ = edm_scalings(sigma, self.sigma_data)
         return c_skip, c_out
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`class_labels`: one class index per row, for a class-conditional net (EDM's D(x, sigma, y))."""
         sigma = _bcast(sigma, x)
         _, _, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         c_skip, c_out = self.skip_out(sigma)
-        f = self.net((c_in * x), c_noise.flatten())
+        if class_labels is None:
+            f = self.net((c_in * x), c_noise.flatten())
+        else:
+            f = self.net((c_in * x), c_noise.flatten(), class_labels)
         return c_skip * x + c_out * f.to(x.dtype)
 
 
@@ -66,3 +72,9 @@ class ConsistencyFunction(EDMDenoiser):
 
     def skip_out(self, sigma):
         return consistency_scalings(sigma, self.sigma_data, self.sigma_min)
+
+
+def conditioned(model, class_labels: torch.Tensor | None):
+    """The model as a function of (x, sigma) alone for rows of the given classes, which is how the ODE
+    steps, samplers and losses call it; the model itself when there are no labels (unconditional)."""
+    return model if class_labels is None else partial(model, class_labels=class_labels)

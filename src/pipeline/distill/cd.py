@@ -23,11 +23,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..data import read_subset
-from ..diffusion import ConsistencyFunction, euler_step, heun_step, karras_sigmas
+from ..diffusion import ConsistencyFunction, conditioned, euler_step, heun_step, karras_sigmas
 from ..diffusion.noise import BatchNoise
 from ..io import images_to_unit, sha256_file
 from ..modelio import load_model, model_meta, model_snapshots, save_model
-from ..nets import build_net, count_parameters, inherit_parameters
+from ..nets import build_net, class_labels, count_parameters, inherit_parameters, num_classes
 from ..train import TrainConfig, ema_update, publish_snapshots, train
 from .distances import get_distance
 
@@ -55,13 +55,16 @@ def replayed_rng(device: torch.device):
 
 
 def cd_loss(student, target, teacher, x, sigmas: torch.Tensor, distance, noise=None, solver=heun_step,
-            shared_dropout: bool = False) -> torch.Tensor:
+            shared_dropout: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample consistency distillation loss on clean images x.
 
     sigmas: ascending grid t_1 = sigma_min < ... < t_N = sigma_max (Song et al.'s indexing).
     shared_dropout: the target's forward pass reuses the online pass's dropout masks (both in train
     mode), so online and target differ by their weights and inputs only, as in the reference code.
+    labels: each image's class for class-conditional models; teacher, student and target all see it
+    (openai/consistency_models cm/karras_diffusion.py consistency_losses passes model_kwargs["y"] to each).
     """
+    student, target, teacher = (conditioned(m, labels) for m in (student, target, teacher))
     noise = BatchNoise.of(noise, x.shape[0], x.device)
     n = noise.randint(sigmas.numel() - 1)
     t_cur, t_next = sigmas[n].to(x.dtype), sigmas[n + 1].to(x.dtype)
@@ -96,10 +99,10 @@ class ConsistencyDistillation:
         self.shared_dropout = has_dropout(student)
         self.target = copy.deepcopy(student).requires_grad_(False).train(self.shared_dropout)
 
-    def loss(self, model, y, noise):
+    def loss(self, model, y, noise, labels=None):
         sigmas = self.sigmas.to(y.device)
         return cd_loss(model, self.target, self.teacher, y, sigmas, self.distance, noise, self.solver,
-                       self.shared_dropout)
+                       self.shared_dropout, labels)
 
     def after_step(self, model, step):
         ema_update(self.target, model, self.mu)
@@ -126,6 +129,9 @@ def build_student(teacher, teacher_net: Mapping[str, Any], spec: Mapping[str, An
     """The student consistency function, initialised from the teacher (every parameter of matching name
     and shape) or at random (App. D.3); returns (student, its net config, inheritance counts)."""
     net_cfg = student_net_config(teacher_net, spec.get("net_config"), spec.get("dropout", 0.0))
+    if num_classes(net_cfg) != num_classes(teacher_net):
+        raise ValueError(f"the student net is conditioned on {num_classes(net_cfg)} classes, its teacher on "
+                         f"{num_classes(teacher_net)} (num_class_embeds; None = unconditional): they must agree")
     net = build_net(net_cfg, resolution, channels)
     init = spec.get("init", "teacher")
     if init == "teacher":
@@ -161,6 +167,7 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     objective = ConsistencyDistillation(student, teacher, sigmas, distance, cfg["target_ema"], solver)
     subset = read_subset(subset_path)
     images = torch.from_numpy(images_to_unit(subset.images))
+    labels = class_labels(net_cfg, subset.labels, str(subset_path))
     log.info("consistency distillation: N=%d, %s teacher steps, metric=%s, target EMA %.4f, student dropout %.3f "
              "(shared masks: %s), %d parameters", cfg["num_scales"], solver, metric, objective.mu,
              net_cfg["dropout"], objective.shared_dropout, count_parameters(student))
@@ -174,8 +181,8 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
                       sigma_min, sigma_max, teacher=str(teacher_dir))
     snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "cd")
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
-                       snapshots, metrics_log)
-    stats.update(method="cd", teacher=str(teacher_dir), num_scales=cfg["num_scales"], metric=metric, solver=solver,
+                       snapshots, metrics_log, labels)
+    stats.update(method="cd", num_classes=num_classes(net_cfg), teacher=str(teacher_dir), num_scales=cfg["num_scales"], metric=metric, solver=solver,
                  target_ema=objective.mu, student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"),
                  **counts)
     if accelerator.is_main_process:
