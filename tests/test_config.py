@@ -185,6 +185,25 @@ def test_student_conditioned_unlike_its_teacher(cfg):
     pconfig.validate(cfg)
 
 
+def test_text_memorization_subsets_need_captioned_datasets(cfg):
+    cfg["datasets"]["digits-captioned"] = {"source": "digits", "resolution": 16,
+                                           "caption_templates": ["a handwritten digit {name}"]}
+    cfg["subsets"]["memorized-3x"] = {"dataset": "digits-captioned", "kind": "text_memorization", "n": 20,
+                                      "repeats": 10, "extra_ratio": 3, "seed": 0}
+    pconfig.validate(cfg)
+    assert pconfig.extra_dataset_of_subset(cfg, "memorized-3x") is None  # extras from its own dataset
+    cfg["subsets"]["memorized-3x"]["extra_dataset"] = "digits"
+    msg = error_of(cfg)
+    assert "subsets.memorized-3x.extra_dataset" in msg and "has no captions" in msg
+    cfg["subsets"]["memorized-3x"]["extra_dataset"] = "coco"
+    assert "'coco' is not defined under datasets" in error_of(cfg)
+    del cfg["subsets"]["memorized-3x"]["extra_ratio"], cfg["subsets"]["memorized-3x"]["extra_dataset"]
+    assert "'extra_ratio' is a required property" in error_of(cfg)
+    cfg["subsets"]["memorized-3x"]["extra_ratio"] = 3
+    cfg["subsets"]["digits-48"]["extra_ratio"] = 3
+    assert "belong to text_memorization subsets" in error_of(cfg)
+
+
 def test_heun_sampler_without_steps(cfg):
     cfg["samplers"]["heun-18"] = {"kind": "heun"}
     msg = error_of(cfg)

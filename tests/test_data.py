@@ -17,12 +17,15 @@ from pipeline.data import (
     FetchError,
     Subset,
     build_subset,
+    build_text_subset,
     fetch,
+    load_captioned,
     load_source,
     read_subset,
     verify,
     write_subset,
 )
+from pipeline.data.sources import DIGIT_NAMES, resize_center_crop
 from pipeline.io import CorruptFileError, write_image_table
 
 # ---------------------------------------------------------------- sources
@@ -308,3 +311,157 @@ def test_fetch_with_sha256_prefix(tmp_path):
     assert not bad.exists()
     with pytest.raises(FetchError, match="sha256 starting deadbeef"):
         fetch("http://127.0.0.1:9/x", tmp_path / "y.pth", sha256_prefix="deadbeef", timeout=5)
+
+
+# ---------------------------------------------------------------- image-prompt pairs
+
+TEMPLATES = ["a handwritten digit {name}", "the number {digit}, written by hand"]
+
+
+def test_captioned_digits_carry_their_class_in_the_prompt():
+    source = load_captioned({"source": "digits", "resolution": 8, "caption_templates": TEMPLATES})
+    images, labels = load_source({"source": "digits", "resolution": 8})
+    assert len(source) == len(images) and np.array_equal(source.labels, labels)
+    assert source.prompts[0] == f"a handwritten digit {DIGIT_NAMES[labels[0]]}"
+    assert source.prompts[1] == f"the number {labels[1]}, written by hand"
+    np.testing.assert_array_equal(source.read(np.array([5, 2])), images[[5, 2]])
+    with pytest.raises(ValueError, match="caption_templates"):
+        load_captioned({"source": "digits"})
+    with pytest.raises(ValueError, match="has no captions"):
+        load_captioned({"source": "cifar10", "archive": "x"})
+
+
+def test_text_memorization_subset_from_one_source(tmp_path):
+    """n pairs seen `repeats` times, extra_ratio x n others seen once, never a memorized one again."""
+    source = load_captioned({"source": "digits", "resolution": 8, "caption_templates": TEMPLATES})
+    spec = {"kind": "text_memorization", "n": 20, "repeats": 10, "extra_ratio": 3, "seed": 4}
+    subset = build_text_subset(source, source, spec, same_source=True)
+    mem, ext = subset.group == "memorized", subset.group == "extra"
+    assert (mem.sum(), ext.sum()) == (20, 60) and len(subset.expanded_indices()) == 20 * 10 + 60
+    assert set(subset.repeat[mem]) == {10} and set(subset.repeat[ext]) == {1}
+    assert not set(subset.index[mem]) & set(subset.index[ext])
+    for i in range(len(subset)):  # each row is its source pair: image, class and prompt
+        j = subset.index[i]
+        assert subset.prompts[i] == source.prompts[j] and subset.labels[i] == source.labels[j]
+        np.testing.assert_array_equal(subset.images[i], source.read([j])[0])
+    write_subset(tmp_path / "t.parquet", subset)
+    back = read_subset(tmp_path / "t.parquet")
+    assert list(back.prompts) == list(subset.prompts) and np.array_equal(back.images, subset.images)
+    again = build_text_subset(source, source, spec, same_source=True)
+    assert np.array_equal(again.index, subset.index)
+    for ratio in (4, 5):
+        assert (build_text_subset(source, source, {**spec, "extra_ratio": ratio}, True).group == "extra").sum() == 20 * ratio
+    with pytest.raises(ValueError, match="extra pairs"):
+        build_text_subset(source, source, {**spec, "n": 500, "extra_ratio": 3}, True)
+    assert read_subset_prompts_absent(tmp_path)
+
+
+def read_subset_prompts_absent(tmp_path) -> bool:
+    """A class-image subset has no prompt column and reads back without prompts."""
+    images, labels = load_source({"source": "digits", "resolution": 8})
+    write_subset(tmp_path / "u.parquet", build_subset(images, labels, {"kind": "uniform", "n": 4, "seed": 0}))
+    return read_subset(tmp_path / "u.parquet").prompts is None
+
+
+def _png(path, size, colour):
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_pairs_folder_is_read_resized_and_centre_cropped(tmp_path):
+    import json
+
+    from PIL import Image
+
+    d = tmp_path / "pairs"
+    d.mkdir()
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 10:30] = 255  # the centre square of a 40 x 20 image is all white, the sides black
+    Image.fromarray(img).save(d / "wide.png")
+    _png(d / "small.png", (4, 4), (10, 20, 30))
+    (d / "metadata.jsonl").write_text(json.dumps({"file_name": "wide.png", "text": "a white square"}) + "\n\n"
+                                      + json.dumps({"file_name": "small.png", "text": "a dark tile"}) + "\n")
+    source = load_captioned({"source": "pairs", "dir": str(d), "resolution": 8})
+    assert source.prompts == ["a white square", "a dark tile"] and list(source.labels) == [-1, -1]
+    out = source.read([0, 1])
+    assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
+    # the crop keeps the centre square only (bilinear resizing blends its outermost columns a little)
+    assert out[0, :, 1:7].min() == 255 and out[0].min() > 200
+    assert (out[1] == [10, 20, 30]).all()
+    assert resize_center_crop(Image.fromarray(img), 8).shape == (8, 8, 3)
+    (d / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_captioned({"source": "pairs", "dir": str(d), "resolution": 8}).read([0])
+    (d / "bad.png").write_bytes(b"not an image")
+    (d / "metadata.jsonl").write_text('{"file_name": "bad.png", "text": "x"}\n{"file": 1}\n')
+    with pytest.raises(CorruptFileError, match="metadata.jsonl:2"):
+        load_captioned({"source": "pairs", "dir": str(d)})
+    (d / "metadata.jsonl").write_text('{"file_name": "bad.png", "text": "x"}\n')
+    with pytest.raises(CorruptFileError, match="bad.png"):
+        load_captioned({"source": "pairs", "dir": str(d), "resolution": 8}).read([0])
+    (d / "metadata.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        load_captioned({"source": "pairs", "dir": str(d)})
+
+
+def test_coco_captions_first_annotation_per_image_in_id_order(tmp_path):
+    import json
+
+    images_dir = tmp_path / "train2017"
+    images_dir.mkdir()
+    for name, colour in (("b.jpg", (200, 0, 0)), ("a.jpg", (0, 0, 200))):
+        _png(images_dir / name, (16, 12), colour)
+    captions = {"images": [{"id": 9, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}, {"id": 5, "file_name": "x.jpg"}],
+                "annotations": [{"id": 40, "image_id": 9, "caption": "A red  card.\n"},
+                                {"id": 12, "image_id": 3, "caption": "second caption"},
+                                {"id": 11, "image_id": 3, "caption": "A blue card."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    cfg = {"source": "coco2017", "images_dir": str(images_dir), "captions_file": str(tmp_path / "captions.json"),
+           "resolution": 8}
+    source = load_captioned(cfg)
+    assert source.prompts == ["A blue card.", "A red card."]  # image 3 then 9; image 5 has no caption
+    out = source.read([0, 1])
+    assert out.shape == (2, 8, 8, 3) and out[0, 4, 4, 2] > 150 and out[1, 4, 4, 0] > 150
+    (tmp_path / "captions.json").write_text("{}")
+    with pytest.raises(CorruptFileError, match="not a COCO captions file"):
+        load_captioned(cfg)
+    with pytest.raises(FileNotFoundError, match="fetch_coco"):
+        load_captioned({**cfg, "captions_file": str(tmp_path / "none.json")})
+
+
+def test_text_memorization_subset_from_two_sources(tmp_path):
+    """The study's layout: memorized pairs from one collection, extras from COCO; `index` is the row
+    in each pair's own source and the group says which source that is."""
+    import json
+
+    d = tmp_path / "pairs"
+    d.mkdir()
+    for i in range(3):
+        _png(d / f"{i}.png", (8, 8), (i * 50, 0, 0))
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"pair {i}"}) + "\n"
+                                              for i in range(3)))
+    pairs = load_captioned({"source": "pairs", "dir": str(d), "resolution": 8})
+    extra_images = np.stack([np.full((8, 8, 3), 200 + i, np.uint8) for i in range(5)])
+    from pipeline.data import CaptionedSource
+
+    extra = CaptionedSource([f"coco {i}" for i in range(5)], np.full(5, -1), lambda idx: extra_images[np.asarray(idx)])
+    subset = build_text_subset(pairs, extra, {"n": 2, "repeats": 10, "extra_ratio": 2, "seed": 0}, same_source=False)
+    assert list(subset.group) == ["memorized", "memorized", "extra", "extra", "extra", "extra"]
+    for i, p in enumerate(subset.prompts):
+        assert p == (f"pair {subset.index[i]}" if i < 2 else f"coco {subset.index[i]}")
+
+
+def test_subset_command_builds_a_text_memorization_set(tmp_path):
+    """`pipeline subset` (the subset rule's command) with a text_memorization spec and an extra dataset."""
+    import json
+
+    from pipeline.cli import main
+
+    dataset = {"source": "digits", "resolution": 8, "caption_templates": TEMPLATES}
+    spec = {"kind": "text_memorization", "n": 5, "repeats": 10, "extra_ratio": 4, "seed": 1}
+    assert main(["subset", "--dataset", json.dumps(dataset), "--spec", json.dumps(spec),
+                 "--out", str(tmp_path / "t.parquet")]) in (None, 0)
+    subset = read_subset(tmp_path / "t.parquet")
+    assert (subset.group == "memorized").sum() == 5 and (subset.group == "extra").sum() == 20
+    assert all("digit" in p or "number" in p for p in subset.prompts)

@@ -138,6 +138,29 @@ def test_paper_config_graphs(tmp_path, flag):
         assert rule in proc.stdout
 
 
+def test_text_memorization_subset_rule_reads_both_datasets(tmp_path):
+    """A text-to-image memorization set of COCO-like extras: the subset job depends on both datasets'
+    files and hands the extra dataset to the command."""
+    cfg = embedded()
+    cfg["datasets"]["pairs"] = {"source": "pairs", "dir": "data/raw/pairs-200", "resolution": 16}
+    cfg["datasets"]["coco"] = {"source": "coco2017", "images_dir": "data/raw/coco/train2017",
+                               "captions_file": "data/raw/coco/annotations/captions_train2017.json", "resolution": 16}
+    cfg["subsets"]["memorized-3x"] = {"dataset": "pairs", "extra_dataset": "coco", "kind": "text_memorization",
+                                      "n": 200, "repeats": 10, "extra_ratio": 3, "seed": 0}
+    proc = snakemake(tmp_path, "-n", "-p", "results/subsets/memorized-3x.parquet",
+                     configfile=write_config(tmp_path / "c.yaml", cfg))
+    out = output_of(proc)
+    assert proc.returncode != 0 and "Missing input files" in out  # neither collection is here
+    assert "data/raw/pairs-200/metadata.jsonl" in out and "captions_train2017.json" in out
+    for f in ("data/raw/pairs-200/metadata.jsonl", "data/raw/coco/annotations/captions_train2017.json"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    out = output_of(check(snakemake(tmp_path, "-n", "-p", "results/subsets/memorized-3x.parquet",
+                                    configfile=tmp_path / "c.yaml")))
+    assert """--extra-dataset '{"captions_file": "data/raw/coco/annotations/captions_train2017.json",""" in out
+    assert """--spec '{"extra_ratio": 3, "kind": "text_memorization", "n": 200, "repeats": 10, "seed": 0}'""" in out
+
+
 # --------------------------------------------------------------------------- embedded default
 
 

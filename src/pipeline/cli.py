@@ -28,11 +28,17 @@ def cmd_fetch(a):
 
 
 def cmd_subset(a):
-    from .data import build_subset, load_source, write_subset
+    from .data import build_subset, build_text_subset, load_captioned, load_source, write_subset
 
-    images, labels = load_source(a.dataset)
-    subset = build_subset(images, labels, a.spec)
-    write_subset(a.out, subset, {"dataset": json.dumps(a.dataset), "spec": json.dumps(a.spec)})
+    if a.spec.get("kind") == "text_memorization":
+        memorized = load_captioned(a.dataset)
+        same = a.extra_dataset is None or a.extra_dataset == a.dataset
+        subset = build_text_subset(memorized, memorized if same else load_captioned(a.extra_dataset), a.spec, same)
+    else:
+        images, labels = load_source(a.dataset)
+        subset = build_subset(images, labels, a.spec)
+    write_subset(a.out, subset, {"dataset": json.dumps(a.dataset), "spec": json.dumps(a.spec),
+                                 "extra_dataset": json.dumps(a.extra_dataset)})
     logging.info("subset: %d unique images, %d with repeats, groups %s", len(subset), len(subset.expanded_indices()),
                  sorted(set(subset.group.tolist())))
 
@@ -235,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     req = {"required": True}
     js = {"required": True, "type": _json}
     add("fetch", cmd_fetch, url=req, dest=req, md5={}, sha256={}, sha256_prefix={})
-    add("subset", cmd_subset, dataset=js, spec=js, out=req)
+    add("subset", cmd_subset, dataset=js, spec=js, out=req,
+        extra_dataset={"type": _json, "help": "the extra pairs' dataset of a text_memorization subset (default: --dataset)"})
     metrics_log = {"help": "JSON lines of loss, lr, images/s and peak memory at every log point"}
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={},
         metrics_log=metrics_log)

@@ -55,6 +55,16 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
 
     for name, s in cfg["subsets"].items():
         need("datasets", s["dataset"], f"subsets.{name}.dataset")
+        if "extra_dataset" in s:
+            need("datasets", s["extra_dataset"], f"subsets.{name}.extra_dataset")
+        if s["kind"] == "text_memorization":
+            for key in ("dataset", "extra_dataset"):
+                d = cfg["datasets"].get(s.get(key))
+                if d is not None and not (d["source"] in ("pairs", "coco2017") or "caption_templates" in d):
+                    problems.append(f"  subsets.{name}.{key}: {s[key]!r} has no captions; a text_memorization subset "
+                                    "draws image-prompt pairs (source pairs or coco2017, or digits with caption_templates)")
+        elif "extra_dataset" in s or "extra_ratio" in s:
+            problems.append(f"  subsets.{name}: extra_dataset and extra_ratio belong to text_memorization subsets")
     for name, t in cfg["teachers"].items():
         need("subsets", t["subset"], f"teachers.{name}.subset")
         need("nets", t["net"], f"teachers.{name}.net")
@@ -220,6 +230,12 @@ def subset_of(cfg: Mapping[str, Any], model: str) -> str:
 
 def dataset_of_subset(cfg: Mapping[str, Any], subset: str) -> dict:
     return cfg["datasets"][cfg["subsets"][subset]["dataset"]]
+
+
+def extra_dataset_of_subset(cfg: Mapping[str, Any], subset: str) -> dict | None:
+    """The dataset a text_memorization subset draws its extra pairs from, when it is not its own."""
+    name = cfg["subsets"][subset].get("extra_dataset")
+    return None if name is None or name == cfg["subsets"][subset]["dataset"] else cfg["datasets"][name]
 
 
 def yardstick_settings(cfg: Mapping[str, Any]) -> dict:

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -222,7 +223,22 @@ def dataset_inputs(dataset_cfg):
         return [dataset_cfg.get("archive", CIFAR10_ARCHIVE)]
     if dataset_cfg["source"] == "imagenet64":
         return [os.path.join(dataset_cfg["prepared"], "manifest.json")]
+    if dataset_cfg["source"] == "pairs":
+        return [os.path.join(dataset_cfg["dir"], "metadata.jsonl")]
+    if dataset_cfg["source"] == "coco2017":
+        return [dataset_cfg["captions_file"]]
     return []
+
+
+def subset_inputs(wc):
+    """Raw files of the subset's dataset, and of its extra pairs' dataset where that is another."""
+    extra = pconfig.extra_dataset_of_subset(CFG, wc.subset)
+    return dataset_inputs(pconfig.dataset_of_subset(CFG, wc.subset)) + (dataset_inputs(extra) if extra else [])
+
+
+def extra_dataset_args(wc):
+    extra = pconfig.extra_dataset_of_subset(CFG, wc.subset)
+    return "" if extra is None else f"--extra-dataset {shlex.quote(as_json(dataset_spec(extra)))}"
 
 
 def dataset_spec(dataset_cfg):

@@ -1,14 +1,16 @@
-# Stage 1: training subsets (uniform N, localized repetition) as Parquet.
+# Stage 1: training subsets (uniform N, localized repetition, text-to-image memorization sets) as Parquet.
 
 
 rule subset:
     input:
-        lambda wc: dataset_inputs(pconfig.dataset_of_subset(CFG, wc.subset)),
+        subset_inputs,
     output:
         "results/subsets/{subset}.parquet",
     params:
         dataset=lambda wc: as_json(dataset_spec(pconfig.dataset_of_subset(CFG, wc.subset))),
-        spec=lambda wc: as_json({k: v for k, v in CFG["subsets"][wc.subset].items() if k != "dataset"}),
+        extra=extra_dataset_args,
+        spec=lambda wc: as_json({k: v for k, v in CFG["subsets"][wc.subset].items()
+                                 if k not in ("dataset", "extra_dataset")}),
     log:
         "logs/subset/{subset}.log",
     benchmark:
@@ -16,4 +18,4 @@ rule subset:
     conda:
         "../envs/data.yaml"
     shell:
-        "python -m pipeline subset --dataset {params.dataset:q} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m pipeline subset --dataset {params.dataset:q} {params.extra} --spec {params.spec:q} --out {output} > {log} 2>&1"

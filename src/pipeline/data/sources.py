@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -109,3 +110,136 @@ def load_imagenet64(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.data.imagenet import load_prepared
 
     return load_prepared(cfg["prepared"])
+
+
+# ---------------------------------------------------------------------------------- image-prompt pairs
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NO_LABEL = -1  # the label of an image that has a caption but no class
+
+
+@dataclass
+class CaptionedSource:
+    """Image-prompt pairs: prompts and labels in memory, images read on demand (`read(indices)`), so a
+    subset of a few hundred COCO images never decodes the other 118,000."""
+
+    prompts: list[str]
+    labels: np.ndarray
+    read: Callable[[np.ndarray], np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+CAPTIONED: dict[str, Callable[[dict], CaptionedSource]] = {}
+
+
+def load_captioned(cfg: dict) -> CaptionedSource:
+    """The image-prompt pairs of a dataset config: `pairs`, `coco2017`, or `digits` with caption templates."""
+    name = cfg.get("source")
+    if name not in CAPTIONED:
+        raise ValueError(f"data source {name!r} has no captions; captioned sources: {', '.join(sorted(CAPTIONED))} "
+                         f"(digits with `caption_templates`)")
+    return CAPTIONED[name](cfg)
+
+
+def _captioned_digits(cfg: dict) -> CaptionedSource:
+    """Digits captioned by their class: image i gets template i mod T, with `{name}` the class's word
+    and `{digit}` its numeral (the text-to-image branch in miniature, with no download)."""
+    templates = cfg.get("caption_templates")
+    if not templates:
+        raise ValueError("a captioned digits dataset needs `caption_templates`, e.g. ['a handwritten digit {name}']")
+    images, labels = load_digits(cfg)
+    prompts = [templates[i % len(templates)].format(name=DIGIT_NAMES[c], digit=int(c)) for i, c in enumerate(labels)]
+    return CaptionedSource(prompts, labels.astype(np.int64), lambda idx: images[np.asarray(idx, dtype=np.int64)])
+
+
+CAPTIONED["digits"] = _captioned_digits
+
+
+def resize_center_crop(image, resolution: int) -> np.ndarray:
+    """diffusers' text-to-image preprocessing without augmentation (examples/text_to_image/
+    train_text_to_image.py: Resize(resolution, bilinear) of the short side, then CenterCrop), as uint8 HWC RGB."""
+    from PIL import Image
+
+    img = image.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BILINEAR)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+def _read_files(paths: list[Path], resolution: int, what: str):
+    def read(indices) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        out = np.empty((len(indices), resolution, resolution, 3), np.uint8)
+        for k, i in enumerate(np.asarray(indices, dtype=np.int64)):
+            try:
+                with Image.open(paths[i]) as img:
+                    out[k] = resize_center_crop(img, resolution)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{paths[i]}: listed by {what} but missing") from exc
+            except (UnidentifiedImageError, OSError) as exc:
+                raise CorruptFileError(f"{paths[i]}: not a readable image ({exc})") from exc
+        return out
+
+    return read
+
+
+def _pairs(cfg: dict) -> CaptionedSource:
+    """A folder of images with `metadata.jsonl` ({"file_name": ..., "text": ...} per line: the Hugging
+    Face imagefolder layout diffusers' text-to-image examples train from), in file order."""
+    import json
+
+    root = Path(cfg["dir"])
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: an image-prompt folder needs metadata.jsonl with one "
+                                '{"file_name": ..., "text": ...} per image (datasets.<name>.dir)')
+    paths, prompts = [], []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            paths.append(root / row["file_name"])
+            prompts.append(str(row["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CorruptFileError(f"{meta}:{n}: not a {{\"file_name\", \"text\"}} record ({exc})") from exc
+    if not paths:
+        raise CorruptFileError(f"{meta}: no image-prompt pairs")
+    return CaptionedSource(prompts, np.full(len(paths), NO_LABEL, np.int64),
+                           _read_files(paths, int(cfg.get("resolution", 512)), str(meta)))
+
+
+CAPTIONED["pairs"] = _pairs
+
+
+def _coco2017(cfg: dict) -> CaptionedSource:
+    """COCO 2017 images with one caption each: the first annotation (lowest id) of every image, images in
+    id order (annotations/captions_train2017.json, images in `images_dir`, from the fetch_coco rule)."""
+    import json
+
+    captions = Path(cfg["captions_file"])
+    if not captions.is_file():
+        raise FileNotFoundError(f"COCO captions not found: {captions}. It is provided by `snakemake fetch_coco`.")
+    try:
+        data = json.loads(captions.read_text())
+        files = {int(im["id"]): im["file_name"] for im in data["images"]}
+        first: dict[int, tuple[int, str]] = {}
+        for ann in data["annotations"]:
+            key = int(ann["image_id"])
+            if key not in first or int(ann["id"]) < first[key][0]:
+                first[key] = (int(ann["id"]), " ".join(str(ann["caption"]).split()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(f"{captions}: not a COCO captions file ({exc}); rerun `snakemake fetch_coco`") from exc
+    ids = sorted(k for k in files if k in first)
+    paths = [Path(cfg["images_dir"]) / files[k] for k in ids]
+    return CaptionedSource([first[k][1] for k in ids], np.full(len(ids), NO_LABEL, np.int64),
+                           _read_files(paths, int(cfg.get("resolution", 512)), str(captions)))
+
+
+CAPTIONED["coco2017"] = _coco2017

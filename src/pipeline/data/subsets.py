@@ -14,17 +14,20 @@ import numpy as np
 from pipeline.io import CorruptFileError, read_image_table, write_image_table
 
 SUBSET_COLUMNS = ("index", "label", "repeat", "group")
+PROMPT = "prompt"  # the column of a text-to-image subset: each image's caption
 
 
 @dataclass
 class Subset:
-    """Unique images of a training set with their source index, label, repeat count and group."""
+    """Unique images of a training set with their source index, label, repeat count and group, and for
+    a text-to-image set each image's prompt."""
 
     images: np.ndarray
     labels: np.ndarray
     index: np.ndarray
     repeat: np.ndarray
     group: np.ndarray
+    prompts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
@@ -32,10 +35,12 @@ class Subset:
         self.index = np.asarray(self.index, dtype=np.int64)
         self.repeat = np.asarray(self.repeat, dtype=np.int64)
         self.group = np.asarray(self.group, dtype=str)
+        if self.prompts is not None:
+            self.prompts = np.asarray(self.prompts, dtype=object)
         n = len(self.images)
         if self.images.ndim != 4:
             raise ValueError(f"subset images must be NHWC, got shape {self.images.shape}")
-        for name in ("labels", "index", "repeat", "group"):
+        for name in ("labels", "index", "repeat", "group") + (("prompts",) if self.prompts is not None else ()):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"subset {name} has {len(getattr(self, name))} rows, images have {n}")
         if n and self.repeat.min() < 1:
@@ -125,10 +130,40 @@ def _repetition(labels: np.ndarray, spec: dict, rng: np.random.Generator):
     return np.concatenate(chosen), np.concatenate(repeat), np.concatenate(group)
 
 
-def _collapse_duplicates(images, labels, chosen, repeat, group) -> Subset:
-    """Merge byte-identical images into one row (smallest source index, summed repeats).
+def build_text_subset(memorized, extra, spec: dict, same_source: bool) -> Subset:
+    """The text-to-image memorization set (Section 4.1, after Somepalli et al. 2023 and Wen et al. 2024):
+    `n` image-prompt pairs of `memorized` each seen `repeats` times (group "memorized") plus
+    `extra_ratio` x n pairs of `extra` seen once (group "extra"; the study adds 3, 4 or 5 x 200 COCO
+    pairs). Both are CaptionedSources; with `same_source` the extras never repeat a memorized pair.
+    Rows: the memorized pairs, then the extras, each in source order; `index` is the row in its source."""
+    rng = np.random.default_rng(_require(spec, "seed"))
+    n, repeats = int(_require(spec, "n")), int(_require(spec, "repeats"))
+    m = int(round(float(_require(spec, "extra_ratio")) * n))
+    if not 0 < n <= len(memorized):
+        raise ValueError(f"text memorization subset asks for n={n} pairs, the memorized source has {len(memorized)}")
+    mem = np.sort(rng.choice(len(memorized), size=n, replace=False))
+    pool = np.setdiff1d(np.arange(len(extra)), mem) if same_source else np.arange(len(extra))
+    if m > len(pool):
+        raise ValueError(f"extra_ratio {spec['extra_ratio']} asks for {m} extra pairs, the extra source has {len(pool)}"
+                         + (" besides the memorized ones" if same_source else ""))
+    ext = np.sort(rng.choice(pool, size=m, replace=False))
+    images = np.concatenate([memorized.read(mem), extra.read(ext)]) if m else memorized.read(mem)
+    labels = np.concatenate([memorized.labels[mem], extra.labels[ext]])
+    prompts = [memorized.prompts[i] for i in mem] + [extra.prompts[i] for i in ext]
+    repeat = np.concatenate([np.full(n, repeats, np.int64), np.ones(m, np.int64)])
+    group = np.concatenate([np.full(n, "memorized"), np.full(m, "extra")])
+    rows = np.arange(n + m)
+    subset = _collapse_duplicates(images, labels, rows, repeat, group, np.asarray(prompts, dtype=object),
+                                  repeated_group="memorized")
+    subset.index = np.concatenate([mem, ext])[subset.index]
+    return subset
 
-    A merged row is "repeated" if any of its copies was, since it is then seen more than once.
+
+def _collapse_duplicates(images, labels, chosen, repeat, group, prompts=None, repeated_group="repeated") -> Subset:
+    """Merge byte-identical images into one row (smallest source index, summed repeats; the first
+    copy's prompt).
+
+    A merged row is in `repeated_group` if any of its copies was, since it is then seen more than once.
     Rows come out sorted by source index so the written file does not depend on draw order.
     """
     order = np.argsort(chosen, kind="stable")
@@ -143,7 +178,7 @@ def _collapse_duplicates(images, labels, chosen, repeat, group) -> Subset:
             row = first[key]
             repeat[row] += repeat[pos]
             if group[row] != group[pos]:
-                group[row] = "repeated"
+                group[row] = repeated_group
         else:
             first[key] = pos
             keep.append(pos)
@@ -155,6 +190,7 @@ def _collapse_duplicates(images, labels, chosen, repeat, group) -> Subset:
         index=idx,
         repeat=repeat[keep_arr],
         group=np.asarray(group[keep_arr].tolist(), dtype=str),
+        prompts=None if prompts is None else np.asarray(prompts, dtype=object)[order][keep_arr],
     )
 
 
@@ -168,6 +204,7 @@ def write_subset(path: str | os.PathLike, subset: Subset, metadata: dict | None 
             "label": subset.labels,
             "repeat": subset.repeat,
             "group": [str(g) for g in subset.group],
+            **({PROMPT: [str(p) for p in subset.prompts]} if subset.prompts is not None else {}),
         },
         metadata or {},
     )
@@ -186,4 +223,5 @@ def read_subset(path: str | os.PathLike) -> Subset:
         index=col["index"],
         repeat=col["repeat"],
         group=np.asarray(col["group"].tolist(), dtype=str),
+        prompts=np.asarray(table.column(PROMPT).to_pylist(), dtype=object) if PROMPT in table.column_names else None,
     )
