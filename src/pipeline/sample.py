@@ -27,7 +27,7 @@ from .nets import class_labels, num_classes
 log = logging.getLogger(__name__)
 
 
-LABEL_STREAM = 1  # third word of a sample's class seed: a stream apart from its noise, which keeps (run seed, i)
+LABEL_STREAM = 1  # third entropy word of a sample's class draw: a stream apart from its noise seed (run seed, i)
 
 
 def sample_labels(run_seed: int, indices: Sequence[int], classes: int) -> np.ndarray:

@@ -182,8 +182,8 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "cd")
     ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
                        snapshots, metrics_log, labels)
-    stats.update(method="cd", num_classes=num_classes(net_cfg), teacher=str(teacher_dir), num_scales=cfg["num_scales"], metric=metric, solver=solver,
-                 target_ema=objective.mu, student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"),
+    stats.update(method="cd", num_classes=num_classes(net_cfg), teacher=str(teacher_dir), num_scales=cfg["num_scales"],
+                 metric=metric, solver=solver, target_ema=objective.mu, student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"),
                  **counts)
     if accelerator.is_main_process:
         publish_snapshots(snapshots, out_dir)
