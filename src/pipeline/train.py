@@ -158,7 +158,7 @@ def publish_snapshots(snapshots: Snapshots | None, out_dir: str | Path) -> None:
 
 
 def _optimizer(cfg: TrainConfig, params):
-    opts = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+    opts = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
     if cfg.optimizer not in opts:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {sorted(opts)}")
     return opts[cfg.optimizer](params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -46,3 +46,8 @@ class BatchNoise:
     def randint(self, high: int) -> torch.Tensor:
         full = torch.randint(0, int(high), (self.size,), generator=self.generator, device=self.device)
         return full[self.lo:self.hi]
+
+    def rand(self, dtype=torch.float32) -> torch.Tensor:
+        """One uniform [0, 1) draw per row."""
+        full = torch.rand((self.size,), generator=self.generator, device=self.device, dtype=dtype)
+        return full[self.lo:self.hi]

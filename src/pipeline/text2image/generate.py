@@ -1,0 +1,72 @@
+"""Sampling the text-to-image teacher and its LCM student through diffusers' own pipelines.
+
+The teacher samples with `StableDiffusionPipeline` and the scheduler its sampler names (Stable
+Diffusion's own is PNDM at 50 steps, guidance 7.5); the student with `LatentConsistencyModelPipeline`
+and `LCMScheduler` (4 steps over LCM's 50-step grid, guidance embedded as w = guidance_scale - 1).
+Both schedulers are built from the backbone's noise schedule. Sample i starts from latent noise seeded
+by (run seed, i) alone, and every noise draw between steps (LCM's, or an ancestral scheduler's) comes
+from a CPU generator of its own seeded from the same value, so a sample does not depend on its batch,
+its shard or the device.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..diffusion.noise import step_seed
+from .backbone import Backbone
+
+TEACHER_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                      "EulerAncestralDiscreteScheduler", "DDPMScheduler")
+STEP_NOISE = 1  # second word of the seed of a sample's between-step noise: a stream apart from its start noise
+
+
+def build_pipeline(backbone: Backbone, unet, sampler: Mapping[str, Any]):
+    """The diffusers pipeline that runs `sampler` (kind `lcm`, or `diffusion` with a named scheduler)."""
+    import diffusers
+
+    common = dict(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=unet,
+                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if sampler["kind"] == "lcm":
+        if unet.config.time_cond_proj_dim is None:
+            raise ValueError("the lcm sampler needs an LCM student (a UNet with a guidance embedding)")
+        scheduler = diffusers.LCMScheduler.from_config(
+            backbone.scheduler.config, original_inference_steps=sampler.get("original_steps", 50))
+        pipe = diffusers.LatentConsistencyModelPipeline(scheduler=scheduler, **common)
+    elif sampler["kind"] == "diffusion":
+        name = sampler.get("scheduler", "PNDMScheduler")
+        if name not in TEACHER_SCHEDULERS:
+            raise ValueError(f"unknown teacher scheduler {name!r}; known: {', '.join(TEACHER_SCHEDULERS)}")
+        scheduler = getattr(diffusers, name).from_config(backbone.scheduler.config)
+        pipe = diffusers.StableDiffusionPipeline(scheduler=scheduler, **common)
+    else:
+        raise ValueError(f"unknown text-to-image sampler kind {sampler['kind']!r}: diffusion or lcm")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def start_latents(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Each sample's initial latent noise from its own seed, drawn on the CPU."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate_text2image(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: Mapping[str, Any],
+                        resolution: int, device: torch.device | str = "cpu") -> np.ndarray:
+    """One image per (prompt, seed) with the pipeline's sampler; returns uint8 NHWC."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
+    # The pipeline multiplies its latents by the scheduler's initial noise sigma (1 for these schedules).
+    latents = start_latents(seeds, shape).to(device)
+    generators = [torch.Generator().manual_seed(step_seed(int(s), STEP_NOISE)) for s in seeds]
+    kwargs = dict(prompt=list(prompts), height=resolution, width=resolution, num_inference_steps=int(sampler["steps"]),
+                  guidance_scale=float(sampler.get("guidance_scale", 8.5 if sampler["kind"] == "lcm" else 7.5)),
+                  latents=latents, generator=generators, output_type="np")
+    if sampler["kind"] == "lcm":
+        kwargs["original_inference_steps"] = int(sampler.get("original_steps", 50))
+    images = pipe(**kwargs).images
+    return np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)

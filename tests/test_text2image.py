@@ -1,0 +1,229 @@
+"""The text-to-image branch on a Stable Diffusion in miniature built from config alone (tests/tiny.py:
+word-level tokenizer, CLIP text model, AutoencoderKL, UNet2DConditionModel; no download): fine-tuning
+in the shared training loop, LCM distillation against diffusers' own schedulers, 4-step sampling."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from pipeline.data.sources import load_captioned
+from pipeline.diffusion.noise import BatchNoise
+from pipeline.text2image.backbone import build_tiny_backbone, load_backbone, save_backbone, save_unet
+from pipeline.text2image.finetune import LatentDenoisingObjective, PromptTable
+from pipeline.text2image.generate import build_pipeline, generate_text2image
+from pipeline.text2image.latents import embed_prompts, encode_posteriors, sample_latents
+from pipeline.text2image.lcm import (DDIMSolver, LCMObjective, consistency_output, guidance_scale_embedding,
+                                     lcm_student, predicted_x0_and_noise)
+from pipeline.text2image.tokenizer import build_word_tokenizer, words
+from pipeline.text2image.vae import VAEObjective, latent_scaling_factor
+from pipeline.train import TrainConfig, train
+from tiny import TINY_CAPTIONS, TINY_T2I
+
+RES = 16
+
+
+@pytest.fixture(scope="module")
+def digits():
+    src = load_captioned({"source": "digits", "resolution": RES, "caption_templates": TINY_CAPTIONS})
+    idx = np.arange(12)
+    return src.read(idx), [src.prompts[i] for i in idx]
+
+
+@pytest.fixture(scope="module")
+def tiny(digits, tmp_path_factory):
+    """The miniature backbone with its VAE trained briefly, prompts and posteriors cached."""
+    images, prompts = digits
+    torch.set_num_threads(1)
+    bb = build_tiny_backbone(TINY_T2I, prompts, RES, 1, tmp_path_factory.mktemp("tok"), seed=0)
+    vae_cfg = TrainConfig(steps=30, batch_size=12, lr=2e-3, ema_halflife_kimg=1e-6, ema_rampup_ratio=None,
+                          log_every=30)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    bb.vae, _ = train(VAEObjective(bb.vae), x, np.arange(len(x)), vae_cfg, Accelerator(cpu=True))
+    bb.frozen()
+    post = encode_posteriors(bb.vae, images, batch_size=5)
+    bb.vae.register_to_config(scaling_factor=latent_scaling_factor(post))
+    table = PromptTable(embed_prompts(bb.tokenizer, bb.text_encoder, prompts),
+                        embed_prompts(bb.tokenizer, bb.text_encoder, [""])[0])
+    return bb, post, table
+
+
+def test_word_tokenizer_gives_each_caption_word_one_token(tmp_path):
+    prompts = ["a handwritten digit seven", "the number eight, written by hand"]
+    tok = build_word_tokenizer(prompts, tmp_path, max_length=10)
+    ids = tok(prompts[1], padding="max_length", max_length=10).input_ids
+    assert tok.convert_ids_to_tokens(ids)[:8] == ["<|startoftext|>", "the</w>", "number</w>", "eight</w>", ",</w>",
+                                                  "written</w>", "by</w>", "hand</w>"]
+    assert ids[8:] == [tok.eos_token_id] * 2  # padded with end-of-text, like Stable Diffusion's tokenizer
+    assert tok.eos_token_id == len(tok) - 1  # CLIP's text model pools at the highest id
+    assert words("A  Digit, 7") == ["a", "digit", ",", "7"]
+
+
+def test_vae_learns_and_latents_get_unit_variance(tiny, digits):
+    bb, post, _ = tiny
+    images, _ = digits
+    assert post.shape == (12, 8, RES // 2, RES // 2)  # mean and log-variance of 4 latent channels at 8x8
+    z = sample_latents(post, BatchNoise(torch.Generator().manual_seed(0), 12), bb.vae.config.scaling_factor)
+    assert abs(float(z.std()) - 1.0) < 0.15
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        recon = bb.vae.decode(post[:, :4]).sample
+    blank = float(x.square().mean())
+    assert float((recon - x).square().mean()) < 0.5 * blank  # it reconstructs far better than a blank image
+
+
+def test_backbone_round_trips_through_the_stable_diffusion_layout(tiny, tmp_path):
+    bb, post, _ = tiny
+    out = save_backbone(bb, tmp_path / "sd")
+    assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    again = load_backbone(out, "the test")
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    cond = embed_prompts(again.tokenizer, again.text_encoder, ["a handwritten digit one", ""])
+    with torch.no_grad():
+        a = bb.unet(latents, t, encoder_hidden_states=cond).sample
+        b = again.unet(latents, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(a, b)
+    assert again.scheduler.config.beta_schedule == "scaled_linear"
+    assert again.vae.config.scaling_factor == bb.vae.config.scaling_factor
+    unet_only = save_unet(bb.unet, tmp_path / "u")
+    shutil.rmtree(out / "unet")
+    assert load_backbone(out, "the test", unet_dir=unet_only).unet.config.cross_attention_dim == 16
+    shutil.rmtree(out / "text_encoder")
+    with pytest.raises(FileNotFoundError, match=r"lacks text_encoder/, unet/: snakemake fetch_sd15 provides it"):
+        load_backbone(out, "snakemake fetch_sd15")
+
+
+def _fixed_batch_losses(objective, model, post, labels, steps, lr):
+    """Loss of `objective` on one fixed batch (same latents, noise, timesteps) over Adam steps."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = objective.loss(model, post, BatchNoise(torch.Generator().manual_seed(0), len(post)), labels).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        objective.after_step(model, step)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_finetune_trains_in_the_shared_loop(tiny, tmp_path):
+    bb, post, table = tiny
+    torch.manual_seed(0)
+    unet = build_tiny_backbone(TINY_T2I, ["a"], RES, 1, tmp_path, seed=1).unet
+    objective = LatentDenoisingObjective(unet, bb.scheduler, bb.vae.config.scaling_factor, table, empty_prompt_ratio=0.1)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, optimizer="adamw", grad_clip=1.0, ema_halflife_kimg=1e-6,
+                      ema_rampup_ratio=None, log_every=3)
+    rows = np.repeat(np.arange(12), 2)
+    ema, stats = train(objective, post, rows, cfg, Accelerator(cpu=True), labels=torch.arange(12))
+    assert len(stats["history"]) == 2 and all(np.isfinite(r["loss"]) for r in stats["history"])
+    assert any(not torch.equal(before[k], v) for k, v in ema.state_dict().items())
+    losses = _fixed_batch_losses(objective, unet, post[:6], torch.arange(6), steps=25, lr=2e-3)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_empty_prompt_ratio_drops_prompts_per_row(tiny):
+    bb, _, table = tiny
+    objective = LatentDenoisingObjective(bb.unet, bb.scheduler, 1.0, table, empty_prompt_ratio=0.5)
+    cond = objective.conditioning(torch.arange(12).repeat(20), BatchNoise(torch.Generator().manual_seed(0), 240), "cpu")
+    empty = (cond == table.table[-1]).flatten(1).all(1)
+    assert 0.35 < float(empty.float().mean()) < 0.65
+
+
+def test_ddim_solver_is_diffusers_ddim_step_on_lcm_grid(tiny):
+    from diffusers import DDIMScheduler
+
+    bb, _, _ = tiny
+    solver = DDIMSolver(bb.scheduler.alphas_cumprod, 1000, 50)
+    assert solver.timesteps[:3].tolist() == [19, 39, 59] and solver.timesteps[-1] == 999
+    ddim = DDIMScheduler.from_config(bb.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False,
+                                     steps_offset=0)
+    ddim.set_timesteps(50)
+    assert sorted(ddim.timesteps.tolist()) == solver.timesteps.tolist()
+    torch.manual_seed(0)
+    x, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for n in (0, 1, 24, 49):
+        t = solver.timesteps[n:n + 1]
+        x0, noise = predicted_x0_and_noise(eps, t, x, bb.scheduler)
+        ours = solver.step(x0, noise, torch.tensor([n]))
+        theirs = ddim.step(eps, int(t), x, eta=0.0).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_embedding_and_boundary_match_the_lcm_pipeline():
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    w = torch.tensor([4.0, 7.5, 14.0])
+    theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
+    torch.testing.assert_close(guidance_scale_embedding(w, 256), theirs)
+    assert guidance_scale_embedding(w, 7).shape == (3, 7)
+    boundary = LCMScheduler(timestep_scaling=10.0).get_scalings_for_boundary_condition_discrete
+    c_skip, c_out = boundary(torch.tensor([0, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0  # f(x, 0) = x: the consistency boundary condition
+    assert float(c_skip[1]) < 1e-7 and abs(float(c_out[1]) - 1) < 1e-7
+
+
+def test_lcm_student_is_the_teacher_plus_a_guidance_embedding(tiny):
+    bb, _, _ = tiny
+    student = lcm_student(bb.unet, time_cond_proj_dim=32)
+    assert student.config.time_cond_proj_dim == 32
+    teacher_sd = bb.unet.state_dict()
+    new = [k for k in student.state_dict() if k not in teacher_sd]
+    assert new == ["time_embedding.cond_proj.weight"]
+    for k, v in teacher_sd.items():
+        assert torch.equal(student.state_dict()[k], v)
+
+
+def test_lcm_huber_loss_decreases_on_a_fixed_batch(tiny):
+    bb, post, table = tiny
+    student = lcm_student(bb.unet, time_cond_proj_dim=32)
+    objective = LCMObjective(student, bb.unet, bb.scheduler, bb.vae.config.scaling_factor, table,
+                             {"time_cond_proj_dim": 32})
+    labels = torch.arange(6)
+    first = objective.loss(student, post[:6], BatchNoise(torch.Generator().manual_seed(0), 6), labels)
+    assert first.shape == (6,) and torch.isfinite(first).all()
+    losses = _fixed_batch_losses(objective, student, post[:6], labels, steps=25, lr=1e-3)
+    assert losses[-1] < 0.7 * losses[0]
+    # the target follows the student at rate 0.95 per step and never takes a gradient
+    assert all(not p.requires_grad for p in objective.target.parameters())
+    gap = sum(float((a - b).abs().sum()) for a, b in zip(objective.target.parameters(), student.parameters()))
+    assert gap > 0
+
+
+def test_consistency_output_at_timestep_zero_is_the_input(tiny):
+    from diffusers import LCMScheduler
+
+    bb, _, _ = tiny
+    boundary = LCMScheduler.from_config(bb.scheduler.config).get_scalings_for_boundary_condition_discrete
+    x = torch.randn(2, 4, 8, 8)
+    out = consistency_output(torch.randn(2, 4, 8, 8), torch.tensor([0, 0]), x, bb.scheduler, boundary)
+    torch.testing.assert_close(out, x)
+
+
+def test_four_step_student_samples_on_the_lcm_timesteps(tiny):
+    bb, _, _ = tiny
+    student = lcm_student(bb.unet, time_cond_proj_dim=32).eval()
+    sampler = {"kind": "lcm", "steps": 4, "guidance_scale": 8.5}
+    pipe = build_pipeline(bb, student, sampler)
+    prompts, seeds = ["a handwritten digit seven", "the number two, written by hand", ""], [11, 12, 13]
+    images = generate_text2image(pipe, prompts, seeds, sampler, RES)
+    assert images.shape == (3, RES, RES, 1) and images.dtype == np.uint8
+    assert pipe.scheduler.timesteps.tolist() == [999, 759, 499, 259]  # LCM's 4 of 50 original steps
+    alone = generate_text2image(pipe, prompts[1:2], seeds[1:2], sampler, RES)
+    np.testing.assert_array_equal(alone[0], images[1])  # a sample does not depend on its batch
+
+
+def test_teacher_samples_with_its_scheduler(tiny):
+    bb, _, _ = tiny
+    sampler = {"kind": "diffusion", "scheduler": "PNDMScheduler", "steps": 5, "guidance_scale": 7.5}
+    pipe = build_pipeline(bb, bb.unet, sampler)
+    images = generate_text2image(pipe, ["a handwritten digit one", "a handwritten digit two"], [1, 2], sampler, RES)
+    assert images.shape == (2, RES, RES, 1)
+    again = generate_text2image(pipe, ["a handwritten digit two"], [2], sampler, RES)
+    np.testing.assert_array_equal(again[0], images[1])
+    with pytest.raises(ValueError, match="needs an LCM student"):
+        build_pipeline(bb, bb.unet, {"kind": "lcm", "steps": 4})
+    with pytest.raises(ValueError, match="unknown teacher scheduler"):
+        build_pipeline(bb, bb.unet, {"kind": "diffusion", "scheduler": "Nope", "steps": 4})
