@@ -356,6 +356,21 @@ def test_text_memorization_subset_from_one_source(tmp_path):
     assert read_subset_prompts_absent(tmp_path)
 
 
+def test_text_memorization_subset_lists_held_out_prompts(tmp_path):
+    """Prompts to sample beside the set's own: of pairs outside it, with text it never trained on."""
+    source = load_captioned({"source": "digits", "resolution": 8, "caption_templates": TEMPLATES})
+    spec = {"kind": "text_memorization", "n": 2, "repeats": 10, "extra_ratio": 1, "seed": 0, "held_out_prompts": 3}
+    subset = build_text_subset(source, source, spec, same_source=True)
+    assert len(subset.held_out_prompts) == 3 and len(set(subset.held_out_prompts)) == 3
+    assert not set(subset.held_out_prompts) & set(subset.prompts)
+    assert set(subset.held_out_prompts) <= set(source.prompts)
+    write_subset(tmp_path / "h.parquet", subset)
+    assert read_subset(tmp_path / "h.parquet").held_out_prompts == subset.held_out_prompts
+    assert build_text_subset(source, source, {**spec, "held_out_prompts": 0}, True).held_out_prompts == []
+    with pytest.raises(ValueError, match="held_out_prompts asks for 40"):  # digits x 2 templates: 20 texts at most
+        build_text_subset(source, source, {**spec, "held_out_prompts": 40}, True)
+
+
 def read_subset_prompts_absent(tmp_path) -> bool:
     """A class-image subset has no prompt column and reads back without prompts."""
     images, labels = load_source({"source": "digits", "resolution": 8})

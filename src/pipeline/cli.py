@@ -50,10 +50,35 @@ def cmd_train_teacher(a):
 
 
 def cmd_distill(a):
+    if a.method == "lcm":
+        from .text2image.runs import distill_lcm
+
+        if not a.latents:
+            raise ValueError("--method lcm distils on cached latents: give --latents (the cache_latents rule's file)")
+        distill_lcm(a.teacher, a.subset, a.latents, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
+        return
     from .distill.cd import distill_cd
 
     methods = {"cd": distill_cd}
     methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
+
+
+def cmd_build_backbone(a):
+    from .text2image.runs import build_miniature
+
+    build_miniature(a.dataset, a.spec, a.out, a.work_dir)
+
+
+def cmd_cache_latents(a):
+    from .text2image.runs import cache_latents
+
+    cache_latents(a.subset, a.backbone, a.out, a.batch_size)
+
+
+def cmd_finetune_teacher(a):
+    from .text2image.runs import finetune_teacher
+
+    finetune_teacher(a.subset, a.latents, a.backbone, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
 
 
 def cmd_embed(a):
@@ -246,8 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_log = {"help": "JSON lines of loss, lr, images/s and peak memory at every log point"}
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={},
         metrics_log=metrics_log)
-    add("distill", cmd_distill, method={"required": True, "choices": ["cd"]}, subset=req, teacher=req, spec=js,
-        out=req, checkpoint_dir={}, metrics_log=metrics_log)
+    add("distill", cmd_distill, method={"required": True, "choices": ["cd", "lcm"]}, subset=req, teacher=req, spec=js,
+        out=req, checkpoint_dir={}, metrics_log=metrics_log,
+        latents={"help": "lcm: the subset's cached VAE posteriors and prompt embeddings"})
+    add("build-backbone", cmd_build_backbone, dataset=js, spec=js, out=req,
+        work_dir={"required": True, "help": "tokenizer files and the VAE's resumable checkpoint"})
+    add("cache-latents", cmd_cache_latents, subset=req, backbone=req, out=req, batch_size={"type": int, "default": 32})
+    add("finetune-teacher", cmd_finetune_teacher, subset=req, latents=req, backbone=req, spec=js, out=req,
+        checkpoint_dir={}, metrics_log=metrics_log)
     add("embed", cmd_embed, space={"choices": ["sscd", "clip", "clip-text"], "default": "sscd"}, images=req,
         weights={"required": True, "help": "the SSCD TorchScript file, or the CLIP model directory"},
         preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"}, out=req)

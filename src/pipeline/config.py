@@ -63,8 +63,9 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
                 if d is not None and not (d["source"] in ("pairs", "coco2017") or "caption_templates" in d):
                     problems.append(f"  subsets.{name}.{key}: {s[key]!r} has no captions; a text_memorization subset "
                                     "draws image-prompt pairs (source pairs or coco2017, or digits with caption_templates)")
-        elif "extra_dataset" in s or "extra_ratio" in s:
-            problems.append(f"  subsets.{name}: extra_dataset and extra_ratio belong to text_memorization subsets")
+        elif any(k in s for k in ("extra_dataset", "extra_ratio", "held_out_prompts")):
+            problems.append(f"  subsets.{name}: extra_dataset, extra_ratio and held_out_prompts belong to "
+                            "text_memorization subsets")
     for name, t in cfg["teachers"].items():
         need("subsets", t["subset"], f"teachers.{name}.subset")
         need("nets", t["net"], f"teachers.{name}.net")

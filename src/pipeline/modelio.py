@@ -21,6 +21,9 @@ from .train import Snapshots
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATS = "stats.json"
+# Text-to-image models: a fine-tuned (latent-diffusion) or LCM-distilled (latent-consistency) UNet whose
+# config.json names the backbone folder that supplies its tokenizer, text encoder, VAE and noise schedule.
+TEXT2IMAGE_KINDS = ("latent-diffusion", "latent-consistency")
 
 
 def model_meta(kind: str, net_cfg: Mapping[str, Any], resolution: int, channels: int,
@@ -31,7 +34,11 @@ def model_meta(kind: str, net_cfg: Mapping[str, Any], resolution: int, channels:
                 sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, **extra)
 
 
-def build_model(meta: Mapping[str, Any]) -> EDMDenoiser:
+def build_model(meta: Mapping[str, Any]) -> torch.nn.Module:
+    if meta["kind"] in TEXT2IMAGE_KINDS:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(meta["unet"])
     net = build_net(meta["net"], meta["resolution"], meta["channels"])
     if meta["kind"] == "edm":
         return EDMDenoiser(net, meta["sigma_data"])
@@ -49,7 +56,7 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, meta: Mapping[str, A
     write_json(out_dir / STATS, dict(stats))
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[EDMDenoiser, dict]:
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from its directory; a missing file names the rule that writes it."""
     model_dir = Path(model_dir)
     for name in (WEIGHTS, CONFIG):

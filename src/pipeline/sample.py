@@ -21,7 +21,8 @@ from .diffusion import conditioned, consistency_sample, edm_sample, karras_sigma
 from .diffusion.solvers import heun_nfe
 from .io import unit_to_images, write_image_table
 from .shards import shard_range
-from .modelio import load_model
+from .data.subsets import PROMPT
+from .modelio import TEXT2IMAGE_KINDS, load_model
 from .nets import class_labels, num_classes
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ def consistency_ts(sampler: Mapping[str, Any], sigma_min: float, sigma_max: floa
 def sampler_nfe(sampler: Mapping[str, Any]) -> int:
     if sampler["kind"] in EDM_SAMPLERS:
         return heun_nfe(sampler["steps"])
+    if sampler["kind"] == "lcm":  # guidance is an input of the student: one UNet call per step
+        return int(sampler["steps"])
+    if sampler["kind"] == "diffusion":  # classifier-free guidance calls the UNet with and without the prompt
+        return int(sampler["steps"]) * (2 if sampler.get("guidance_scale", 7.5) > 1 else 1)
     return len(sampler["ts"] if "ts" in sampler else sampler["ts_index"])
 
 
@@ -126,13 +131,21 @@ def write_shard(model_dir: str | Path, out_path: str | Path, sampler_name: str, 
     model, meta = load_model(model_dir, device)
     indices = list(shard_range(shard, shard_size, num_samples))
     seeds = [sample_seed(run_seed, i) for i in indices]
-    classes = num_classes(meta["net"])
-    labels = None if classes is None else sample_labels(run_seed, indices, classes)
-    images = []
-    for lo in tqdm(range(0, len(seeds), batch_size), desc=f"sample {model_id}/{sampler_name} shard {shard}", mininterval=5):
-        images.append(generate(model, meta, sampler, seeds[lo:lo + batch_size], device,
-                               None if labels is None else labels[lo:lo + batch_size]))
-    images = np.concatenate(images)
+    desc = f"sample {model_id}/{sampler_name} shard {shard}"
+    text = {}
+    if meta["kind"] in TEXT2IMAGE_KINDS:
+        from .text2image.generate import sample_text2image
+
+        classes, labels = None, None
+        images, prompts, groups = sample_text2image(model, meta, sampler, indices, seeds, batch_size, device, desc)
+        text = {PROMPT: prompts, "prompt_group": groups}
+    else:
+        classes = num_classes(meta["net"])
+        labels = None if classes is None else sample_labels(run_seed, indices, classes)
+        images = np.concatenate([
+            generate(model, meta, sampler, seeds[lo:lo + batch_size], device,
+                     None if labels is None else labels[lo:lo + batch_size])
+            for lo in tqdm(range(0, len(seeds), batch_size), desc=desc, mininterval=5)])
     n = len(indices)
     nfe = sampler_nfe(sampler)
     write_image_table(out_path, images, {
@@ -142,6 +155,7 @@ def write_shard(model_dir: str | Path, out_path: str | Path, sampler_name: str, 
         "model": [model_id] * n,
         "sampler": [sampler_name] * n,
         "nfe": np.full(n, nfe, dtype=np.int64),
+        **text,
     }, {"model": model_id, "sampler": sampler_name, "run_seed": run_seed, "shard": shard,
         "num_classes": classes if classes is not None else 0})
     log.info("wrote %d samples (%d NFE each) to %s", n, nfe, out_path)

@@ -6,6 +6,7 @@ nearest-neighbour memorization search counts a repeated image once while trainin
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from pipeline.io import CorruptFileError, read_image_table, write_image_table
 
 SUBSET_COLUMNS = ("index", "label", "repeat", "group")
 PROMPT = "prompt"  # the column of a text-to-image subset: each image's caption
+HELD_OUT = "held_out_prompts"  # metadata key of a text-to-image subset: prompts to sample beside its own
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Subset:
     repeat: np.ndarray
     group: np.ndarray
     prompts: np.ndarray | None = None
+    held_out_prompts: list[str] | None = None  # prompts of pairs outside the set, for sampling beside its own
 
     def __post_init__(self) -> None:
         self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
@@ -147,6 +150,9 @@ def build_text_subset(memorized, extra, spec: dict, same_source: bool) -> Subset
         raise ValueError(f"extra_ratio {spec['extra_ratio']} asks for {m} extra pairs, the extra source has {len(pool)}"
                          + (" besides the memorized ones" if same_source else ""))
     ext = np.sort(rng.choice(pool, size=m, replace=False))
+    held_out = _held_out_prompts(memorized, np.union1d(mem, ext) if same_source else mem,
+                                 [memorized.prompts[i] for i in mem] + [extra.prompts[i] for i in ext],
+                                 int(spec.get("held_out_prompts", 0)), rng)
     images = np.concatenate([memorized.read(mem), extra.read(ext)]) if m else memorized.read(mem)
     labels = np.concatenate([memorized.labels[mem], extra.labels[ext]])
     prompts = [memorized.prompts[i] for i in mem] + [extra.prompts[i] for i in ext]
@@ -156,7 +162,26 @@ def build_text_subset(memorized, extra, spec: dict, same_source: bool) -> Subset
     subset = _collapse_duplicates(images, labels, rows, repeat, group, np.asarray(prompts, dtype=object),
                                   repeated_group="memorized")
     subset.index = np.concatenate([mem, ext])[subset.index]
+    subset.held_out_prompts = held_out
     return subset
+
+
+def _held_out_prompts(source, used: np.ndarray, seen: list[str], k: int, rng: np.random.Generator) -> list[str]:
+    """`k` distinct prompts of `source` pairs outside the set whose text the set never trained on (digits
+    captioned by class share their few captions, so a miniature may have fewer, or none), in source order."""
+    if k <= 0:
+        return []
+    seen_text = set(seen)
+    first: dict[str, int] = {}
+    for i in np.setdiff1d(np.arange(len(source)), used):
+        text = source.prompts[i]
+        if text not in seen_text and text not in first:
+            first[text] = int(i)
+    pool = sorted(first.values())
+    if len(pool) < k:
+        raise ValueError(f"held_out_prompts asks for {k} prompts; the source has {len(pool)} outside the set "
+                         f"that the set never trained on")
+    return [source.prompts[i] for i in np.sort(rng.choice(pool, size=k, replace=False))]
 
 
 def _collapse_duplicates(images, labels, chosen, repeat, group, prompts=None, repeated_group="repeated") -> Subset:
@@ -206,13 +231,14 @@ def write_subset(path: str | os.PathLike, subset: Subset, metadata: dict | None 
             "group": [str(g) for g in subset.group],
             **({PROMPT: [str(p) for p in subset.prompts]} if subset.prompts is not None else {}),
         },
-        metadata or {},
+        {**(metadata or {}),
+         **({HELD_OUT: json.dumps(subset.held_out_prompts)} if subset.held_out_prompts is not None else {})},
     )
 
 
 def read_subset(path: str | os.PathLike) -> Subset:
     """Read a subset written by `write_subset`; CorruptFileError if a subset column is missing."""
-    images, table, _ = read_image_table(path)
+    images, table, meta = read_image_table(path)
     missing = [c for c in SUBSET_COLUMNS if c not in table.column_names]
     if missing:
         raise CorruptFileError(f"{path}: not a subset file, missing column(s) {missing}")
@@ -224,4 +250,5 @@ def read_subset(path: str | os.PathLike) -> Subset:
         repeat=col["repeat"],
         group=np.asarray(col["group"].tolist(), dtype=str),
         prompts=np.asarray(table.column(PROMPT).to_pylist(), dtype=object) if PROMPT in table.column_names else None,
+        held_out_prompts=json.loads(meta[HELD_OUT]) if HELD_OUT in meta else None,
     )

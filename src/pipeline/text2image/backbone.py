@@ -57,22 +57,25 @@ def check_backbone_dir(path: str | Path, provider: str, unet: bool = True) -> Pa
 
 
 def load_backbone(path: str | Path, provider: str, unet_dir: str | Path | None = None,
-                  device: torch.device | str = "cpu") -> Backbone:
-    """Read a backbone folder; `unet_dir` (a folder with config.json + safetensors) replaces its UNet."""
+                  device: torch.device | str = "cpu", with_unet: bool = True) -> Backbone:
+    """Read a backbone folder; `unet_dir` (a folder with config.json + safetensors) replaces its UNet, and
+    without `with_unet` none is read (a stage that brings its own fine-tuned UNet)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = check_backbone_dir(path, provider, unet=unet_dir is None)
+    path = check_backbone_dir(path, provider, unet=with_unet and unet_dir is None)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True,
                                                  local_files_only=True)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, local_files_only=True)
-    if unet_dir is None:
+    if not with_unet:
+        unet = None
+    elif unet_dir is None:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, local_files_only=True)
     else:
         unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    return Backbone(tokenizer, text_encoder.to(device), vae.to(device), unet.to(device), scheduler).frozen()
+    return Backbone(tokenizer, text_encoder.to(device), vae.to(device), unet and unet.to(device), scheduler).frozen()
 
 
 def save_backbone(backbone: Backbone, out_dir: str | Path) -> Path:

@@ -70,3 +70,33 @@ def generate_text2image(pipe, prompts: Sequence[str], seeds: Sequence[int], samp
         kwargs["original_inference_steps"] = int(sampler.get("original_steps", 50))
     images = pipe(**kwargs).images
     return np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+
+
+def sample_prompts(prompts: Mapping[str, Sequence[str]], indices: Sequence[int]) -> tuple[list[str], list[str]]:
+    """(prompt, prompt group) of each sample index: the memorized prompts then the held-out ones, in turn,
+    so sample i's prompt depends on i alone and every prompt gets num_samples / P samples."""
+    listed = [(p, "memorized") for p in prompts.get("memorized", [])] + [(p, "held_out") for p in prompts.get("held_out", [])]
+    if not listed:
+        raise ValueError("a text-to-image model lists no prompts to sample")
+    chosen = [listed[int(i) % len(listed)] for i in indices]
+    return [p for p, _ in chosen], [g for _, g in chosen]
+
+
+def sample_text2image(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], indices: Sequence[int],
+                      seeds: Sequence[int], batch_size: int, device: str, desc: str):
+    """Images, prompts and prompt groups of the given sample indices for a text-to-image model."""
+    from tqdm.auto import tqdm
+
+    from .backbone import load_backbone
+    from .runs import backbone_provider
+
+    want = "lcm" if meta["kind"] == "latent-consistency" else "diffusion"
+    if sampler["kind"] != want:
+        raise ValueError(f"a {meta['kind']} model samples with a {want} sampler, not {sampler['kind']}")
+    backbone = load_backbone(meta["backbone"], backbone_provider(meta["backbone"]), device=device, with_unet=False)
+    pipe = build_pipeline(backbone, model.to(device), sampler)
+    prompts, groups = sample_prompts(meta["prompts"], indices)
+    images = [generate_text2image(pipe, prompts[lo:lo + batch_size], seeds[lo:lo + batch_size], sampler,
+                                  meta["resolution"], device)
+              for lo in tqdm(range(0, len(seeds), batch_size), desc=desc, mininterval=5)]
+    return np.concatenate(images), prompts, groups

@@ -53,3 +53,45 @@ def embed_prompts(tokenizer, text_encoder, prompts: Sequence[str], batch_size: i
                         truncation=True, return_tensors="pt").input_ids.to(device)
         out.append(text_encoder(ids)[0].float().cpu())
     return torch.cat(out)
+
+
+POSTERIORS, PROMPTS, EMPTY = "posteriors", "prompt_embeddings", "empty_prompt_embedding"
+
+
+def write_latent_cache(path, posteriors: torch.Tensor, prompt_embeddings: torch.Tensor, empty: torch.Tensor,
+                       scaling_factor: float, subset_sha256: str, backbone: str) -> None:
+    """One safetensors file per (subset, backbone): row i of each tensor belongs to subset row i."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_output
+
+    if len(posteriors) != len(prompt_embeddings):
+        raise ValueError(f"{len(posteriors)} posteriors for {len(prompt_embeddings)} prompts")
+    with atomic_output(path) as tmp:
+        save_file({POSTERIORS: posteriors.contiguous(), PROMPTS: prompt_embeddings.contiguous(),
+                   EMPTY: empty.contiguous()}, str(tmp),
+                  metadata={"scaling_factor": repr(float(scaling_factor)), "subset_sha256": subset_sha256,
+                            "backbone": str(backbone)})
+
+
+def read_latent_cache(path, subset_sha256: str | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) of a latent cache; refuses one made from another version of the subset."""
+    from safetensors import safe_open
+
+    from ..io import CorruptFileError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the cache_latents rule writes it (snakemake {path})") from None
+    except Exception as exc:
+        raise CorruptFileError(f"{path}: unreadable latent cache ({exc}); delete it and rerun cache_latents") from exc
+    missing = [k for k in (POSTERIORS, PROMPTS, EMPTY) if k not in tensors]
+    if missing or "scaling_factor" not in meta:
+        raise CorruptFileError(f"{path}: not a latent cache (missing {missing or 'scaling_factor'})")
+    if subset_sha256 is not None and meta.get("subset_sha256") != subset_sha256:
+        raise ValueError(f"{path} was cached from another version of the subset; rerun cache_latents")
+    meta["scaling_factor"] = float(meta["scaling_factor"])
+    return tensors, meta
