@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.fetch import FetchError
 from pipeline.clip import CHECKSUMS, clip_score, fetch_clip, image_features, load_clip, prompts_of, text_features
 
 
@@ -157,7 +158,7 @@ def test_fetch_clip_is_atomic_and_checksummed(tmp_path, monkeypatch):
         raise OSError("connection refused")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(FetchError, match="connection refused"):
         fetch_clip(tmp_path / "weights" / "other", "org/model", "a" * 40)
     assert [p.name for p in (tmp_path / "weights").iterdir()] == ["clip"]
 

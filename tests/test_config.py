@@ -274,7 +274,7 @@ def test_paper_students_follow_the_cifar10_reference_protocol():
 def test_paper_config_names_the_study_variants():
     cfg = pconfig.load(PAPER)
     kinds = {s["kind"] for s in cfg["samplers"].values()}
-    assert kinds == {"heun", "stochastic", "consistency"}
+    assert kinds == {"heun", "stochastic", "consistency", "diffusion", "lcm"}
     assert cfg["samplers"]["stochastic-imagenet64"] == {"kind": "stochastic", "steps": 256, "S_churn": 40,
                                                         "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
     assert {"table1", "table6", "table7", "mismatch", "figure1"} <= set(cfg["tables"])
@@ -284,6 +284,60 @@ def test_paper_config_names_the_study_variants():
     assert models["cd-3000@100000"] == "snapshots"
     assert pconfig.model_dir(cfg, "cd-3000@100000") == "results/snapshots/cd-3000/step-100000"
     assert pconfig.subset_of(cfg, "cd-3000@100000") == "cifar10-3000"
+
+
+def test_paper_config_has_the_text_to_image_branch():
+    """Table 3: SD1.5 fine-tuned on 200 pairs x 10 plus 3/4/5 x 200 COCO pairs, LCM students sampled in 4 steps."""
+    cfg = pconfig.load(PAPER)
+    assert {cfg["subsets"][f"coco-memorize-{k}x"]["extra_ratio"] for k in (3, 4, 5)} == {3, 4, 5}
+    assert all(cfg["subsets"][f"coco-memorize-{k}x"]["n"] == 200 for k in (3, 4, 5))
+    assert pconfig.backbone_of(cfg, "lcm-sd15-4x") == "sd15"
+    assert pconfig.backbone_dir(cfg, "sd15") == "data/weights/stable-diffusion-v1-5"
+    assert pconfig.samplers_for(cfg, "sd15-memorize-3x") == ("diffusion",)
+    assert pconfig.samplers_for(cfg, "lcm-sd15-3x") == ("lcm",) and pconfig.samplers_for(cfg, "cd-3000") == ("consistency",)
+    assert pconfig.net_of(cfg, "lcm-sd15-3x") == {} and not pconfig.class_conditional(cfg, "lcm-sd15-3x")
+    lcm = cfg["students"]["lcm-sd15-3x"]
+    assert lcm["lcm"]["loss"] == "huber" and lcm["train"]["lr"] == 1e-6 and lcm["lcm"]["target_ema"] == 0.95
+    assert cfg["samplers"]["lcm-4"] == {"kind": "lcm", "steps": 4, "guidance_scale": 8.5, "original_steps": 50}
+
+
+def test_text_to_image_entries_are_checked(cfg):
+    cfg["datasets"]["captioned"] = {"source": "digits", "resolution": 16, "caption_templates": ["a digit {name}"]}
+    cfg["subsets"]["mem"] = {"dataset": "captioned", "kind": "text_memorization", "n": 4, "repeats": 2,
+                             "extra_ratio": 1, "seed": 0}
+    cfg["backbones"] = {"mini": {"kind": "miniature", "dataset": "captioned", "text_encoder": {}, "vae": {}, "unet": {},
+                                 "vae_train": {"steps": 1, "batch_size": 1, "lr": 0.1}}}
+    cfg["teachers"]["t2i"] = {"subset": "mem", "backbone": "mini", "train": {"steps": 1, "batch_size": 1, "lr": 0.1}}
+    cfg["students"]["lcm"] = {"method": "lcm", "teacher": "t2i", "train": {"steps": 1, "batch_size": 1, "lr": 0.1}}
+    cfg["samplers"]["lcm-4"] = {"kind": "lcm", "steps": 4}
+    pconfig.validate(cfg)
+    bad = copy.deepcopy(cfg)
+    bad["students"]["lcm"]["teacher"] = "teacher-48"
+    assert "lcm cannot distil 'teacher-48'" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["teachers"]["t2i"]["subset"] = "digits-48"
+    assert "a text-to-image teacher trains on image-prompt pairs" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["backbones"]["mini"]["dataset"] = "digits"
+    assert "backbones.mini.dataset: 'digits' has no captions" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["teachers"]["t2i"]["net"] = "unet-tiny"  # a teacher is an EDM net or a backbone's UNet, not both
+    assert "teachers.t2i" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["students"]["lcm"]["num_scales"] = 18
+    assert "students.lcm" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["students"]["lcm"]["lcm"] = {"w_min": 9, "w_max": 3}
+    assert "w_min 9 exceeds w_max 3" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["samplers"]["lcm-4"]["ts"] = [80.0]
+    assert "samplers.lcm-4" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["tables"]["demo"]["rows"].append({"setting": "x", "label": "S", "model": "lcm", "sampler": "1-step"})
+    assert "cannot sample 'lcm' (needs a lcm sampler)" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["backbones"]["sd"] = {"kind": "pretrained"}
+    assert "backbones.sd" in error_of(bad)
 
 
 def test_target_ema_is_required(cfg):

@@ -227,3 +227,79 @@ def test_teacher_samples_with_its_scheduler(tiny):
         build_pipeline(bb, bb.unet, {"kind": "lcm", "steps": 4})
     with pytest.raises(ValueError, match="unknown teacher scheduler"):
         build_pipeline(bb, bb.unet, {"kind": "diffusion", "scheduler": "Nope", "steps": 4})
+
+
+def test_stage_commands_chain_on_the_miniature(tmp_path):
+    """build-backbone -> subset -> cache-latents -> finetune-teacher -> distill --method lcm -> sample, as the
+    rules run them: every file the next stage reads, text-to-image shards with each sample's prompt."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.data import read_subset
+    from pipeline.io import read_json
+
+    ds = {"source": "digits", "resolution": RES, "caption_templates": TINY_CAPTIONS}
+    train = {"ema_halflife_kimg": 0.5, "log_every": 5, "optimizer": "adamw"}
+    spec_bb = dict(TINY_T2I, seed=0, vae_train={"steps": 10, "batch_size": 64, "lr": 2e-3, "log_every": 5,
+                                                 "ema_halflife_kimg": 1e-6, "ema_rampup_ratio": None})
+    sub = {"kind": "text_memorization", "n": 6, "repeats": 10, "extra_ratio": 3, "seed": 0, "held_out_prompts": 2}
+    d = tmp_path
+    assert main(["build-backbone", "--dataset", json.dumps(ds), "--spec", json.dumps(spec_bb), "--out", str(d / "bb"),
+                 "--work-dir", str(d / "work")]) == 0
+    assert (d / "bb" / "model_index.json").exists() and (d / "bb" / "vae" / "config.json").exists()
+    assert read_json(d / "bb" / "vae" / "config.json")["scaling_factor"] > 0
+    assert main(["subset", "--dataset", json.dumps(ds), "--spec", json.dumps(sub), "--out", str(d / "s.parquet")]) == 0
+    assert main(["cache-latents", "--subset", str(d / "s.parquet"), "--backbone", str(d / "bb"),
+                 "--out", str(d / "lat.safetensors")]) == 0
+    teacher = {"train": dict(train, steps=6, batch_size=8, lr=1e-3), "latent": {"empty_prompt_ratio": 0.1},
+               "snapshots": [3]}
+    assert main(["finetune-teacher", "--subset", str(d / "s.parquet"), "--latents", str(d / "lat.safetensors"),
+                 "--backbone", str(d / "bb"), "--spec", json.dumps(teacher), "--out", str(d / "teacher"),
+                 "--checkpoint-dir", str(d / "ckpt-t")]) == 0
+    meta = read_json(d / "teacher" / "config.json")
+    subset = read_subset(d / "s.parquet")
+    assert meta["kind"] == "latent-diffusion" and meta["backbone"] == str(d / "bb")
+    assert meta["prompts"]["memorized"] == list(dict.fromkeys(subset.prompts[subset.group == "memorized"]))
+    assert meta["prompts"]["held_out"] == subset.held_out_prompts and len(subset.held_out_prompts) == 2
+    assert (d / "teacher" / "snapshots" / "step-3" / "model.safetensors").exists()
+    student = {"train": dict(train, steps=4, batch_size=8, lr=1e-4), "lcm": {"time_cond_proj_dim": 16}}
+    assert main(["distill", "--method", "lcm", "--subset", str(d / "s.parquet"), "--latents", str(d / "lat.safetensors"),
+                 "--teacher", str(d / "teacher"), "--spec", json.dumps(student), "--out", str(d / "student")]) == 0
+    smeta = read_json(d / "student" / "config.json")
+    assert smeta["kind"] == "latent-consistency" and smeta["unet"]["time_cond_proj_dim"] == 16
+    assert smeta["lcm"]["loss"] == "huber" and smeta["lcm"]["huber_c"] == 0.001
+    for model, sampler in (("teacher", {"kind": "diffusion", "scheduler": "DDIMScheduler", "steps": 5}),
+                           ("student", {"kind": "lcm", "steps": 4})):
+        out = d / f"{model}.parquet"
+        assert main(["sample", "--model", str(d / model), "--model-id", model, "--sampler-name", "x", "--sampler",
+                     json.dumps(sampler), "--shard", "0", "--shard-size", "10", "--num-samples", "10", "--seed", "0",
+                     "--batch-size", "4", "--out", str(out)]) == 0
+        table = pq.read_table(out)
+        prompts = meta["prompts"]["memorized"] + meta["prompts"]["held_out"]
+        assert table.column("prompt").to_pylist() == [prompts[i % len(prompts)] for i in range(10)]
+        groups = table.column("prompt_group").to_pylist()
+        assert groups.count("held_out") == sum(1 for i in range(10) if i % len(prompts) >= len(prompts) - 2)
+    assert pq.read_table(d / "student.parquet").column("nfe").to_pylist() == [4] * 10
+    with pytest.raises(ValueError, match="samples with a lcm sampler"):
+        main(["sample", "--model", str(d / "student"), "--model-id", "s", "--sampler-name", "x", "--sampler",
+              json.dumps({"kind": "diffusion", "steps": 3}), "--shard", "0", "--shard-size", "2", "--num-samples", "2",
+              "--seed", "0", "--out", str(d / "bad.parquet")])
+
+
+def test_latent_cache_refuses_another_subset_and_names_its_rule(tmp_path):
+    from pipeline.io import CorruptFileError
+    from pipeline.text2image.latents import read_latent_cache, write_latent_cache
+
+    path = tmp_path / "lat.safetensors"
+    write_latent_cache(path, torch.zeros(3, 8, 4, 4), torch.zeros(3, 5, 16), torch.zeros(5, 16), 0.5, "abc", "bb")
+    tensors, meta = read_latent_cache(path, "abc")
+    assert meta["scaling_factor"] == 0.5 and tensors["posteriors"].shape == (3, 8, 4, 4)
+    with pytest.raises(ValueError, match="another version of the subset"):
+        read_latent_cache(path, "def")
+    with pytest.raises(FileNotFoundError, match="cache_latents rule"):
+        read_latent_cache(tmp_path / "none.safetensors")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CorruptFileError, match="rerun cache_latents"):
+        read_latent_cache(path)

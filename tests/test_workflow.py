@@ -129,6 +129,46 @@ def test_paper_config_wires_the_study_variants(tmp_path):
     assert '"net_config": {' in out and '"layers_per_block": 2' in out and '"init": "random"' in out
 
 
+def test_paper_config_text_to_image_branch_dry_run(tmp_path):
+    """Table 3's models, down to their sample shards: COCO and SD1.5 from their fetch rules, the memorization
+    set, cached latents, the fine-tuned teacher and its LCM student, through the same launch and shards."""
+    targets = [f"results/samples/{m}/{s}/manifest.json" for m, s in (("sd15-memorize-3x", "sd15-pndm-50"),
+                                                                   ("lcm-sd15-3x", "lcm-4"))]
+    out = output_of(check(snakemake(tmp_path, "-n", "-p", *targets, configfile=PAPER)))
+    stats = job_stats(out)
+    assert {k: stats[k] for k in ("fetch_sd15", "fetch_coco_captions", "fetch_coco_images", "subset", "cache_latents",
+                                  "finetune_teacher", "distill_lcm")} == dict.fromkeys(
+        ("fetch_sd15", "fetch_coco_captions", "fetch_coco_images", "subset", "cache_latents", "finetune_teacher",
+         "distill_lcm"), 1)
+    assert "fetch-sd15 --dest data/weights/stable-diffusion-v1-5 --repo stable-diffusion-v1-5/stable-diffusion-v1-5 " \
+           "--revision f03de327dd89b501a01da37fc5240cf4fdba85a1" in out
+    assert "cache-latents --subset results/subsets/coco-memorize-3x.parquet --backbone data/weights/stable-diffusion-v1-5 " \
+           "--out results/latents/coco-memorize-3x/sd15.safetensors" in out
+    assert "--config_file config/accelerate/deepspeed-zero2.yaml -m pipeline finetune-teacher " \
+           "--subset results/subsets/coco-memorize-3x.parquet --latents results/latents/coco-memorize-3x/sd15.safetensors" in out
+    assert '"gradient_checkpointing": true' in out and '"lr": 1e-05' in out
+    assert "distill --method lcm --subset results/subsets/coco-memorize-3x.parquet" in out
+    assert '"loss": "huber"' in out and '"target_ema": 0.95' in out and '"lr": 1e-06' in out
+    assert '--sampler-name lcm-4 --sampler \'{"guidance_scale": 8.5, "kind": "lcm", "original_steps": 50, "steps": 4}\'' in out
+
+
+def test_missing_stable_diffusion_stops_at_its_fetch_rule(tmp_path):
+    """Offline and without the weights, the branch stops at fetch_sd15, whose log names what is missing."""
+    cfg = pconfig.load(PAPER)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    env_offline = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "data/weights/stable-diffusion-v1-5/checksums.json",
+                           "-s", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile", str(path)],
+                          cwd=tmp_path, env=dict(env_offline, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "fetch_sd15" in output_of(proc)
+    log = (tmp_path / "logs/fetch/sd15/data/weights/stable-diffusion-v1-5.log").read_text()
+    assert "could not download Stable Diffusion v1.5" in log
+    assert "copy the files there (model_index.json, scheduler/scheduler_config.json, tokenizer/vocab.json, " \
+           "unet/diffusion_pytorch_model.safetensors" in log
+    assert not (tmp_path / "data/weights/stable-diffusion-v1-5").exists()
+
+
 @pytest.mark.parametrize("flag", ["--rulegraph", "--dag"])
 def test_paper_config_graphs(tmp_path, flag):
     proc = check(snakemake(tmp_path, flag, configfile=PAPER))
@@ -150,13 +190,17 @@ def test_text_memorization_subset_rule_reads_both_datasets(tmp_path):
     proc = snakemake(tmp_path, "-n", "-p", "results/subsets/memorized-3x.parquet",
                      configfile=write_config(tmp_path / "c.yaml", cfg))
     out = output_of(proc)
-    assert proc.returncode != 0 and "Missing input files" in out  # neither collection is here
-    assert "data/raw/pairs-200/metadata.jsonl" in out and "captions_train2017.json" in out
-    for f in ("data/raw/pairs-200/metadata.jsonl", "data/raw/coco/annotations/captions_train2017.json"):
-        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / f).write_text("")
+    assert proc.returncode != 0 and "Missing input files" in out  # your own pairs: no rule makes them
+    assert "data/raw/pairs-200/metadata.jsonl" in out and "captions_train2017.json" not in out.split("Missing")[1]
+    f = tmp_path / "data/raw/pairs-200/metadata.jsonl"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text("")
     out = output_of(check(snakemake(tmp_path, "-n", "-p", "results/subsets/memorized-3x.parquet",
                                     configfile=tmp_path / "c.yaml")))
+    # COCO comes from its fetch rules: the captions file and the split's images from their md5-checked archives
+    assert "rule fetch_coco_captions" in out and "rule fetch_coco_images" in out
+    assert "fetch-coco --captions-file data/raw/coco/annotations/captions_train2017.json --images-dir " \
+           "data/raw/coco/train2017 --zips-dir data/raw/coco/zips" in out
     assert """--extra-dataset '{"captions_file": "data/raw/coco/annotations/captions_train2017.json",""" in out
     assert """--spec '{"extra_ratio": 3, "kind": "text_memorization", "n": 200, "repeats": 10, "seed": 0}'""" in out
 

@@ -63,6 +63,23 @@ def cmd_distill(a):
     methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
 
 
+def cmd_fetch_coco(a):
+    from .data.fetch import coco_split, fetch_coco_captions, fetch_coco_images
+
+    if a.images_dir:
+        fetch_coco_images(a.images_dir, coco_split(a.captions_file), a.zips_dir)
+        logging.info("COCO 2017 images in %s", a.images_dir)
+    else:
+        fetch_coco_captions(a.captions_file, a.zips_dir)
+        logging.info("COCO 2017 captions in %s", a.captions_file)
+
+
+def cmd_fetch_sd15(a):
+    from .text2image.backbone import fetch_sd15
+
+    logging.info("Stable Diffusion v1.5 in %s", fetch_sd15(a.dest, a.repo, a.revision))
+
+
 def cmd_build_backbone(a):
     from .text2image.runs import build_miniature
 
@@ -274,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("distill", cmd_distill, method={"required": True, "choices": ["cd", "lcm"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={}, metrics_log=metrics_log,
         latents={"help": "lcm: the subset's cached VAE posteriors and prompt embeddings"})
+    add("fetch-coco", cmd_fetch_coco, captions_file={"required": True, "help": "captions_<split>.json (names the split)"},
+        images_dir={"help": "extract the split's images here instead of its captions"}, zips_dir=req)
+    add("fetch-sd15", cmd_fetch_sd15, dest=req, repo={"default": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+        revision={"default": "f03de327dd89b501a01da37fc5240cf4fdba85a1"})
     add("build-backbone", cmd_build_backbone, dataset=js, spec=js, out=req,
         work_dir={"required": True, "help": "tokenizer files and the VAE's resumable checkpoint"})
     add("cache-latents", cmd_cache_latents, subset=req, backbone=req, out=req, batch_size={"type": int, "default": 32})

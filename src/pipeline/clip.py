@@ -27,39 +27,11 @@ CHECKSUMS = "checksums.json"
 
 
 def fetch_clip(dest: str | Path, repo: str = CLIP_REPO, revision: str = CLIP_REVISION) -> Path:
-    """Download the model's inference files at `revision` into `dest`, with a sha256 manifest.
+    """Download the model's inference files at `revision` into `dest`, with a sha256 manifest."""
+    from .data.fetch import fetch_hub_snapshot
 
-    Files land in a temporary directory beside `dest`, which is renamed into place only when the
-    download is complete, so `dest` holds a whole model or nothing.
-    """
-    import shutil
-    import tempfile
-
-    from huggingface_hub import snapshot_download
-
-    from .io import sha256_file, write_json
-
-    dest = Path(dest)
-    if (dest / CHECKSUMS).exists():
-        log.info("%s already holds %s", dest, repo)
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        snapshot_download(repo_id=repo, revision=revision, local_dir=str(tmp), allow_patterns=list(CLIP_FILES))
-        missing = [f for f in ("config.json", "model.safetensors") if not (tmp / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{repo}@{revision} lacks {missing}: not a transformers CLIP model")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        write_json(tmp / CHECKSUMS, {"repo": repo, "revision": revision,
-                                     "sha256": {f: sha256_file(tmp / f) for f in files}})
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return fetch_hub_snapshot(dest, repo, revision, list(CLIP_FILES), ["config.json", "model.safetensors"],
+                              "a transformers CLIP model")
 
 
 def load_clip(model_dir: str | Path, device: str = "cpu"):

@@ -60,19 +60,40 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
         if s["kind"] == "text_memorization":
             for key in ("dataset", "extra_dataset"):
                 d = cfg["datasets"].get(s.get(key))
-                if d is not None and not (d["source"] in ("pairs", "coco2017") or "caption_templates" in d):
+                if d is not None and not _captioned(d):
                     problems.append(f"  subsets.{name}.{key}: {s[key]!r} has no captions; a text_memorization subset "
                                     "draws image-prompt pairs (source pairs or coco2017, or digits with caption_templates)")
         elif any(k in s for k in ("extra_dataset", "extra_ratio", "held_out_prompts")):
             problems.append(f"  subsets.{name}: extra_dataset, extra_ratio and held_out_prompts belong to "
                             "text_memorization subsets")
+    for name, b in cfg.get("backbones", {}).items():
+        if b["kind"] == "miniature":
+            need("datasets", b["dataset"], f"backbones.{name}.dataset")
+            d = cfg["datasets"].get(b["dataset"])
+            if d is not None and not _captioned(d):
+                problems.append(f"  backbones.{name}.dataset: {b['dataset']!r} has no captions; a miniature backbone "
+                                "is built from image-prompt pairs (digits with caption_templates, pairs or coco2017)")
     for name, t in cfg["teachers"].items():
         need("subsets", t["subset"], f"teachers.{name}.subset")
-        need("nets", t["net"], f"teachers.{name}.net")
+        if "net" in t:
+            need("nets", t["net"], f"teachers.{name}.net")
+        else:
+            need("backbones", t["backbone"], f"teachers.{name}.backbone")
+            kind = cfg["subsets"].get(t["subset"], {}).get("kind", "text_memorization")
+            if kind != "text_memorization":
+                problems.append(f"  teachers.{name}.subset: a text-to-image teacher trains on image-prompt pairs, "
+                                f"{t['subset']!r} is a {kind} subset (use a text_memorization subset)")
     for name, s in cfg.get("students", {}).items():
         need("teachers", s["teacher"], f"students.{name}.teacher")
         if "net" in s:
             need("nets", s["net"], f"students.{name}.net")
+        teacher = cfg["teachers"].get(s["teacher"])
+        if teacher is not None and (s["method"] == "lcm") != ("backbone" in teacher):
+            problems.append(f"  students.{name}.method: {s['method']} cannot distil {s['teacher']!r} "
+                            "(lcm distils text-to-image teachers, which have a backbone; cd distils EDM teachers)")
+        lcm = s.get("lcm", {})
+        if lcm.get("w_min", 0) > lcm.get("w_max", float("inf")):
+            problems.append(f"  students.{name}.lcm: w_min {lcm['w_min']} exceeds w_max {lcm['w_max']}")
     if not problems:
         for name, s in cfg.get("students", {}).items():
             ours, theirs = num_classes(net_of(cfg, name)), num_classes(net_of(cfg, s["teacher"]))
@@ -114,8 +135,8 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
             if row["model"] not in models:
                 problems.append(f"  tables.{tname}.rows[{i}].model: {row['model']!r} is neither a teacher nor a student")
             need("samplers", row["sampler"], f"tables.{tname}.rows[{i}].sampler")
-            if row["model"] in models and row["sampler"] in cfg["samplers"]:
-                want = EDM_SAMPLERS if base_model(row["model"]) in cfg["teachers"] else ("consistency",)
+            if row["model"] in models and row["sampler"] in cfg["samplers"] and not problems:
+                want = samplers_for(cfg, row["model"])
                 if cfg["samplers"][row["sampler"]]["kind"] not in want:
                     problems.append(f"  tables.{tname}.rows[{i}]: sampler {row['sampler']!r} cannot sample {row['model']!r} "
                                     f"(needs a {' or '.join(want)} sampler)")
@@ -198,9 +219,37 @@ def model_dir(cfg: Mapping[str, Any], model: str) -> str:
     return f"results/{kind}/{model}"
 
 
-def net_of(cfg: Mapping[str, Any], model: str) -> dict:
-    """The net config of a teacher or student (or snapshot): a student's own `net`, else its teacher's."""
+def _captioned(dataset: Mapping[str, Any]) -> bool:
+    return dataset["source"] in ("pairs", "coco2017") or "caption_templates" in dataset
+
+
+def backbone_of(cfg: Mapping[str, Any], model: str) -> str | None:
+    """The latent diffusion backbone of a text-to-image teacher or student (or snapshot), None for EDM models."""
     model = base_model(model)
+    teacher = model if model in cfg["teachers"] else cfg["students"][model]["teacher"]
+    return cfg["teachers"][teacher].get("backbone")
+
+
+def backbone_dir(cfg: Mapping[str, Any], backbone: str) -> str:
+    """Where a backbone's diffusers folder lies: a pretrained one's configured path, a miniature's build."""
+    entry = cfg["backbones"][backbone]
+    return entry["path"] if entry["kind"] == "pretrained" else f"results/backbones/{backbone}"
+
+
+def samplers_for(cfg: Mapping[str, Any], model: str) -> tuple[str, ...]:
+    """The sampler kinds that can sample a model."""
+    model = base_model(model)
+    if backbone_of(cfg, model) is not None:
+        return ("diffusion",) if model in cfg["teachers"] else ("lcm",)
+    return EDM_SAMPLERS if model in cfg["teachers"] else ("consistency",)
+
+
+def net_of(cfg: Mapping[str, Any], model: str) -> dict:
+    """The net config of a teacher or student (or snapshot): a student's own `net`, else its teacher's.
+    A text-to-image model's UNet comes from its backbone and takes no class: its net config is empty."""
+    model = base_model(model)
+    if backbone_of(cfg, model) is not None:
+        return {}
     if model in cfg["teachers"]:
         return cfg["nets"][cfg["teachers"][model]["net"]]
     student = cfg["students"][model]

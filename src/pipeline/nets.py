@@ -197,7 +197,7 @@ DATA_SHAPES = {"digits": (8, 1), "cifar10": (32, 3), "imagenet64": (64, 3)}
 def net_data_shape(cfg: Mapping[str, Any], net: str) -> tuple[int, int]:
     """(resolution, channels) of the first dataset a teacher using `net` trains on; (32, 3) if none does."""
     for teacher in cfg.get("teachers", {}).values():
-        if teacher["net"] == net:
+        if teacher.get("net") == net:
             dataset = cfg["datasets"][cfg["subsets"][teacher["subset"]]["dataset"]]
             resolution, channels = DATA_SHAPES[dataset["source"]]
             return dataset.get("resolution", resolution), channels

@@ -132,6 +132,37 @@ def gpus_required(spec):
     return compute(spec).get("gpus", 0)
 
 
+# Text-to-image branch: latent diffusion backbones, their fine-tuned teachers and LCM students.
+BACKBONES = CFG.get("backbones", {})
+MINIATURES = [b for b, e in BACKBONES.items() if e["kind"] == "miniature"]
+PRETRAINED_DIRS = {e["path"]: b for b, e in BACKBONES.items() if e["kind"] == "pretrained"}
+TEXT_TEACHERS = [t for t, e in CFG["teachers"].items() if "backbone" in e]
+EDM_TEACHERS = [t for t in CFG["teachers"] if t not in TEXT_TEACHERS]
+LCM_STUDENTS = [s for s, e in STUDENTS.items() if e["method"] == "lcm"]
+CD_STUDENTS = [s for s in STUDENTS if s not in LCM_STUDENTS]
+
+
+def backbone_file(backbone):
+    """The file that stands for a backbone folder: fetch_sd15's manifest, or build_backbone's model index."""
+    d = pconfig.backbone_dir(CFG, backbone)
+    return f"{d}/checksums.json" if BACKBONES[backbone]["kind"] == "pretrained" else f"{d}/model_index.json"
+
+
+def model_backbone_files(wc):
+    """The backbone a text-to-image model samples with (none for EDM models)."""
+    backbone = pconfig.backbone_of(CFG, wc.model)
+    return [] if backbone is None else [backbone_file(backbone)]
+
+
+def latents_file(subset, backbone):
+    return f"results/latents/{subset}/{backbone}.safetensors"
+
+
+def text_teacher_latents(teacher):
+    entry = CFG["teachers"][teacher]
+    return latents_file(entry["subset"], entry["backbone"])
+
+
 def model_files(model):
     d = pconfig.model_dir(CFG, model)
     return {"weights": f"{d}/model.safetensors", "config": f"{d}/config.json", "stats": f"{d}/stats.json"}
@@ -209,6 +240,9 @@ def imagenet_raw(dataset_cfg):
 
 
 IMAGENET_RAW = {imagenet_raw(d): name for name, d in IMAGENET.items()}
+COCO = {name: d for name, d in CFG["datasets"].items() if d["source"] == "coco2017"}
+COCO_CAPTIONS = sorted({d["captions_file"] for d in COCO.values()})
+COCO_IMAGES = {d["images_dir"]: d["captions_file"] for d in COCO.values()}
 IMAGENET_PREPARED = {d["prepared"]: name for name, d in IMAGENET.items()}
 
 
@@ -226,7 +260,7 @@ def dataset_inputs(dataset_cfg):
     if dataset_cfg["source"] == "pairs":
         return [os.path.join(dataset_cfg["dir"], "metadata.jsonl")]
     if dataset_cfg["source"] == "coco2017":
-        return [dataset_cfg["captions_file"]]
+        return [dataset_cfg["captions_file"], dataset_cfg["images_dir"]]
     return []
 
 

@@ -15,6 +15,9 @@ wildcard_constraints:
     backbone=_names(LPIPS_FILES),
     imagenet_raw=_names(IMAGENET_RAW),
     imagenet_dir=_names(IMAGENET_PREPARED),
+    sd_dir=_names(PRETRAINED_DIRS),
+    coco_captions=_names(COCO_CAPTIONS),
+    coco_images=_names(COCO_IMAGES),
 
 
 localrules:
@@ -23,6 +26,9 @@ localrules:
     fetch_lpips_backbone,
     fetch_sscd,
     fetch_clip,
+    fetch_sd15,
+    fetch_coco_captions,
+    fetch_coco_images,
     imagenet_source,
 
 
@@ -102,6 +108,56 @@ rule fetch_clip:
         "../envs/torch.yaml"
     shell:
         "python -m pipeline fetch-clip --dest {params.dest} > {log} 2>&1"
+
+
+# COCO 2017 (text-to-image extra pairs): a split's captions file and its image folder, each from its
+# md5-checked archive in data/raw/coco/zips (archives copied there by hand are checked, not fetched).
+rule fetch_coco_captions:
+    output:
+        "{coco_captions}",
+    log:
+        "logs/fetch/coco_captions/{coco_captions}.log",
+    benchmark:
+        "results/benchmarks/fetch/coco_captions/{coco_captions}.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m pipeline fetch-coco --captions-file {output} --zips-dir data/raw/coco/zips > {log} 2>&1"
+
+
+rule fetch_coco_images:
+    output:
+        directory("{coco_images}"),
+    params:
+        captions=lambda wc: COCO_IMAGES[wc.coco_images],
+    log:
+        "logs/fetch/coco_images/{coco_images}.log",
+    benchmark:
+        "results/benchmarks/fetch/coco_images/{coco_images}.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m pipeline fetch-coco --captions-file {params.captions} --images-dir {output} "
+        "--zips-dir data/raw/coco/zips > {log} 2>&1"
+
+
+# Stable Diffusion v1.5 (text-to-image teachers) at the configured repository and revision; copied
+# by hand onto an offline cluster, the same rule only checks and records what is there.
+rule fetch_sd15:
+    output:
+        "{sd_dir}/checksums.json",
+    params:
+        dest=lambda wc, output: os.path.dirname(output[0]),
+        repo=lambda wc: BACKBONES[PRETRAINED_DIRS[wc.sd_dir]].get("repo", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        revision=lambda wc: BACKBONES[PRETRAINED_DIRS[wc.sd_dir]].get("revision", "f03de327dd89b501a01da37fc5240cf4fdba85a1"),
+    log:
+        "logs/fetch/sd15/{sd_dir}.log",
+    benchmark:
+        "results/benchmarks/fetch/sd15/{sd_dir}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m pipeline fetch-sd15 --dest {params.dest} --repo {params.repo} --revision {params.revision} > {log} 2>&1"
 
 
 rule imagenet_source:

@@ -9,6 +9,7 @@ rule sample_shard:
     input:
         weights=lambda wc: model_files(wc.model)["weights"],
         config=lambda wc: model_files(wc.model)["config"],
+        backbone=model_backbone_files,
     output:
         "results/samples/{model}/{sampler}/shard-{shard}.parquet",
     params:

@@ -3,6 +3,8 @@
 
 
 rule train_teacher:
+    wildcard_constraints:
+        teacher=_names(EDM_TEACHERS),
     input:
         lambda wc: subset_file(CFG["teachers"][wc.teacher]["subset"]),
     output:
@@ -34,4 +36,47 @@ rule train_teacher:
         preemptible_shell(
             "MEMDISTILL_GPUS={params.gpus} OMP_NUM_THREADS={threads} {params.launch} train-teacher --subset {input} "
             "--net {params.net:q} --spec {params.spec:q} --out {params.out} --checkpoint-dir {params.ckpt} --metrics-log {log.metrics}"
+        )
+
+
+# Text-to-image teachers: the backbone's UNet fine-tuned on a text_memorization subset's cached latents
+# (VAE and text encoder frozen), through the same accelerate launch, checkpoints and EMA.
+rule finetune_teacher:
+    wildcard_constraints:
+        teacher=_names(TEXT_TEACHERS),
+    input:
+        subset=lambda wc: subset_file(CFG["teachers"][wc.teacher]["subset"]),
+        latents=lambda wc: text_teacher_latents(wc.teacher),
+        backbone=lambda wc: backbone_file(CFG["teachers"][wc.teacher]["backbone"]),
+    output:
+        weights="results/teachers/{teacher}/model.safetensors",
+        config="results/teachers/{teacher}/config.json",
+        stats="results/teachers/{teacher}/stats.json",
+        snapshots=directory("results/teachers/{teacher}/snapshots"),
+    params:
+        launch=lambda wc: accelerate_launch(CFG["teachers"][wc.teacher]),
+        backbone_dir=lambda wc, input: os.path.dirname(input.backbone),
+        spec=lambda wc: as_json({k: v for k, v in CFG["teachers"][wc.teacher].items()
+                                 if k in ("train", "latent", "snapshots", "gradient_checkpointing")}),
+        out=output_dir,
+        gpus=lambda wc: gpus_required(CFG["teachers"][wc.teacher]),
+        ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
+    threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)
+    resources:
+        gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
+        runtime=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["runtime"],
+        mem_mb=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["mem_mb"],
+        cpus_per_task=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["cpus_per_task"],
+    log:
+        main="logs/finetune_teacher/{teacher}.log",
+        metrics="logs/finetune_teacher/{teacher}.jsonl",
+    benchmark:
+        "results/benchmarks/finetune_teacher/{teacher}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        preemptible_shell(
+            "MEMDISTILL_GPUS={params.gpus} OMP_NUM_THREADS={threads} {params.launch} finetune-teacher "
+            "--subset {input.subset} --latents {input.latents} --backbone {params.backbone_dir} --spec {params.spec:q} "
+            "--out {params.out} --checkpoint-dir {params.ckpt} --metrics-log {log.metrics}"
         )

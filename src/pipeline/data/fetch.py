@@ -46,6 +46,24 @@ KNOWN_FILES: dict[str, dict[str, str | None]] = {
         "sha256": None,
         "dest": "sscd_disc_mixup.torchscript.pt",
     },
+    # COCO 2017 (text-to-image extra pairs): the archives on images.cocodataset.org with the md5s
+    # PaddlePaddle/PaddleDetection ppdet/utils/download.py publishes (tensorflow/datasets
+    # url_checksums/coco.txt gives the same files' sha256 and sizes: 19.3 GB, 816 MB, 253 MB).
+    "coco-train2017": {
+        "url": "http://images.cocodataset.org/zips/train2017.zip",
+        "md5": "cced6f7f71b7629ddf16f17bbcfab6b2",
+        "dest": "train2017.zip",
+    },
+    "coco-val2017": {
+        "url": "http://images.cocodataset.org/zips/val2017.zip",
+        "md5": "442b8da7639aecaf257c1dceb8ba8c80",
+        "dest": "val2017.zip",
+    },
+    "coco-annotations2017": {
+        "url": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+        "md5": "f4bbac642086de4f52a3fdda2de5fa2c",
+        "dest": "annotations_trainval2017.zip",
+    },
     "lpips-alex": {
         "url": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
         "sha256_prefix": "7be5be79",
@@ -145,3 +163,114 @@ def fetch(
             ) from exc
         _check(tmp, md5, sha256, f"{dest} (downloaded from {url})", sha256_prefix)
     return dest
+
+
+HUB_MANIFEST = "checksums.json"
+
+
+def fetch_hub_snapshot(dest: str | os.PathLike, repo: str, revision: str, patterns: list[str], required: list[str],
+                       what: str, expected: dict[str, str] | None = None) -> Path:
+    """Download the files of a Hugging Face Hub repository matching `patterns` at `revision` into `dest`,
+    with a sha256 manifest (checksums.json) of every file.
+
+    Files land in a temporary directory beside `dest`, which is renamed into place only when the
+    download is complete and holds every `required` file, so `dest` holds a whole model or nothing.
+    A `dest` already holding the required files (copied there by hand onto an offline cluster) is kept
+    and only its manifest is written. `expected` maps files to their published sha256, checked either way.
+    """
+    import shutil
+    import tempfile
+
+    from pipeline.io import sha256_file, write_json
+
+    dest = Path(dest)
+    if (dest / HUB_MANIFEST).exists():
+        return dest
+
+    def manifest(root: Path, source: str) -> None:
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+        digests = {f: sha256_file(root / f) for f in files}
+        for f, want in (expected or {}).items():
+            if digests.get(f) != want:
+                raise ChecksumError(f"{dest / f}: sha256 mismatch, expected {want} ({repo}@{revision}), "
+                                    f"got {digests.get(f, 'no such file')}")
+        write_json(root / HUB_MANIFEST, {"repo": repo, "revision": revision, "source": source, "sha256": digests})
+
+    if all((dest / f).exists() for f in required):
+        manifest(dest, "placed by hand")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(repo_id=repo, revision=revision, local_dir=str(tmp), allow_patterns=list(patterns))
+        except Exception as exc:
+            raise FetchError(
+                f"could not download {what} ({repo}@{revision}) into {dest}: {type(exc).__name__}: {exc}. Run the "
+                f"fetch on a machine with internet (snakemake {dest / HUB_MANIFEST}), or copy the files there "
+                f"({', '.join(required)}) and rerun it") from exc
+        missing = [f for f in required if not (tmp / f).exists()]
+        if missing:
+            raise FetchError(f"{repo}@{revision} lacks {missing}: not {what}")
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        manifest(tmp, f"https://huggingface.co/{repo}")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def coco_split(captions_file: str | os.PathLike) -> str:
+    """train2017 or val2017, from the captions file's name (captions_<split>.json)."""
+    import re
+
+    m = re.fullmatch(r"captions_(train2017|val2017)\.json", Path(captions_file).name)
+    if not m:
+        raise ValueError(f"{captions_file}: a COCO 2017 captions file is named captions_train2017.json or "
+                         f"captions_val2017.json")
+    return m.group(1)
+
+
+def fetch_coco_captions(captions_file: str | os.PathLike, zips_dir: str | os.PathLike) -> Path:
+    """The captions file of one COCO 2017 split, from the annotations archive (md5-checked, kept in
+    `zips_dir`; one copied there by hand is checked, not fetched), written atomically."""
+    import shutil
+    import zipfile
+
+    split = coco_split(captions_file)
+    ann = KNOWN_FILES["coco-annotations2017"]
+    ann_zip = fetch(ann["url"], Path(zips_dir) / ann["dest"], md5=ann["md5"])
+    with zipfile.ZipFile(ann_zip) as z, atomic_output(captions_file) as tmp:
+        with z.open(f"annotations/captions_{split}.json") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out)
+    return Path(captions_file)
+
+
+def fetch_coco_images(images_dir: str | os.PathLike, split: str, zips_dir: str | os.PathLike) -> Path:
+    """The images of one COCO 2017 split, extracted from its archive (md5-checked, kept in `zips_dir`)
+    into a directory beside `images_dir` that is renamed into place only when every image is out."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    img = KNOWN_FILES[f"coco-{split}"]
+    img_zip = fetch(img["url"], Path(zips_dir) / img["dest"], md5=img["md5"])
+    images_dir = Path(images_dir)
+    images_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{images_dir.name}.", dir=images_dir.parent))
+    try:
+        with zipfile.ZipFile(img_zip) as z:
+            members = [m for m in z.namelist() if m.startswith(f"{split}/") and not m.endswith("/")]
+            for m in tqdm(members, desc=f"extract {split}", mininterval=5):
+                with z.open(m) as src, open(tmp / Path(m).name, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        if images_dir.exists():
+            shutil.rmtree(images_dir)
+        tmp.rename(images_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return images_dir
