@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from pipeline.data.sources import DIGIT_NAMES as DIGIT_NAMES_
 from pipeline.data.sources import load_captioned
 from pipeline.diffusion.noise import BatchNoise
 from pipeline.text2image.backbone import build_tiny_backbone, load_backbone, save_backbone, save_unet
@@ -303,3 +304,99 @@ def test_latent_cache_refuses_another_subset_and_names_its_rule(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(CorruptFileError, match="rerun cache_latents"):
         read_latent_cache(path)
+
+
+def _unit(v):
+    v = np.asarray(v, np.float64)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_text_to_image_similarity_statistics_reach_the_table(tmp_path):
+    """Table 3's statistics from descriptors built by hand: a sample that copies its own prompt's training
+    image scores 1 against it, one that copies another memorized image scores 1 only as nearest memorized,
+    held-out prompts only have a nearest memorized image; the table shows both next to its yardsticks."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data.subsets import Subset, write_subset
+    from pipeline.embed import write_embeddings
+    from pipeline.io import write_image_table
+    from pipeline.memorization import similarity_summary
+    from pipeline.search import similarity_table
+    from pipeline.shards import write_manifest
+    from pipeline.tables import write_table
+
+    rng = np.random.default_rng(0)
+    train = _unit(rng.normal(size=(4, 16)))  # rows 0, 1 memorized ("a", "b"), 2, 3 extra
+    subset = Subset(images=np.zeros((4, 2, 2, 1), np.uint8), labels=np.full(4, -1), index=np.arange(4),
+                    repeat=[10, 10, 1, 1], group=["memorized", "memorized", "extra", "extra"],
+                    prompts=["a", "b", "c", "d"])
+    write_subset(tmp_path / "s.parquet", subset)
+    other = _unit(rng.normal(size=(1, 16)))[0]
+    samples = np.stack([train[0], train[1], train[1], _unit([train[2] + 0.01])[0], other])
+    prompts = ["a", "b", "a", "held out one", "held out two"]
+    groups = ["memorized", "memorized", "memorized", "held_out", "held_out"]
+    write_image_table(tmp_path / "shard-00000.parquet", np.zeros((5, 2, 2, 1), np.uint8),
+                      {"sample_id": np.arange(5), "seed": np.arange(5), "label": np.full(5, -1), "model": ["m"] * 5,
+                       "sampler": ["x"] * 5, "nfe": np.full(5, 4), "prompt": prompts, "prompt_group": groups})
+    write_manifest([tmp_path / "shard-00000.parquet"], tmp_path / "manifest.json", 5, 5)
+    write_embeddings(samples, tmp_path / "samples.npy", {"space": "sscd"})
+    write_embeddings(train, tmp_path / "train.npy", {"space": "sscd"})
+    similarity_table(tmp_path / "samples.npy", tmp_path / "train.npy", tmp_path / "s.parquet", tmp_path / "manifest.json",
+                     tmp_path / "sim.parquet", device="cpu")
+    sim = pq.read_table(tmp_path / "sim.parquet")
+    gt = sim.column("gt_similarity").to_numpy()
+    np.testing.assert_allclose(gt[:2], 1.0, atol=1e-6)
+    assert gt[2] == pytest.approx(float(train[1] @ train[0]))  # copies b while prompted with a
+    assert np.isnan(gt[3:]).all()
+    nearest = sim.column("memorized_similarity").to_numpy()
+    np.testing.assert_allclose(nearest[:3], 1.0, atol=1e-6)
+    assert nearest[3] < 0.99  # a copy of an extra image is not a memorized one
+    assert sim.column("similarity").to_numpy()[3] > 0.99  # though it is the global nearest neighbour
+    summary = similarity_summary(sim.column("similarity").to_numpy(), table=sim)
+    own = summary["text"]["memorized_prompts"]["own_image"]
+    assert own["n_samples"] == 3 and own["max"] == pytest.approx(1.0)
+    assert own["mean"] == pytest.approx((2 + float(train[1] @ train[0])) / 3)
+    assert summary["text"]["held_out_prompts"]["nearest_memorized"]["n_samples"] == 2
+
+    def metrics(model, nfe, text):
+        return {"model": model, "sampler": "x" if nfe else "data", "nfe": nfe,
+                "quality": {"name": "FID", "value": 10.0}, "clip": {"value": 25.0},
+                "memorization": {"mem_ratio": 0.0, "ratio_median": 0.9, "ratio_p05": 0.5, "n_samples": 5,
+                                 "by_group": {}},
+                "sscd": {"mem_ratio": 0.2, "p95": 0.9, "mean": 0.5, "max": 1.0, "threshold": 0.5, "by_group": {},
+                         "text": text}}
+
+    paths = []
+    for i, m in enumerate([metrics("m", 4, summary["text"]),
+                           metrics("replay~s", 0, {"memorized_prompts": {"own_image": {"mean": 1.0, "max": 1.0, "p95": 1.0},
+                                                                         "nearest_memorized": {"mean": 1.0, "max": 1.0, "p95": 1.0}}})]):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    rows_cfg = [{"setting": "3 extra", "label": "Student", "model": "m", "sampler": "x"},
+                {"setting": "3 extra", "label": "Training pairs replayed", "model": "replay~s", "sampler": "data",
+                 "subset": "s"}]
+    rows = write_table("Table 3", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+    assert rows[0]["text_own_mean"] == pytest.approx(own["mean"]) and rows[1]["text_heldout_mean"] is None
+    md = (tmp_path / "t.md").read_text()
+    assert "SSCD own pair mean / max / p95" in md and "1.0000 / 1.0000 / 1.0000" in md
+    assert "held-out prompts: SSCD nearest memorized" in md and "what similarity without recall looks like" in md
+
+
+def test_yardsticks_of_image_prompt_subsets_keep_their_captions():
+    from pipeline.data import build_text_subset
+    from pipeline.yardsticks import heldout_split, yardstick_images, yardstick_prompts
+
+    source = load_captioned({"source": "digits", "resolution": 8, "caption_templates": TINY_CAPTIONS})
+    subset = build_text_subset(source, source, {"n": 5, "repeats": 4, "extra_ratio": 1, "seed": 0}, True)
+    reserve, _ = heldout_split(len(source), [subset.index], 30, seed=0)
+    for kind in ("real", "replay", "train"):
+        images, labels, _ = yardstick_images(kind, source, source.labels, subset, reserve, 30, seed=0)
+        prompts = yardstick_prompts(kind, source.prompts, subset, reserve, 30, seed=0)
+        assert len(prompts) == len(images) == 30
+        for img, label, prompt in zip(images, labels, prompts):  # each image keeps its own caption and class
+            assert prompt.endswith(("digit " + DIGIT_NAMES_[label], DIGIT_NAMES_[label] + ", written by hand"))
+    real = yardstick_prompts("real", source.prompts, subset, reserve, 30, seed=0)
+    assert real == [source.prompts[i] for i in reserve[:30]]
+

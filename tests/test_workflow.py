@@ -152,6 +152,21 @@ def test_paper_config_text_to_image_branch_dry_run(tmp_path):
     assert '--sampler-name lcm-4 --sampler \'{"guidance_scale": 8.5, "kind": "lcm", "original_steps": 50, "steps": 4}\'' in out
 
 
+def test_paper_config_table3_is_a_target(tmp_path):
+    """`snakemake -n results/tables/table3.md` shows the whole branch: 3 fine-tuned teachers, 3 LCM students,
+    their yardsticks with captions, SSCD and CLIP for prompt-conditioned rows only."""
+    out = output_of(check(snakemake(tmp_path, "-n", "-p", "results/tables/table3.md", configfile=PAPER)))
+    stats = job_stats(out)
+    assert (stats["finetune_teacher"], stats["distill_lcm"], stats["cache_latents"], stats["subset"]) == (3, 3, 3, 3)
+    assert stats["yardstick"] == 12 and stats["similarity"] == 18 and stats["metrics"] == 18 and stats["table"] == 1
+    assert stats["embed_samples"] == 18 * 3  # SSCD, CLIP image and CLIP prompt embeddings of every row
+    assert "fetch_sd15" in stats and "fetch_clip" in stats and "fetch_coco_images" in stats
+    # rows of image-prompt collections are judged against their training subset (COCO is never loaded whole)
+    assert "results/quality/reference/inception_fid-subset-coco-memorize-3x.npz" in out
+    table1 = output_of(check(snakemake(tmp_path, "-n", "-p", "results/tables/table1.md", configfile=PAPER)))
+    assert "results/embeddings/clip" not in table1  # no prompts, no CLIP score
+
+
 def test_missing_stable_diffusion_stops_at_its_fetch_rule(tmp_path):
     """Offline and without the weights, the branch stops at fetch_sd15, whose log names what is missing."""
     cfg = pconfig.load(PAPER)

@@ -208,14 +208,23 @@ def cmd_feature_net(a):
 
 def cmd_yardstick(a):
     from .data import load_source, read_subset
-    from .yardsticks import write_yardstick, yardstick_images
+    from .yardsticks import write_yardstick, yardstick_images, yardstick_prompts
 
-    images, labels = load_source(a.dataset)
-    reserve, _ = _heldout(a, len(images))
     subset = read_subset(a.subset)
+    prompts = None
+    if subset.prompts is not None:  # an image-prompt subset: its yardsticks keep their captions
+        from .data.sources import load_captioned
+
+        source = load_captioned(a.dataset)
+        images, labels, prompts = source, source.labels, source.prompts  # reads only the images chosen
+    else:
+        images, labels = load_source(a.dataset)
+    reserve, _ = _heldout(a, len(images))
     chosen, chosen_labels, own = yardstick_images(a.kind, images, labels, subset, reserve, a.num_samples, a.seed,
                                                   a.blur_sigma)
-    write_yardstick(a.kind, a.subset_name, chosen, chosen_labels, a.out_dir, a.shard_size, own)
+    if prompts is not None:
+        prompts = yardstick_prompts(a.kind, prompts, subset, reserve, a.num_samples, a.seed)
+    write_yardstick(a.kind, a.subset_name, chosen, chosen_labels, a.out_dir, a.shard_size, own, prompts)
 
 
 def cmd_reference_stats(a):

@@ -210,4 +210,22 @@ def similarity_summary(similarity, groups=None, threshold: float = SSCD_THRESHOL
         out["by_group"] = _grouped(np.asarray(groups), sim, stats)
     if table is not None:
         out.update(_class_stats(table, sim, stats))
+        if "gt_similarity" in table.column_names:
+            out["text"] = _prompt_stats(table, stats)
+    return out
+
+
+def _prompt_stats(table: pa.Table, stats) -> dict:
+    """Table 3's statistics of text-to-image samples: on the memorized prompts, similarity to the prompt's
+    own training image (`own_image`) and to the most similar memorized image (`nearest_memorized`); on
+    held-out prompts, the latter only (what similarity without the prompt's pair looks like)."""
+    group = np.asarray(table.column("prompt_group").to_pylist(), dtype=object)
+    gt = table.column("gt_similarity").to_numpy(zero_copy_only=False).astype(np.float64)
+    nearest = table.column("memorized_similarity").to_numpy(zero_copy_only=False).astype(np.float64)
+    out = {}
+    mem = group == "memorized"
+    if mem.any():
+        out["memorized_prompts"] = {"own_image": stats(gt[mem]), "nearest_memorized": stats(nearest[mem])}
+    if (~mem).any():
+        out["held_out_prompts"] = {"nearest_memorized": stats(nearest[~mem])}
     return out

@@ -290,6 +290,32 @@ def most_similar(queries: np.ndarray, database: np.ndarray, device: str = "auto"
     return idx, sim
 
 
+def prompt_similarities(samples: np.ndarray, train: np.ndarray, subset, table, device: str = "auto") -> dict:
+    """For text-to-image samples (Table 3), against the memorized pairs of the training set only:
+    `prompt_group` (memorized | held_out), `gt_similarity` (cosine similarity to the memorized image of
+    the sample's own prompt, the most similar when several share it; NaN for a prompt the set did not
+    memorize) and `memorized_similarity` (to the most similar memorized image, whatever its prompt)."""
+    memorized = np.flatnonzero(subset.group == "memorized")
+    if memorized.size == 0:
+        raise ValueError("the training set has no memorized pairs to compare text-to-image samples with")
+    _, nearest = most_similar(samples, train[memorized], device)
+    prompts = [str(p) for p in table.column("prompt").to_pylist()]
+    rows: dict[str, list[int]] = {}
+    for r in memorized:
+        rows.setdefault(str(subset.prompts[r]), []).append(int(r))
+    gt = np.full(len(prompts), np.nan)
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(p, []).append(i)
+    for p, members in by_prompt.items():
+        if p in rows:
+            sims = np.asarray(samples, np.float64)[members] @ np.asarray(train, np.float64)[rows[p]].T
+            gt[members] = sims.max(axis=1)
+    group = (table.column("prompt_group").to_pylist() if "prompt_group" in table.column_names
+             else ["memorized" if p in rows else "held_out" for p in prompts])
+    return {"prompt_group": [str(g) for g in group], "gt_similarity": gt, "memorized_similarity": nearest}
+
+
 def own_training_index(table) -> np.ndarray | None:
     """The `own_train_index` column of a sample table: for rows that are themselves unique training images
     (the train-vs-train yardstick), the image's index, which its own search must skip; None without it."""
@@ -348,16 +374,19 @@ def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_pat
     subset = read_subset(subset_path)
     if len(train) != len(subset):
         raise ValueError(f"{train_emb} holds {len(train)} rows, {subset_path} {len(subset)} images: re-run embed")
-    _, table, manifest = read_samples(manifest_path)
+    _, sample_table, manifest = read_samples(manifest_path)
     n = manifest["num_samples"]
     if len(samples) != n:
         raise ValueError(f"{samples_emb} holds {len(samples)} rows, {manifest_path} lists {n} samples")
-    idx, sim = most_similar(samples, train, device, exclude=own_training_index(table))
-    labels = sample_labels(table)
+    idx, sim = most_similar(samples, train, device, exclude=own_training_index(sample_table))
+    labels = sample_labels(sample_table)
     labels = np.full(n, UNLABELLED, np.int64) if labels is None else labels
     table = pa.table({"sample_id": pa.array(np.arange(n, dtype=np.int64)), "nn1_index": pa.array(idx),
                       "similarity": pa.array(sim), "nn1_group": pa.array(subset.group[idx]),
                       "nn1_label": pa.array(subset.labels[idx]), "label": pa.array(labels),
                       "label_group": label_groups(labels, subset.group, subset.labels)})
+    if subset.prompts is not None and "prompt" in sample_table.column_names:
+        for name, values in prompt_similarities(samples, train, subset, sample_table, device).items():
+            table = table.append_column(name, pa.array(values))
     with atomic_output(out_path) as tmp:
         pq.write_table(table.replace_schema_metadata({"space": "sscd"}), tmp)

@@ -57,8 +57,30 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
             for g in groups:
                 by = _by(m["sscd"], key).get(g)
                 row[f"sscd_mem_{g}"], row[f"sscd_p95_{g}"] = (by["mem_ratio"], by["p95"]) if by else (None, None)
+            if "text" in m["sscd"]:
+                row.update(_text_cells(m["sscd"]["text"]))
         rows.append(row)
     return groups, rows
+
+
+TEXT_STATS = (("own", "memorized_prompts", "own_image"), ("nearest", "memorized_prompts", "nearest_memorized"),
+              ("heldout", "held_out_prompts", "nearest_memorized"))
+
+
+def _text_cells(text: Mapping[str, Any]) -> dict:
+    """Table 3's similarity statistics of a text-to-image row (None where the row has no such prompts)."""
+    out = {}
+    for name, prompts, stat in TEXT_STATS:
+        got = text.get(prompts, {}).get(stat)
+        for k in ("mean", "max", "p95"):
+            out[f"text_{name}_{k}"] = got[k] if got else None
+    return out
+
+
+def _triple(r, name) -> str:
+    if r.get(f"text_{name}_mean") is None:
+        return ""
+    return " / ".join(f"{r[f'text_{name}_{k}']:.4f}" for k in ("mean", "max", "p95"))
 
 
 def _references(rows) -> str:
@@ -153,6 +175,9 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     head += ["SSCD Mem / p95"] if sscd else []
     split = sscd and len(groups) > 1  # per-group SSCD columns (Table 4's repeated / non-repeated)
     head += [f"SSCD Mem / p95 ({g})" for g in groups] if split else []
+    text = sscd and any("text_own_mean" in r for r in rows)  # Table 3: text-to-image rows
+    head += ["SSCD own pair mean / max / p95", "SSCD nearest memorized mean / max / p95",
+             "held-out prompts: SSCD nearest memorized mean / max / p95"] if text else []
     head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
     full = paper["full_protocol"]["num_samples"] if paper else None
     body = []
@@ -165,6 +190,8 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
         if split:
             cells += ["" if r[f"sscd_mem_{g}"] is None else f"{_pct(r[f'sscd_mem_{g}'])} / {r[f'sscd_p95_{g}']:.4f}"
                       for g in groups]
+        if text:
+            cells += [_triple(r, name) for name, _, _ in TEXT_STATS]
         if paper:
             cells += [r[f"paper_{c}"] for c in paper["columns"]]
             cells += ["full" if r["num_samples"] >= full else f"reduced ({r['num_samples']} samples)"]
@@ -180,6 +207,12 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     if sscd:
         notes.append(f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
                      f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity.")
+    if text:
+        notes.append("Text-to-image rows (Table 3) are sampled on the memorized pairs' prompts and on held-out "
+                     "prompts in turn. SSCD own pair: on memorized prompts, the SSCD cosine similarity of each sample "
+                     "to the training image of its own prompt; nearest memorized: to the most similar of the memorized "
+                     "training images, whatever its prompt; held-out prompts: the same for prompts never trained on, "
+                     "what similarity without recall looks like. Each cell: mean / max / 95th percentile over samples.")
     if paper:
         notes.append(f"Paper columns: {paper['printed_as']} of {paper['source']}, as printed there. Protocol: "
                      f"a row of ours is `full` when it measures at least {full} samples (the study's protocol), "

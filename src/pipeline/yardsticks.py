@@ -71,31 +71,49 @@ def blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def yardstick_images(kind: str, images: np.ndarray, labels: np.ndarray, subset: Subset, reserve: np.ndarray,
-                     num_samples: int, seed: int, blur_sigma: float = 1.0
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The `num_samples` images and labels of one yardstick, and for `train` the index of each row's own
-    unique training image (which its nearest-neighbour search skips)."""
+def yardstick_rows(kind: str, subset: Subset, reserve: np.ndarray, num_samples: int, seed: int
+                   ) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """Which images a yardstick shows: ("source", dataset rows) for real and blur, ("subset", subset rows)
+    for replay and train, and for train the index of each row's own unique training image (which its
+    nearest-neighbour search skips)."""
     if kind in ("real", "blur"):
         if len(reserve) < num_samples:
             raise ValueError(f"the held-out reserve has {len(reserve)} images, the yardstick needs {num_samples}")
-        chosen = reserve[:num_samples]
-        out = images[chosen]
-        return (blur(out, blur_sigma) if kind == "blur" else out), labels[chosen], None
+        return "source", np.asarray(reserve[:num_samples], np.int64), None
     if kind == "replay":
-        rows = np.random.default_rng([seed, 11]).choice(subset.expanded_indices(), num_samples, replace=True)
-        return subset.images[rows], subset.labels[rows], None
+        return "subset", np.random.default_rng([seed, 11]).choice(subset.expanded_indices(), num_samples, replace=True), None
     if kind == "train":
         if len(subset) < 3:
             raise ValueError(f"the train-vs-train yardstick needs at least 3 unique training images, got {len(subset)}")
         perm = np.random.default_rng([seed, 13]).permutation(len(subset))
-        rows = np.resize(perm, num_samples)  # every image once before any twice
-        return subset.images[rows], subset.labels[rows], rows.astype(np.int64)
+        rows = np.resize(perm, num_samples).astype(np.int64)  # every image once before any twice
+        return "subset", rows, rows
     raise ValueError(f"unknown yardstick {kind!r}; available: {KINDS}")
 
 
+def yardstick_images(kind: str, images: np.ndarray, labels: np.ndarray, subset: Subset, reserve: np.ndarray,
+                     num_samples: int, seed: int, blur_sigma: float = 1.0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The `num_samples` images and labels of one yardstick, and for `train` the index of each row's own
+    unique training image. `images` may be any object that returns the images of an index array (a
+    captioned source reads only those)."""
+    where, rows, own = yardstick_rows(kind, subset, reserve, num_samples, seed)
+    if where == "subset":
+        return subset.images[rows], subset.labels[rows], own
+    out = images[rows]
+    return (blur(out, blur_sigma) if kind == "blur" else out), labels[rows], own
+
+
+def yardstick_prompts(kind: str, prompts, subset: Subset, reserve: np.ndarray, num_samples: int, seed: int) -> list[str]:
+    """The prompt of each yardstick image, for image-prompt datasets: real pairs keep their captions, so
+    a CLIP score and the text-to-image similarity statistics have yardsticks too."""
+    where, rows, _ = yardstick_rows(kind, subset, reserve, num_samples, seed)
+    source = subset.prompts if where == "subset" else prompts
+    return [str(source[i]) for i in rows]
+
+
 def write_yardstick(kind: str, subset_name: str, images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
-                    shard_size: int, own_index: np.ndarray | None = None) -> dict:
+                    shard_size: int, own_index: np.ndarray | None = None, prompts: list[str] | None = None) -> dict:
     """Shards and manifest in the layout of generated samples (nfe 0: nothing was generated); rows that
     are training images carry their index in the `own_train_index` column (see search.py)."""
     out_dir = Path(out_dir)
@@ -117,6 +135,8 @@ def write_yardstick(kind: str, subset_name: str, images: np.ndarray, labels: np.
         }
         if own_index is not None:
             columns[OWN_INDEX] = np.asarray(own_index[rows.start:rows.stop], dtype=np.int64)
+        if prompts is not None:
+            columns["prompt"] = prompts[rows.start:rows.stop]
         write_image_table(path, images[rows.start:rows.stop], columns, {"model": model, "sampler": SAMPLER, "yardstick": kind})
         paths.append(path)
     manifest = write_manifest(paths, out_dir / "manifest.json", shard_size, n)

@@ -214,8 +214,17 @@ def embedding_options(space):
     return f"--weights {clip_model_dir()}"
 
 
+def prompt_conditioned(model):
+    """Whether a model's samples (or a yardstick's images) carry prompts: text-to-image models and the
+    yardsticks of image-prompt subsets."""
+    parsed = pconfig.parse_yardstick(model)
+    if parsed:
+        return CFG["subsets"][parsed[1]]["kind"] == "text_memorization"
+    return pconfig.backbone_of(CFG, model) is not None
+
+
 def clip_inputs(wc):
-    if CLIP is None:
+    if CLIP is None or not prompt_conditioned(wc.model):
         return []
     return [f"results/embeddings/{s}/{wc.model}/{wc.sampler}.npy" for s in ("clip", "clip-text")]
 
@@ -363,7 +372,9 @@ def reference_stats_input(wc):
     """The statistics a (model, sampler) is judged against: those of the dataset its training subset
     was drawn from (CIFAR-10 rows against CIFAR-10, ImageNet rows against ImageNet), or of the subset."""
     subset = pconfig.subset_of(CFG, wc.model)
-    if REFERENCE_SET == "subset":
+    # Image-prompt collections (COCO's 118k images, a pairs folder) are never loaded whole: their rows are
+    # judged against their training subset's statistics.
+    if REFERENCE_SET == "subset" or pconfig.dataset_of_subset(CFG, subset)["source"] in ("coco2017", "pairs"):
         return subset_reference_file(subset)
     return reference_file(CFG["subsets"][subset]["dataset"])
 

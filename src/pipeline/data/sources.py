@@ -130,6 +130,10 @@ class CaptionedSource:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def __getitem__(self, rows) -> np.ndarray:
+        """The images of an index array, read on demand (so a source stands in for an image array)."""
+        return self.read(np.asarray(rows, dtype=np.int64))
+
 
 CAPTIONED: dict[str, Callable[[dict], CaptionedSource]] = {}
 
