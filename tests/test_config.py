@@ -338,6 +338,9 @@ def test_text_to_image_entries_are_checked(cfg):
     bad = copy.deepcopy(cfg)
     bad["backbones"]["sd"] = {"kind": "pretrained"}
     assert "backbones.sd" in error_of(bad)
+    bad = copy.deepcopy(cfg)
+    bad["quality"] = {"kind": "inception_fid", "reference": "digits", "weights": "w.pt", "prompt_class": True}
+    assert "quality.prompt_class" in error_of(bad)
 
 
 def test_target_ema_is_required(cfg):

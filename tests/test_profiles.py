@@ -134,7 +134,8 @@ def test_configfiles(slurm, local):
 
 def test_only_training_is_retried_and_warned_before_its_time_limit(slurm):
     assert slurm["retries"] == 0
-    assert set(slurm["preemptible-rules"]) == {"train_teacher", "distill"} and slurm["preemptible-retries"] >= 1
+    training = {"train_teacher", "distill", "finetune_teacher", "distill_lcm"}  # the rules that checkpoint
+    assert set(slurm["preemptible-rules"]) == training and slurm["preemptible-retries"] >= 1
     for rule in slurm["preemptible-rules"]:
         assert re.fullmatch(r"'--signal=TERM@\d+'", slurm["set-resources"][rule]["slurm_extra"]), rule
     # rule-level `retries:` would also rerun a failed job inside its own allocation

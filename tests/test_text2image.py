@@ -400,3 +400,31 @@ def test_yardsticks_of_image_prompt_subsets_keep_their_captions():
     real = yardstick_prompts("real", source.prompts, subset, reserve, 30, seed=0)
     assert real == [source.prompts[i] for i in reserve[:30]]
 
+
+
+def test_prompt_digits_reads_the_digit_a_caption_names():
+    from pipeline.quality import prompt_digits
+
+    got = prompt_digits(["a handwritten digit seven", "the number zero, written by hand", "a picture of the digit 4",
+                         "a cat", ""])
+    assert got.tolist() == [7, 0, 4, -1, -1]
+
+
+def test_digits_descriptor_is_named_as_the_stand_in_it_is(tmp_path):
+    """A table measured with the digits classifier's features never calls them SSCD."""
+    import json
+
+    from pipeline.tables import write_table
+
+    m = {"model": "m", "sampler": "x", "nfe": 4, "quality": {"name": "digits FD", "value": 3.0},
+         "prompt_class": {"value": 0.9, "n_samples": 10},
+         "memorization": {"mem_ratio": 0.1, "ratio_median": 0.8, "ratio_p05": 0.3, "n_samples": 10, "by_group": {}},
+         "sscd": {"mem_ratio": 0.2, "p95": 0.97, "mean": 0.9, "max": 0.99, "threshold": 0.95, "by_group": {},
+                  "descriptor": "digits"}}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    write_table("t", [{"setting": "s", "label": "Teacher", "model": "m", "sampler": "x"}], [tmp_path / "m.json"],
+                tmp_path / "t.csv", tmp_path / "t.md")
+    md = (tmp_path / "t.md").read_text()
+    assert "SSCD" not in md.replace("stand-in for SSCD", "").replace("SSCD's thresholds", "")
+    assert "Digit-feature Mem / p95" in md and "Prompt digit" in md and "90.00%" in md
+    assert "the embedded data's stand-in for SSCD" in md

@@ -115,6 +115,10 @@ def cmd_embed(a):
         if a.space == "sscd":
             vectors = sscd(images, a.weights, a.preprocessing)
             info["preprocessing"] = a.preprocessing
+        elif a.space == "digits":
+            from .embed import digits_descriptors
+
+            vectors = digits_descriptors(images, a.weights)
         else:
             from .clip import image_features
 
@@ -151,7 +155,7 @@ def cmd_fetch_clip(a):
 def cmd_similarity(a):
     from .search import similarity_table
 
-    similarity_table(a.samples, a.train, a.subset, a.manifest, a.out)
+    similarity_table(a.samples, a.train, a.subset, a.manifest, a.out, space=a.space)
 
 
 def cmd_audit(a):
@@ -248,7 +252,7 @@ def cmd_metrics(a):
 
     write_metrics(a.model_id, a.sampler_name, a.neighbours, a.manifest, a.quality_kind, a.feature_net,
                   a.reference_stats, a.model_stats, a.out, a.sscd_neighbours, a.sscd_threshold,
-                  a.clip_images, a.clip_texts)
+                  a.clip_images, a.clip_texts, a.prompt_classifier)
 
 
 def cmd_table(a):
@@ -309,12 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("cache-latents", cmd_cache_latents, subset=req, backbone=req, out=req, batch_size={"type": int, "default": 32})
     add("finetune-teacher", cmd_finetune_teacher, subset=req, latents=req, backbone=req, spec=js, out=req,
         checkpoint_dir={}, metrics_log=metrics_log)
-    add("embed", cmd_embed, space={"choices": ["sscd", "clip", "clip-text"], "default": "sscd"}, images=req,
-        weights={"required": True, "help": "the SSCD TorchScript file, or the CLIP model directory"},
+    add("embed", cmd_embed, space={"choices": ["sscd", "digits", "clip", "clip-text"], "default": "sscd"}, images=req,
+        weights={"required": True, "help": "the SSCD TorchScript file, the digits classifier's or the CLIP model's directory"},
         preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"}, out=req)
     add("fetch-clip", cmd_fetch_clip, dest=req, repo={"default": "openai/clip-vit-large-patch14"},
         revision={"default": "32bd64288804d66eefd0ccbe215aa642df71cc41"})
-    add("similarity", cmd_similarity, samples=req, train=req, subset=req, manifest=req, out=req)
+    add("similarity", cmd_similarity, samples=req, train=req, subset=req, manifest=req, out=req,
+        space={"choices": ["sscd", "digits"], "default": "sscd", "help": "the descriptor the embeddings are in"})
     add("audit", cmd_audit, train={"required": True, "help": "training images: a Parquet image table or a folder"},
         samples={"required": True, "help": "generated images: a Parquet image table or a folder"},
         space={"choices": ["pixels", "sscd"], "default": "pixels"},
@@ -341,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset={"type": _json}, subset={}, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
-        sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={})
+        sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={},
+        prompt_classifier={"help": "the digits classifier: the share of samples read as the digit their prompt names"})
     add("prepare-imagenet", cmd_prepare_imagenet, out=req, train_dir={}, archive={},
         resolution={"type": int, "default": 64}, workers={"type": int, "default": 1})
     add("imagenet-source", cmd_imagenet_source, expect=req)

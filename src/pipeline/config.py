@@ -127,6 +127,8 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
     if clash:
         problems.append(f"  teachers and students share names {sorted(clash)}: model names must be unique")
     need("datasets", cfg["quality"]["reference"], "quality.reference")
+    if cfg["quality"].get("prompt_class") and cfg["quality"]["kind"] != "digits_fd":
+        problems.append("  quality.prompt_class: reads samples with the digits classifier, which only digits_fd trains")
     if cfg["quality"]["kind"] == "inception_fid" and "weights" not in cfg["quality"]:
         problems.append("  quality.weights: inception_fid needs the path of inception-2015-12-05.pt")
     models = models_of(cfg)

@@ -97,6 +97,17 @@ def sscd(images: np.ndarray, weights: str | Path, preprocessing: str = "official
     return torch.cat(out).numpy().astype(np.float32)
 
 
+def digits_descriptors(images: np.ndarray, classifier_dir: str | Path) -> np.ndarray:
+    """L2-normalised penultimate features of the digits classifier (quality.py): the embedded data's
+    download-free stand-in for SSCD, whose weights it does not have. It is a class-trained feature, not
+    a copy detector, so its similarities are read against the yardsticks in the same space, never
+    against SSCD's thresholds."""
+    from .quality import classifier_features, load_digits_classifier
+
+    feats = classifier_features(load_digits_classifier(classifier_dir), images)
+    return (feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def write_embeddings(vectors: np.ndarray, out_path: str | Path, info: dict) -> None:
     """A float32 (n, d) array as .npy, and beside it a .json manifest saying what it embeds and how."""
     from .io import atomic_output, write_json

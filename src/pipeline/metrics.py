@@ -15,8 +15,8 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
                   quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
                   model_stats_path: str | Path | None, out_path: str | Path, sscd_neighbours: str | Path | None = None,
                   sscd_threshold: float = 0.5, clip_images: str | Path | None = None,
-                  clip_texts: str | Path | None = None) -> dict:
-    images, _, manifest = read_samples(manifest_path)
+                  clip_texts: str | Path | None = None, prompt_classifier: str | Path | None = None) -> dict:
+    images, table, manifest = read_samples(manifest_path)
     neighbours = pq.read_table(neighbours_path)
     if neighbours.num_rows != manifest["num_samples"]:
         raise ValueError(f"{neighbours_path} has {neighbours.num_rows} rows, {manifest_path} lists {manifest['num_samples']} samples")
@@ -39,6 +39,7 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         result["sscd"] = similarity_summary(sim.column("similarity").to_numpy(),
                                             sim.column("nn1_group").to_numpy(zero_copy_only=False), sscd_threshold,
                                             table=sim)
+        result["sscd"]["descriptor"] = (sim.schema.metadata or {}).get(b"space", b"sscd").decode()
     if clip_images or clip_texts:
         from .clip import clip_score
         from .embed import read_embeddings
@@ -49,5 +50,10 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         if len(images_emb) != manifest["num_samples"]:
             raise ValueError(f"{clip_images} has {len(images_emb)} rows, {manifest_path} lists {manifest['num_samples']}")
         result["clip"] = clip_score(images_emb, texts_emb)
+    if prompt_classifier:
+        from .clip import prompts_of
+        from .quality import prompt_class_agreement
+
+        result["prompt_class"] = prompt_class_agreement(images, prompts_of(table), prompt_classifier)
     write_json(out_path, result)
     return result

@@ -143,3 +143,34 @@ def compute_quality(kind: str, feature_net: str | Path, images: np.ndarray, refe
         what = str(ref["what"]) if "what" in ref.files else ""
     return {"name": METRIC_NAMES[kind], "value": float(value), "lower_is_better": True,
             "num_samples": len(images), "num_reference": n_ref, "reference": what}
+
+
+def prompt_digits(prompts) -> np.ndarray:
+    """The digit each prompt names (its first digit word or numeral, "a handwritten digit seven" -> 7),
+    -1 where it names none."""
+    import re
+
+    from .data.sources import DIGIT_NAMES
+
+    words = {w: i for i, w in enumerate(DIGIT_NAMES)} | {str(i): i for i in range(10)}
+    out = []
+    for p in prompts:
+        found = [words[w] for w in re.findall(r"[a-z]+|[0-9]", str(p).lower()) if w in words]
+        out.append(found[0] if found else -1)
+    return np.asarray(out, dtype=np.int64)
+
+
+@torch.no_grad()
+def prompt_class_agreement(images: np.ndarray, prompts, classifier_dir: str | Path) -> dict:
+    """The embedded data's download-free stand-in for the CLIP score of captioned digits: the share of
+    samples the digits classifier reads as the digit their prompt names (over samples whose prompt
+    names one). Real captioned digits score the classifier's accuracy: its yardstick."""
+    named = prompt_digits(prompts)
+    keep = named >= 0
+    if not keep.any():
+        raise ValueError("no prompt names a digit: the prompt-class agreement needs captioned digits")
+    net = load_digits_classifier(classifier_dir)
+    x = torch.from_numpy(images_to_unit(images[keep]))
+    predicted = torch.cat([net(b).argmax(1) for b in x.split(512)]).numpy()
+    return {"value": float((predicted == named[keep]).mean()), "n_samples": int(keep.sum()),
+            "classifier": str(classifier_dir)}

@@ -359,8 +359,10 @@ def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", 
     return summarize(result)
 
 
-def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_path, device: str = "auto") -> None:
-    """Stage 5 in a descriptor space: each sample's most similar unique training image, to Parquet."""
+def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_path, device: str = "auto",
+                     space: str = "sscd") -> None:
+    """Stage 5 in a descriptor space (`space` names it in the file): each sample's most similar unique
+    training image, to Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -389,4 +391,4 @@ def similarity_table(samples_emb, train_emb, subset_path, manifest_path, out_pat
         for name, values in prompt_similarities(samples, train, subset, sample_table, device).items():
             table = table.append_column(name, pa.array(values))
     with atomic_output(out_path) as tmp:
-        pq.write_table(table.replace_schema_metadata({"space": "sscd"}), tmp)
+        pq.write_table(table.replace_schema_metadata({"space": space}), tmp)

@@ -51,9 +51,12 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
             row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
         if "clip" in m:
             row["clip_score"] = m["clip"]["value"]
+        if "prompt_class" in m:
+            row["prompt_class"] = m["prompt_class"]["value"]
         if "sscd" in m:
             row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
-                       sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"])
+                       sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"],
+                       sscd_descriptor=m["sscd"].get("descriptor", "sscd"))
             for g in groups:
                 by = _by(m["sscd"], key).get(g)
                 row[f"sscd_mem_{g}"], row[f"sscd_p95_{g}"] = (by["mem_ratio"], by["p95"]) if by else (None, None)
@@ -63,6 +66,8 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
     return groups, rows
 
 
+# How tables name a copy-detection descriptor: SSCD, or the embedded data's download-free stand-in.
+DESCRIPTORS = {"sscd": "SSCD", "digits": "Digit-feature"}
 TEXT_STATS = (("own", "memorized_prompts", "own_image"), ("nearest", "memorized_prompts", "nearest_memorized"),
               ("heldout", "held_out_prompts", "nearest_memorized"))
 
@@ -171,20 +176,26 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     qname = rows[0]["quality_name"]
     sscd = all("sscd_mem" in r for r in rows)
     clip = all("clip_score" in r for r in rows)
-    head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP"] if clip else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
-    head += ["SSCD Mem / p95"] if sscd else []
+    prompt_class = all("prompt_class" in r for r in rows)
+    head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP"] if clip else []) + (["Prompt digit"] if prompt_class else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
+    kinds = {r.get("sscd_descriptor", "sscd") for r in rows} if sscd else set()
+    if len(kinds) > 1:
+        raise ValueError(f"a table's rows were measured with different descriptors {sorted(kinds)}")
+    d = DESCRIPTORS[kinds.pop()] if sscd else "SSCD"
+    head += [f"{d} Mem / p95"] if sscd else []
     split = sscd and len(groups) > 1  # per-group SSCD columns (Table 4's repeated / non-repeated)
-    head += [f"SSCD Mem / p95 ({g})" for g in groups] if split else []
+    head += [f"{d} Mem / p95 ({g})" for g in groups] if split else []
     text = sscd and any("text_own_mean" in r for r in rows)  # Table 3: text-to-image rows
-    head += ["SSCD own pair mean / max / p95", "SSCD nearest memorized mean / max / p95",
-             "held-out prompts: SSCD nearest memorized mean / max / p95"] if text else []
+    head += [f"{d} own pair mean / max / p95", f"{d} nearest memorized mean / max / p95",
+             f"held-out prompts: {d} nearest memorized mean / max / p95"] if text else []
     head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
     full = paper["full_protocol"]["num_samples"] if paper else None
     body = []
     for r in rows:
         generated = r["nfe"] > 0
         cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
-                 f"{r['quality']:.2f}"] + ([f"{r['clip_score']:.2f}"] if clip else []) + [_pct(r["mem"])]
+                 f"{r['quality']:.2f}"] + ([f"{r['clip_score']:.2f}"] if clip else [])
+        cells += ([_pct(r["prompt_class"])] if prompt_class else []) + [_pct(r["mem"])]
         cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
         cells += [f"{_pct(r['sscd_mem'])} / {r['sscd_p95']:.4f}"] if sscd else []
         if split:
@@ -204,12 +215,21 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     if clip:
         notes.append("CLIP: 100 x the cosine similarity of each sample's CLIP image embedding and its prompt's "
                      "text embedding, averaged (torchmetrics' CLIP score); higher is better.")
+    if prompt_class:
+        notes.append("Prompt digit: share of samples the digits classifier (the quality metric's network) reads as "
+                     "the digit their prompt names, the embedded data's download-free stand-in for the CLIP score "
+                     "(how well a sample matches its prompt); real captioned digits score the classifier's accuracy.")
     if sscd:
-        notes.append(f"SSCD Mem: share of samples whose most similar training image has an SSCD cosine similarity "
+        if d != "SSCD":
+            notes.append(f"{d}: cosine similarity of the digits classifier's penultimate features (the quality "
+                         "metric's network), the embedded data's stand-in for SSCD, whose weights it does not have. "
+                         "It is trained to recognise classes, not copies: read it against the yardsticks measured "
+                         "with it, not against SSCD's thresholds.")
+        notes.append(f"{d} Mem: share of samples whose most similar training image has {d} cosine similarity "
                      f"above {rows[0]['sscd_threshold']:g}; p95: the 95th percentile of that similarity.")
     if text:
         notes.append("Text-to-image rows (Table 3) are sampled on the memorized pairs' prompts and on held-out "
-                     "prompts in turn. SSCD own pair: on memorized prompts, the SSCD cosine similarity of each sample "
+                     f"prompts in turn. {d} own pair: on memorized prompts, the {d} cosine similarity of each sample "
                      "to the training image of its own prompt; nearest memorized: to the most similar of the memorized "
                      "training images, whatever its prompt; held-out prompts: the same for prompts never trained on, "
                      "what similarity without recall looks like. Each cell: mean / max / 95th percentile over samples.")

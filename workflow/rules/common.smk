@@ -191,7 +191,9 @@ def sscd_preprocessing():
 
 CLIP = CFG["quality"].get("clip")
 # Descriptor spaces whose sample embeddings some rule reads.
-EMBED_SPACES = (["sscd"] if SSCD is not None else []) + (["clip", "clip-text"] if CLIP is not None else [])
+# The copy-detection descriptor: SSCD, or on the embedded data the digits classifier's features (`digits`).
+SIM = "digits" if (SSCD or {}).get("descriptor") == "digits_classifier" else "sscd"
+EMBED_SPACES = ([SIM] if SSCD is not None else []) + (["clip", "clip-text"] if CLIP is not None else [])
 
 
 def clip_model_dir():
@@ -203,6 +205,8 @@ def embedding_weights(space):
     provides it, its config.json for a directory placed by hand)."""
     if space == "sscd":
         return sscd_weights_file()
+    if space == "digits":
+        return f"{DIGITS_CLASSIFIER}/model.safetensors"
     if "weights" in (CLIP or {}):
         return os.path.join(CLIP["weights"], "config.json")
     return os.path.join(CLIP_DIR, "checksums.json")
@@ -211,6 +215,8 @@ def embedding_weights(space):
 def embedding_options(space):
     if space == "sscd":
         return f"--preprocessing {sscd_preprocessing()} --weights {sscd_weights_file()}"
+    if space == "digits":
+        return f"--weights {DIGITS_CLASSIFIER}"
     return f"--weights {clip_model_dir()}"
 
 
@@ -230,7 +236,7 @@ def clip_inputs(wc):
 
 
 def sscd_neighbours_input(wc):
-    return [f"results/neighbours/sscd/{wc.model}/{wc.sampler}.parquet"] if SSCD is not None else []
+    return [f"results/neighbours/{SIM}/{wc.model}/{wc.sampler}.parquet"] if SSCD is not None else []
 
 
 def model_stats_input(wc):

@@ -37,49 +37,49 @@ rule embed_samples:
 rule embed_subset:
     input:
         subset=lambda wc: subset_file(wc.subset),
-        weights=lambda wc: sscd_weights_file(),
+        weights=lambda wc: embedding_weights(SIM),
     output:
-        vectors="results/embeddings/sscd/subsets/{subset}.npy",
-        manifest="results/embeddings/sscd/subsets/{subset}.json",
+        vectors=f"results/embeddings/{SIM}/subsets/{{subset}}.npy",
+        manifest=f"results/embeddings/{SIM}/subsets/{{subset}}.json",
     params:
-        preprocessing=lambda wc: sscd_preprocessing(),
+        options=embedding_options(SIM),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=120,
     log:
-        "logs/embed_subset/sscd/{subset}.log",
+        f"logs/embed_subset/{SIM}/{{subset}}.log",
     benchmark:
-        "results/benchmarks/embed_subset/sscd/{subset}.tsv"
+        f"results/benchmarks/embed_subset/{SIM}/{{subset}}.tsv"
     conda:
         "../envs/torch.yaml"
     shell:
         on_sampling_gpus(
-            "OMP_NUM_THREADS={threads} python -m pipeline embed --space sscd --images {input.subset} "
-            "--weights {input.weights} --preprocessing {params.preprocessing} --out {output.vectors} > {log} 2>&1"
+            f"OMP_NUM_THREADS={{threads}} python -m pipeline embed --space {SIM} --images {{input.subset}} "
+            "{params.options} --out {output.vectors} > {log} 2>&1"
         )
 
 
 rule similarity:
     input:
-        samples="results/embeddings/sscd/{model}/{sampler}.npy",
-        train=lambda wc: f"results/embeddings/sscd/subsets/{pconfig.subset_of(CFG, wc.model)}.npy",
+        samples=f"results/embeddings/{SIM}/{{model}}/{{sampler}}.npy",
+        train=lambda wc: f"results/embeddings/{SIM}/subsets/{pconfig.subset_of(CFG, wc.model)}.npy",
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
         manifest="results/samples/{model}/{sampler}/manifest.json",
     output:
-        "results/neighbours/sscd/{model}/{sampler}.parquet",
+        f"results/neighbours/{SIM}/{{model}}/{{sampler}}.parquet",
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,
     log:
-        "logs/similarity/sscd/{model}/{sampler}.log",
+        f"logs/similarity/{SIM}/{{model}}/{{sampler}}.log",
     benchmark:
-        "results/benchmarks/similarity/sscd/{model}/{sampler}.tsv"
+        f"results/benchmarks/similarity/{SIM}/{{model}}/{{sampler}}.tsv"
     conda:
         "../envs/search.yaml"
     shell:
         on_sampling_gpus(
             "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
-            "--subset {input.subset} --manifest {input.manifest} --out {output} > {log} 2>&1"
+            f"--subset {{input.subset}} --manifest {{input.manifest}} --space {SIM} --out {{output}} > {{log}} 2>&1"
         )

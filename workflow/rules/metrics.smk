@@ -95,6 +95,8 @@ rule metrics:
         sscd=lambda wc, input: (f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', 0.5)}"
                                 if input.sscd else ""),
         clip=lambda wc, input: f"--clip-images {input.clip[0]} --clip-texts {input.clip[1]}" if input.clip else "",
+        prompt_class=lambda wc: (f"--prompt-classifier {DIGITS_CLASSIFIER}"
+                                 if QUALITY.get("prompt_class") and prompt_conditioned(wc.model) else ""),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -109,6 +111,6 @@ rule metrics:
         on_sampling_gpus(
             "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
             "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
-            "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} "
+            "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} {params.prompt_class} "
             "--out {output} > {log} 2>&1"
         )
