@@ -817,3 +817,54 @@ def test_imagenet_rules_explain_a_missing_copy_and_prepare_a_present_one(tmp_pat
     check(snakemake(tmp_path, "prep/in64/manifest.json", "--cores", "1", configfile=config))
     manifest = json.loads((tmp_path / "prep" / "in64" / "manifest.json").read_text())
     assert manifest["images"] == 2 and manifest["classes"] == 2 and manifest["resolution"] == 16
+
+
+# ------------------------------------------------------------------ Table 3 in miniature, for real
+
+MINIATURE = ROOT / "config" / "embedded-text2image.yaml"
+
+
+def test_text2image_miniature_layers_on_the_embedded_default(tmp_path):
+    proc = check(snakemake(tmp_path, "-n", "--configfile", str(EMBEDDED), str(MINIATURE)))
+    stats = job_stats(output_of(proc))
+    assert (stats["build_backbone"], stats["finetune_teacher"], stats["distill_lcm"], stats["cache_latents"]) == (1, 3, 3, 3)
+    assert stats["table"] == 3 and stats["train_teacher"] == 2  # the demo tables are unchanged
+    assert "fetch_sd15" not in stats and "fetch_clip" not in stats and "fetch_sscd" not in stats  # no download
+
+
+def test_text2image_miniature_runs_end_to_end(tmp_path):
+    """The miniature branch, shortened (one extra ratio, a few steps), run for real: backbone built, VAE
+    trained, teacher fine-tuned, LCM student distilled, both sampled, Table 3's columns filled."""
+    cfg = copy.deepcopy(embedded())
+    mini = yaml.safe_load(MINIATURE.read_text())
+    for key, value in mini.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    for name in ("4x", "5x"):
+        del cfg["subsets"][f"digits-memorize-{name}"], cfg["teachers"][f"mini-sd-{name}"]
+        del cfg["students"][f"lcm-mini-{name}"]
+    cfg["subsets"]["digits-memorize-3x"].update(n=6, repeats=3)
+    cfg["backbones"]["mini-sd"]["vae_train"].update(steps=20, log_every=10)
+    cfg["teachers"]["mini-sd-3x"]["train"].update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
+    cfg["students"]["lcm-mini-3x"]["train"].update(steps=10, batch_size=16, log_every=5, checkpoint_every=5)
+    cfg["samplers"]["pndm-50"]["steps"] = 5
+    cfg["sampling"].update(num_samples=24, shard_size=24, batch_size=24)
+    cfg["quality"]["classifier_epochs"] = 2
+    cfg["tables"] = {"t3": {"title": "t3", "rows": [r for r in mini["tables"]["table3-miniature"]["rows"]
+                                                     if r["setting"] == "3 extra"]}}
+    config = write_config(tmp_path / "mini.yaml", cfg)
+    proc = snakemake(tmp_path, "results/tables/t3.md", "--cores", "2", "--show-failed-logs", configfile=config,
+                     timeout=900)
+    check(proc)
+    md = (tmp_path / "results/tables/t3.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| Setting"))
+    assert "Prompt digit" in head and "Digit-feature own pair mean / max / p95" in head and "SSCD" not in head
+    rows = [line for line in md.splitlines() if line.startswith("| 3 extra") or line.startswith("| digits-memorize")]
+    assert len(rows) == 2 + 4  # teacher, student, four yardsticks
+    metrics = json.loads((tmp_path / "results/metrics/lcm-mini-3x/lcm-4.json").read_text())
+    own = metrics["sscd"]["text"]["memorized_prompts"]["own_image"]
+    assert metrics["nfe"] == 4 and own["n_samples"] == 24 and 0 < own["mean"] <= own["max"] <= 1 + 1e-6
+    assert 0 <= metrics["prompt_class"]["value"] <= 1 and metrics["sscd"]["descriptor"] == "digits"
+    replay = json.loads((tmp_path / "results/metrics/replay~digits-memorize-3x/data.json").read_text())
+    assert replay["sscd"]["text"]["memorized_prompts"]["own_image"]["max"] == pytest.approx(1.0, abs=1e-5)
+    teacher = json.loads((tmp_path / "results/teachers/mini-sd-3x/config.json").read_text())
+    assert teacher["kind"] == "latent-diffusion" and teacher["backbone"] == "results/backbones/mini-sd"
