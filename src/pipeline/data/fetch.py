@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.io import atomic_output
+from pipeline.io import atomic_directory, atomic_output
 
 KNOWN_FILES: dict[str, dict[str, str | None]] = {
     "cifar10": {
@@ -179,7 +179,6 @@ def fetch_hub_snapshot(dest: str | os.PathLike, repo: str, revision: str, patter
     and only its manifest is written. `expected` maps files to their published sha256, checked either way.
     """
     import shutil
-    import tempfile
 
     from pipeline.io import sha256_file, write_json
 
@@ -199,9 +198,7 @@ def fetch_hub_snapshot(dest: str | os.PathLike, repo: str, revision: str, patter
     if all((dest / f).exists() for f in required):
         manifest(dest, "placed by hand")
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         from huggingface_hub import snapshot_download
 
         try:
@@ -216,11 +213,6 @@ def fetch_hub_snapshot(dest: str | os.PathLike, repo: str, revision: str, patter
             raise FetchError(f"{repo}@{revision} lacks {missing}: not {what}")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         manifest(tmp, f"https://huggingface.co/{repo}")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -254,23 +246,13 @@ def fetch_coco_images(images_dir: str | os.PathLike, split: str, zips_dir: str |
     """The images of one COCO 2017 split, extracted from its archive (md5-checked, kept in `zips_dir`)
     into a directory beside `images_dir` that is renamed into place only when every image is out."""
     import shutil
-    import tempfile
     import zipfile
 
     img = KNOWN_FILES[f"coco-{split}"]
     img_zip = fetch(img["url"], Path(zips_dir) / img["dest"], md5=img["md5"])
-    images_dir = Path(images_dir)
-    images_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{images_dir.name}.", dir=images_dir.parent))
-    try:
-        with zipfile.ZipFile(img_zip) as z:
-            members = [m for m in z.namelist() if m.startswith(f"{split}/") and not m.endswith("/")]
-            for m in tqdm(members, desc=f"extract {split}", mininterval=5):
-                with z.open(m) as src, open(tmp / Path(m).name, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        if images_dir.exists():
-            shutil.rmtree(images_dir)
-        tmp.rename(images_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return images_dir
+    with atomic_directory(images_dir) as tmp, zipfile.ZipFile(img_zip) as z:
+        members = [m for m in z.namelist() if m.startswith(f"{split}/") and not m.endswith("/")]
+        for m in tqdm(members, desc=f"extract {split}", mininterval=5):
+            with z.open(m) as src, open(tmp / Path(m).name, "wb") as out:
+                shutil.copyfileobj(src, out)
+    return Path(images_dir)

@@ -8,8 +8,6 @@ read from safetensors only (`use_safetensors=True`): no pickle is ever unpickled
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -107,36 +105,24 @@ def save_backbone(backbone: Backbone, out_dir: str | Path) -> Path:
     """Write `backbone` as a Stable Diffusion folder (StableDiffusionPipeline.save_pretrained), atomically."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..io import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         pipe = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder,
                                        tokenizer=backbone.tokenizer, unet=backbone.unet,
                                        scheduler=PNDMScheduler.from_config(backbone.scheduler.config),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def save_unet(unet: torch.nn.Module, out_dir: str | Path) -> Path:
     """A fine-tuned or distilled UNet alone (config.json + safetensors): the backbone's other parts are shared."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..io import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def build_tiny_backbone(spec: Mapping[str, Any], prompts: Sequence[str], resolution: int, channels: int,
