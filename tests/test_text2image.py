@@ -428,3 +428,28 @@ def test_digits_descriptor_is_named_as_the_stand_in_it_is(tmp_path):
     assert "SSCD" not in md.replace("stand-in for SSCD", "").replace("SSCD's thresholds", "")
     assert "Digit-feature Mem / p95" in md and "Prompt digit" in md and "90.00%" in md
     assert "the embedded data's stand-in for SSCD" in md
+
+
+def test_lcm_distillation_resumes_to_the_same_student(tiny, tmp_path):
+    """A run stopped after 4 steps and resumed to 6 (online weights, EMA target, optimizer, data order,
+    noise all restored from the checkpoint) ends where an uninterrupted 6-step run does."""
+    bb, post, table = tiny
+
+    def run(steps, ckpt):
+        torch.manual_seed(0)
+        student = lcm_student(bb.unet, time_cond_proj_dim=16)
+        objective = LCMObjective(student, bb.unet, bb.scheduler, 1.0, table, {"time_cond_proj_dim": 16})
+        cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, optimizer="adamw", ema_halflife_kimg=1e-6,
+                          ema_rampup_ratio=None, log_every=2, checkpoint_every=2)
+        out, stats = train(objective, post, np.arange(len(post)), cfg, Accelerator(cpu=True), ckpt, "lcm",
+                           labels=torch.arange(len(post)))
+        return out, objective.target, stats
+
+    run(4, tmp_path / "a")
+    resumed, resumed_target, stats = run(6, tmp_path / "a")
+    assert stats["attempts"][-1]["from_step"] == 4
+    straight, straight_target, _ = run(6, tmp_path / "b")
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(resumed_target.parameters(), straight_target.parameters()):
+        torch.testing.assert_close(a, b)
