@@ -105,7 +105,8 @@ class LCMObjective:
     """The shared training loop's objective for LCM: rows are cached posteriors, labels prompt numbers."""
 
     def __init__(self, student, teacher, scheduler, scaling_factor: float, prompts: PromptTable,
-                 settings: Mapping[str, Any] | None = None, device: torch.device | str = "cpu"):
+                 settings: Mapping[str, Any] | None = None, device: torch.device | str = "cpu",
+                 autocast_dtype: torch.dtype | None = None):
         from diffusers import LCMScheduler
 
         s = {**LCM_DEFAULTS, **(settings or {})}
@@ -125,6 +126,10 @@ class LCMObjective:
         self.scaling_factor = float(scaling_factor)
         self.prompts = prompts
         self.embed_dim = student.config.time_cond_proj_dim
+        # The teacher's and target's passes take no gradient and are not prepared by accelerate, so its
+        # mixed precision does not reach them: they run under the same autocast explicitly, as the
+        # recipe runs them (torch.autocast around teacher_unet and target_unet).
+        self.autocast_dtype = autocast_dtype
 
     def loss(self, model, y, noise, labels=None):
         if labels is None:
@@ -142,7 +147,8 @@ class LCMObjective:
         x_start = self.scheduler.add_noise(latents, eps, start)
         online = consistency_output(model(x_start, start, timestep_cond=w_embedding, encoder_hidden_states=cond).sample,
                                     start, x_start, self.scheduler, self.boundary)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(y.device.type, dtype=self.autocast_dtype or torch.float32,
+                                             enabled=self.autocast_dtype is not None):
             uncond = self.prompts(torch.full_like(labels, self.prompts.empty_index), y.device)
             both = self.teacher(torch.cat([x_start, x_start]), torch.cat([start, start]),
                                 encoder_hidden_states=torch.cat([cond, uncond])).sample.float()
@@ -150,9 +156,10 @@ class LCMObjective:
                                                     self.scheduler)
             (x0_c, x0_u), (n_c, n_u) = x0.chunk(2), pred_noise.chunk(2)
             g = w.reshape(-1, 1, 1, 1)
-            x_prev = self.solver.step(x0_c + g * (x0_c - x0_u), n_c + g * (n_c - n_u), index)
-            target = consistency_output(self.target(x_prev, t, timestep_cond=w_embedding, encoder_hidden_states=cond).sample,
-                                        t, x_prev, self.scheduler, self.boundary)
+            x_prev = self.solver.step(x0_c + g * (x0_c - x0_u), n_c + g * (n_c - n_u), index).float()
+            target = consistency_output(self.target(x_prev, t, timestep_cond=w_embedding,
+                                                    encoder_hidden_states=cond).sample.float(),
+                                        t, x_prev.float(), self.scheduler, self.boundary)
         if s["loss"] == "huber":
             return pseudo_huber(online, target, s["huber_c"])
         return (online.float() - target.float()).square().mean(dim=(1, 2, 3))

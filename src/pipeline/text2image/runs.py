@@ -143,8 +143,9 @@ def distill_lcm(teacher_dir: str | Path, subset_path: str | Path, latents_path: 
     student = lcm_student(teacher, settings["time_cond_proj_dim"])
     if spec.get("gradient_checkpointing"):
         student.enable_gradient_checkpointing()
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     objective = LCMObjective(student, teacher, bb.scheduler, cmeta["scaling_factor"],
-                             PromptTable(cache[PROMPTS], cache[EMPTY]), settings, accelerator.device)
+                             PromptTable(cache[PROMPTS], cache[EMPTY]), settings, accelerator.device, autocast)
     meta = dict(_text_meta("latent-consistency", tmeta["backbone"], student, subset, tmeta["prompts"]), lcm=settings)
     log.info("LCM: %d student parameters, %s, %d processes", count_parameters(student),
              ", ".join(f"{k}={v}" for k, v in settings.items()), accelerator.num_processes)
