@@ -6,5 +6,6 @@ One concept per module: `backbone` (the frozen tokenizer, text encoder and VAE w
 diffusers' folder layout), `tokenizer` (a word-level CLIP tokenizer for the miniature), `latents` (VAE
 posteriors and prompt embeddings cached once), `finetune` (the latent denoising objective), `lcm`
 (LCM's DDIM solver, boundary scalings, guidance embedding and loss), `generate` (teacher and 4-step
-student sampling through diffusers' pipelines).
+student sampling through diffusers' pipelines), `vae` (training the miniature's autoencoder), `runs`
+(the stages the rules run).
 """
