@@ -92,25 +92,32 @@ def test_paper_config_dry_run(tmp_path):
     # Table 1 (4 teachers, 4 students), Table 2 (3 ImageNet teachers and students), Table 4 (the localized
     # teacher and student on CIFAR-10 and on ImageNet), Table 6 (stochastic teachers, 2-step students),
     # Table 7 (N = 40, 80), App. D.2 (narrow, wide and shallow teachers with their students), App. D.3
-    # (2 and 6 blocks, random init) and Figure 1 (5 snapshots of each Table 1 student)
+    # (2 and 6 blocks, random init), Figure 1 (5 snapshots of each Table 1 student) and Table 3 (3 SD1.5
+    # teachers fine-tuned on COCO memorization sets, their LCM students)
     expected = {
         "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "imagenet_source": 1,
-        "prepare_imagenet64": 1, "subset": 5 + 4, "train_teacher": 5 + 3 + 4,
-        "distill": 4 + 1 + 2 + 3 + 3 + 4, "snapshot": 4 * 5, "table": 8,
+        "prepare_imagenet64": 1, "subset": 5 + 4 + 3, "train_teacher": 5 + 3 + 4,
+        "distill": 4 + 1 + 2 + 3 + 3 + 4, "snapshot": 4 * 5, "table": 9,
+        "fetch_sd15": 1, "fetch_coco_captions": 1, "fetch_coco_images": 1, "fetch_clip": 1,
+        "cache_latents": 3, "finetune_teacher": 3, "distill_lcm": 3,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
-    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6
+    text_pairs = 6
+    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6 + text_pairs
     assert stats["sample_manifest"] == stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per (model, sampler) pair
     assert stats["sample_shard"] == 10 * pairs
-    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 9 training subsets
-    assert stats["yardstick"] == 36
-    assert stats["search"] == stats["metrics"] == pairs + 36
-    # SSCD: every sample set and every subset embedded once, one similarity search per sample set
-    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 9
-    assert stats["embed_samples"] == stats["similarity"] == pairs + 36
-    # FID against the full dataset each row's subset came from: CIFAR-10 and ImageNet-64
-    assert stats["reference_stats"] == 2
+    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 12 training subsets
+    assert stats["yardstick"] == 48
+    assert stats["search"] == stats["metrics"] == pairs + 48
+    # SSCD: every sample set and every subset embedded once, one similarity search per sample set; CLIP
+    # image and prompt embeddings for Table 3's rows and their yardsticks only
+    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 12
+    assert stats["similarity"] == pairs + 48
+    assert stats["embed_samples"] == pairs + 48 + 2 * (text_pairs + 12)
+    # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
+    # their training subset
+    assert stats["reference_stats"] == 2 and stats["subset_reference_stats"] == 3
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats
     assert results_files(tmp_path) == []
@@ -297,16 +304,23 @@ def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_
 
 
 def test_clip_score_plans_image_and_prompt_embeddings_and_the_fetch(tmp_path):
-    """`quality.clip`: every sample set gets CLIP image and prompt embeddings before its metrics, and the
-    model comes from the fetch_clip rule (run on the login node)."""
-    cfg = yaml.safe_load(EMBEDDED.read_text())
+    """`quality.clip`: every prompt-conditioned sample set (text-to-image models and the yardsticks of their
+    image-prompt subsets) gets CLIP image and prompt embeddings before its metrics, and the model comes from
+    the fetch_clip rule (run on the login node); sample sets without prompts get none."""
+    cfg = embedded()
+    for key, value in yaml.safe_load((ROOT / "config" / "embedded-text2image.yaml").read_text()).items():
+        cfg[key] = {**cfg.get(key, {}), **value}
     cfg["quality"]["clip"] = {}
-    proc = check(snakemake(tmp_path, "results/tables/demo.md", "-n", configfile=write_config(tmp_path / "c.yaml", cfg)))
-    out = output_of(proc)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    out = output_of(check(snakemake(tmp_path, "results/tables/table3-miniature.md", "-n", configfile=config)))
     stats = job_stats(out)
-    assert stats["fetch_clip"] == 1 and stats["embed_samples"] == 2 * stats["metrics"], stats
-    assert "results/embeddings/clip-text/teacher-48/heun-18.npy" in out
+    assert stats["fetch_clip"] == 1 and stats["metrics"] == 6 + 12
+    assert stats["embed_samples"] == 18 + 2 * 18, stats  # digit features, CLIP image and prompt embeddings
+    assert "results/embeddings/clip-text/lcm-mini-3x/lcm-4.npy" in out
+    assert "results/embeddings/clip-text/real~digits-memorize-3x/data.npy" in out
     assert "data/weights/clip-vit-large-patch14/checksums.json" in out
+    demo = output_of(check(snakemake(tmp_path, "results/tables/demo.md", "-n", configfile=config)))
+    assert "fetch_clip" not in job_stats(demo) and "results/embeddings/clip" not in demo
 
 
 def test_embedded_explicit_configfile_dry_run(tmp_path):
