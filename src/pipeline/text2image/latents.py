@@ -18,8 +18,9 @@ from ..diffusion.noise import BatchNoise
 
 
 def images_to_vae_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], the VAE's input range (diffusers normalize([0.5], [0.5]))."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    """uint8 NHWC -> float NCHW in [-1, 1], the VAE's input range (diffusers normalize([0.5], [0.5])).
+    The batch is copied first: image tables are read into read-only buffers."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 @torch.no_grad()
