@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.fetch import (ChecksumError, FetchError, coco_split, fetch_coco_captions, fetch_coco_images,
-                                 fetch_hub_snapshot)
-from pipeline.text2image.backbone import SD15_FILES, SD15_REVISION, SD15_SHA256, fetch_sd15
+from pipeline.data.fetch import (SD15_FILES, SD15_REVISION, SD15_SHA256, ChecksumError, FetchError, coco_split,
+                                 fetch_coco_captions, fetch_coco_images, fetch_hub_snapshot)
+from pipeline.text2image.backbone import fetch_sd15
 
 fetchmod = importlib.import_module("pipeline.data.fetch")  # the package exports a function of the same name
 

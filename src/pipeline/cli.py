@@ -284,6 +284,8 @@ def cmd_figure(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.fetch import SD15_REPO, SD15_REVISION
+
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -306,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         latents={"help": "lcm: the subset's cached VAE posteriors and prompt embeddings"})
     add("fetch-coco", cmd_fetch_coco, captions_file={"required": True, "help": "captions_<split>.json (names the split)"},
         images_dir={"help": "extract the split's images here instead of its captions"}, zips_dir=req)
-    add("fetch-sd15", cmd_fetch_sd15, dest=req, repo={"default": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
-        revision={"default": "f03de327dd89b501a01da37fc5240cf4fdba85a1"})
+    add("fetch-sd15", cmd_fetch_sd15, dest=req, repo={"default": SD15_REPO}, revision={"default": SD15_REVISION})
     add("build-backbone", cmd_build_backbone, dataset=js, spec=js, out=req,
         work_dir={"required": True, "help": "tokenizer files and the VAE's resumable checkpoint"})
     add("cache-latents", cmd_cache_latents, subset=req, backbone=req, out=req, batch_size={"type": int, "default": 32})

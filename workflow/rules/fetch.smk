@@ -1,6 +1,6 @@
 # External datasets and weights, fetched on the login node (localrules) with checksums.
 # Jobs never download: a missing file names the rule here that provides it.
-from pipeline.data.fetch import KNOWN_FILES
+from pipeline.data.fetch import KNOWN_FILES, SD15_REPO, SD15_REVISION
 
 CIFAR10_ARCHIVE = os.path.join("data", "raw", KNOWN_FILES["cifar10"]["dest"])
 INCEPTION_FILE = KNOWN_FILES["inception"]
@@ -148,8 +148,8 @@ rule fetch_sd15:
         "{sd_dir}/checksums.json",
     params:
         dest=lambda wc, output: os.path.dirname(output[0]),
-        repo=lambda wc: BACKBONES[PRETRAINED_DIRS[wc.sd_dir]].get("repo", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        revision=lambda wc: BACKBONES[PRETRAINED_DIRS[wc.sd_dir]].get("revision", "f03de327dd89b501a01da37fc5240cf4fdba85a1"),
+        repo=lambda wc: BACKBONES[PRETRAINED_DIRS[wc.sd_dir]].get("repo", SD15_REPO),
+        revision=lambda wc: BACKBONES[PRETRAINED_DIRS[wc.sd_dir]].get("revision", SD15_REVISION),
     log:
         "logs/fetch/sd15/{sd_dir}.log",
     benchmark:

@@ -71,6 +71,21 @@ KNOWN_FILES: dict[str, dict[str, str | None]] = {
     },
 }
 
+# Stable Diffusion v1.5 on the Hub (the runwayml repository's successor) at a pinned commit, and the
+# published sha256 of its three weight files at that commit (finegrain-ai/refiners
+# src/refiners/conversion/models/{unet,autoencoder,clip_text}_sd15.py pin the same revision and digests).
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_REVISION = "f03de327dd89b501a01da37fc5240cf4fdba85a1"
+SD15_SHA256 = {
+    "unet/diffusion_pytorch_model.safetensors": "19da7aaa4b880e59d56843f1fcb4dd9b599c28a1d9d9af7c1143057c8ffae9f1",
+    "vae/diffusion_pytorch_model.safetensors": "a2b5134f4dbc140d9c11f11cba3233099e00af40f262f136c691fb7d38d2194c",
+    "text_encoder/model.safetensors": "d008943c017f0092921106440254dbbe00b6a285f7883ec8ba160c3faad88334",
+}
+# What the study uses: no safety checker, no feature extractor, no fp16/non-EMA/pickle variants.
+SD15_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+              "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+
 _CHUNK = 1 << 20
 
 

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..data.fetch import SD15_FILES, SD15_REPO, SD15_REVISION, SD15_SHA256, fetch_hub_snapshot
+
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -23,26 +25,8 @@ SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.01
                      clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
                      timestep_spacing="leading", prediction_type="epsilon")
 
-# Stable Diffusion v1.5 on the Hub (the runwayml repository's successor) at a pinned commit, and the
-# published sha256 of its three weight files at that commit (finegrain-ai/refiners
-# src/refiners/conversion/models/{unet,autoencoder,clip_text}_sd15.py pin the same revision and digests).
-SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD15_REVISION = "f03de327dd89b501a01da37fc5240cf4fdba85a1"
-SD15_SHA256 = {
-    "unet/diffusion_pytorch_model.safetensors": "19da7aaa4b880e59d56843f1fcb4dd9b599c28a1d9d9af7c1143057c8ffae9f1",
-    "vae/diffusion_pytorch_model.safetensors": "a2b5134f4dbc140d9c11f11cba3233099e00af40f262f136c691fb7d38d2194c",
-    "text_encoder/model.safetensors": "d008943c017f0092921106440254dbbe00b6a285f7883ec8ba160c3faad88334",
-}
-# What the study uses: no safety checker, no feature extractor, no fp16/non-EMA/pickle variants.
-SD15_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "text_encoder/config.json",
-              "text_encoder/model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-              "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
-
-
 def fetch_sd15(dest: str | Path, repo: str = SD15_REPO, revision: str = SD15_REVISION) -> Path:
     """Stable Diffusion v1.5's inference files into `dest` (login node), checked against the pinned digests."""
-    from ..data.fetch import fetch_hub_snapshot
-
     expected = SD15_SHA256 if (repo, revision) == (SD15_REPO, SD15_REVISION) else None
     required = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json"] + list(SD15_SHA256)
     return fetch_hub_snapshot(dest, repo, revision, SD15_FILES, required, "Stable Diffusion v1.5 in diffusers' layout",
@@ -56,11 +40,6 @@ class Backbone:
     vae: torch.nn.Module
     unet: torch.nn.Module
     scheduler: Any  # the training noise schedule, a DDPMScheduler read from scheduler/ as diffusers' scripts do
-
-    @property
-    def latent_scale(self) -> int:
-        """Pixels per latent cell along a side (8 for Stable Diffusion's VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def frozen(self) -> "Backbone":
         """Text encoder and VAE in eval mode without gradients: the study fine-tunes the UNet only."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.noise import BatchNoise
+from ..distill.distances import l2
 from .latents import sample_latents
 
 
@@ -76,7 +77,7 @@ class LatentDenoisingObjective:
         noisy = self.scheduler.add_noise(latents, eps, t)
         pred = model(noisy, t, encoder_hidden_states=cond).sample
         target = target_for(self.scheduler, latents, eps, t)
-        return (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
+        return l2(pred.float(), target.float())
 
     def after_step(self, model, step):
         pass

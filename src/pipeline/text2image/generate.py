@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..diffusion.noise import step_seed
+from ..sample import NoiseStream
 from .backbone import Backbone
 
 TEACHER_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -47,21 +48,16 @@ def build_pipeline(backbone: Backbone, unet, sampler: Mapping[str, Any]):
     return pipe
 
 
-def start_latents(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """Each sample's initial latent noise from its own seed, drawn on the CPU."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 @torch.no_grad()
 def generate_text2image(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: Mapping[str, Any],
                         resolution: int, device: torch.device | str = "cpu") -> np.ndarray:
     """One image per (prompt, seed) with the pipeline's sampler; returns uint8 NHWC."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
-    # The pipeline multiplies its latents by the scheduler's initial noise sigma (1 for these schedules).
-    latents = start_latents(seeds, shape).to(device)
+    shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    # Each sample's start noise from its own seed, drawn on the CPU (the EDM samplers' NoiseStream); the
+    # pipeline multiplies it by the scheduler's initial noise sigma (1 for these schedules).
+    latents = NoiseStream(seeds, shape, device)()
     generators = [torch.Generator().manual_seed(step_seed(int(s), STEP_NOISE)) for s in seeds]
     kwargs = dict(prompt=list(prompts), height=resolution, width=resolution, num_inference_steps=int(sampler["steps"]),
                   guidance_scale=float(sampler.get("guidance_scale", 8.5 if sampler["kind"] == "lcm" else 7.5)),

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from ..diffusion.noise import BatchNoise
+from ..distill.distances import l2
 from ..train import ema_update
 from .finetune import PromptTable
 from .latents import sample_latents
@@ -162,7 +163,7 @@ class LCMObjective:
                                         t, x_prev.float(), self.scheduler, self.boundary)
         if s["loss"] == "huber":
             return pseudo_huber(online, target, s["huber_c"])
-        return (online.float() - target.float()).square().mean(dim=(1, 2, 3))
+        return l2(online.float(), target.float())
 
     def after_step(self, model, step):
         ema_update(self.target, model, self.settings["target_ema"])

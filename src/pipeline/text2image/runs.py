@@ -20,7 +20,8 @@ from ..nets import count_parameters
 from ..train import TrainConfig, publish_snapshots, train
 from .backbone import build_tiny_backbone, load_backbone, save_backbone
 from .finetune import LatentDenoisingObjective, PromptTable
-from .latents import EMPTY, POSTERIORS, PROMPTS, embed_prompts, encode_posteriors, read_latent_cache, write_latent_cache
+from .latents import (EMPTY, POSTERIORS, PROMPTS, embed_prompts, encode_posteriors, images_to_vae_input,
+                      read_latent_cache, write_latent_cache)
 from .lcm import LCM_DEFAULTS, LCMObjective, lcm_student
 from .vae import VAEObjective, latent_scaling_factor
 
@@ -45,7 +46,7 @@ def build_miniature(dataset: Mapping[str, Any], spec: Mapping[str, Any], out_dir
     bb = build_tiny_backbone(spec, source.prompts, resolution, channels, Path(work_dir) / "tokenizer", seed)
     vcfg = TrainConfig.from_dict(spec["vae_train"])
     set_seed(vcfg.seed)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = images_to_vae_input(images)
     log.info("miniature backbone: %d images at %dx%dx%d, %d prompts; training the VAE (%d parameters)",
              len(images), resolution, resolution, channels, len(set(source.prompts)), count_parameters(bb.vae))
     vae, stats = train(VAEObjective(bb.vae, spec.get("kl_weight", 1e-6)), x, np.arange(len(x)), vcfg, accelerator,
