@@ -480,3 +480,28 @@ def test_subset_command_builds_a_text_memorization_set(tmp_path):
     subset = read_subset(tmp_path / "t.parquet")
     assert (subset.group == "memorized").sum() == 5 and (subset.group == "extra").sum() == 20
     assert all("digit" in p or "number" in p for p in subset.prompts)
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_digits_upscaling_equals_torch_bilinear(resolution):
+    """Digits are upscaled without torch (scipy's zoom), to the same pixels as torch's bilinear
+    interpolation with align_corners=False, which produced them before."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    images, labels = load_source({"source": "digits", "resolution": resolution})
+    x = torch.from_numpy(sk_load_digits().images.astype(np.float64) * (255.0 / 16.0)).unsqueeze(1)
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
+    expected = torch.round(x).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (1797, resolution, resolution, 1) and np.array_equal(images, expected)
+
+
+def test_digits_read_without_sklearn_equal_load_digits():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from pipeline.data.sources import _sklearn_digits
+
+    pixels, target = _sklearn_digits()
+    bunch = sk_load_digits()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(target, bunch.target)

@@ -82,3 +82,16 @@ def test_reference_from_a_training_subset_counts_its_repeats(setup, tmp_path):
     assert q_full["reference"] == f"the full digits dataset ({len(images)} images)"
     with pytest.raises(SystemExit, match="exactly one of"):
         main(["reference-stats", "--kind", "digits_fd", "--feature-net", str(root / "clf"), "--out", "x.npz"])
+
+
+def test_frechet_distance_is_clean_fids():
+    from cleanfid.fid import frechet_distance as clean_fid
+
+    from pipeline.quality import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(150, 16)) * 1.3 + 0.2
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance(*stats) == pytest.approx(clean_fid(*stats), rel=1e-12)
+    singular = (a[:3].mean(0), np.cov(a[:3], rowvar=False), b[:3].mean(0), np.cov(b[:3], rowvar=False))
+    assert frechet_distance(*singular) == pytest.approx(clean_fid(*singular), rel=1e-9)

@@ -83,6 +83,14 @@ def test_snapshots_of_teacher_and_student_are_models(subset, tmp_path):
     (tmp_path / "student" / "snapshots" / "step-3").rename(tmp_path / "student" / "snapshots" / "step-2")
     with pytest.raises(ValueError, match="step 3, not 2"):
         export_snapshot(tmp_path / "student" / "snapshots", 2, tmp_path / "nope")
+    # a snapshot whose tensors are not the run's model's (another network) is refused before it is copied
+    from safetensors.torch import save_file
+
+    (tmp_path / "student" / "snapshots" / "step-2").rename(tmp_path / "student" / "snapshots" / "step-3")
+    save_file({"net.conv_in.weight": torch.zeros(3, 3)}, str(tmp_path / "student" / "snapshots" / "step-3" / "model.safetensors"))
+    with pytest.raises(ValueError, match="names or shapes differ"):
+        export_snapshot(tmp_path / "student" / "snapshots", 3, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
     # without snapshots the directory is still there, empty: the rules declare it
     distill_cd(subset, tmp_path / "teacher", tmp_path / "plain", {**spec, "snapshots": []})
     assert list((tmp_path / "plain" / "snapshots").iterdir()) == []

@@ -8,6 +8,7 @@ on stdout, not stderr, so error checks look at both streams.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from pipeline import config as pconfig
+from pipeline import replicates
 
 pytestmark = pytest.mark.workflow
 
@@ -104,17 +106,20 @@ def test_paper_config_dry_run(tmp_path):
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     text_pairs = 6
     pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6 + text_pairs
-    assert stats["sample_manifest"] == stats["neighbour_figure"] == pairs
-    # 50000 samples in shards of 5000 per (model, sampler) pair
-    assert stats["sample_shard"] == 10 * pairs
+    # the convergence criterion compares each student row with its run's last snapshot under the row's
+    # sampler: Table 6's 2-step rows of the four Table 1 students add their step-400000 snapshots' 2-step sets
+    sets = pairs + 4
+    assert stats["sample_manifest"] == sets and stats["neighbour_figure"] == pairs
+    # 50000 samples in shards of 5000 per sample set
+    assert stats["sample_shard"] == 10 * sets
     # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 12 training subsets
     assert stats["yardstick"] == 48
-    assert stats["search"] == stats["metrics"] == pairs + 48
+    assert stats["search"] == stats["metrics"] == sets + 48
     # SSCD: every sample set and every subset embedded once, one similarity search per sample set; CLIP
     # image and prompt embeddings for Table 3's rows and their yardsticks only
     assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 12
-    assert stats["similarity"] == pairs + 48
-    assert stats["embed_samples"] == pairs + 48 + 2 * (text_pairs + 12)
+    assert stats["similarity"] == sets + 48
+    assert stats["embed_samples"] == sets + 48 + 2 * (text_pairs + 12)
     # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
     # their training subset
     assert stats["reference_stats"] == 2 and stats["subset_reference_stats"] == 3
@@ -251,9 +256,10 @@ def test_each_paper_table_plans_only_its_own_jobs(tmp_path, table):
     proc = check(snakemake(tmp_path, f"results/tables/{table}.md", "-n", configfile=PAPER))
     out = output_of(proc)
     stats = job_stats(out)
-    assert stats["table"] == 1 and stats["metrics"] == len({(r["model"], r["sampler"]) for r in rows}), stats
+    wanted = set(pconfig.table_metrics(rows))  # its rows, with their convergence snapshots
+    assert stats["table"] == 1 and stats["metrics"] == len(wanted), stats
     planned = set(re.findall(r"output: results/metrics/(\S+)\.json", out))
-    assert planned == {f"{r['model']}/{r['sampler']}" for r in rows}
+    assert planned == {f"{m}/{s}" for m, s in wanted}
     assert ("config/published.yaml" in out) == ("paper" in cfg["tables"][table])
 
 
@@ -345,8 +351,9 @@ def test_embedded_grid_adds_the_sampler_comparison_without_training(tmp_path):
     grid = job_stats(output_of(check(snakemake(tmp_path, *cmd))))
     assert grid["table"] == base["table"] + 1
     assert grid["train_teacher"] == base["train_teacher"] and grid["distill"] == base["distill"]
-    # stochastic teacher and 2-step student samples for both regimes
-    assert grid["sample_manifest"] == base["sample_manifest"] + 4
+    # stochastic teacher and 2-step student samples for both regimes, and each student's last snapshot in
+    # 2 steps for the convergence criterion
+    assert grid["sample_manifest"] == base["sample_manifest"] + 4 + 2
 
 
 # --------------------------------------------------------------------------- bad config
@@ -411,7 +418,9 @@ def test_student_table_plans_student_jobs(tmp_path, two_tables):
     out = output_of(proc)
     stats = job_stats(out)
     assert stats["distill"] == 1 and stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 2 and stats["sample_manifest"] == 2 and stats["metrics"] == 2 + 4
+    # teacher, student, and the student's last snapshot (step 400) for the convergence criterion
+    assert stats["sample_shard"] == 3 and stats["sample_manifest"] == 3 and stats["metrics"] == 3 + 4
+    assert stats["snapshot"] == 1
     assert "results/samples/cd-48/1-step/shard-00000.parquet" in out
     assert "teach.md" not in out
 
@@ -439,6 +448,7 @@ def tiny_config() -> dict:
     cfg["memorization"]["figure_samples"] = 8
     cfg["memorization"]["sscd"] = {"weights": "sscd-tiny.torchscript.pt", "preprocessing": "dcr", "threshold": 0.5}
     cfg["quality"]["classifier_epochs"] = 2
+    cfg["replicates"] = 2  # every model twice, with seeds derived from the replicate: tables show a spread
     cfg["tables"] = {TINY_TABLE: {"title": "tiny", "figure": "curve", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
         {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
@@ -483,6 +493,56 @@ def test_tiny_run_table(tiny_run):
     header = table_lines[0]
     assert "L2 Mem (repeated)" in header and "L2 Mem (non_repeated)" in header and "SSCD Mem / p95" in header
     assert {"mem_repeated", "mem_non_repeated"} <= set(csv_lines[0].split(","))
+
+
+def test_tiny_run_rows_aggregate_their_replicates(tiny_run):
+    """Each model ran twice with its own seeds (different weights, different samples); its table row is
+    the mean of the two, with their standard deviation; the student is judged converged or not against
+    that spread; drawn yardsticks have replicates, train vs train has none."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    workdir, _, _ = tiny_run
+    res = workdir / "results"
+    a, b = (load_file(str(res / "students" / m / "model.safetensors")) for m in ("cd-48", "cd-48.r1"))
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
+    metrics = {m: json.loads((res / "metrics" / m / f"{s}.json").read_text())
+               for m, s in [("teacher-48", "heun-4"), ("teacher-48.r1", "heun-4"), ("cd-48", "1-step"),
+                            ("cd-48.r1", "1-step"), ("real~digits-48", "data"), ("real~digits-48.r1", "data")]}
+    assert metrics["cd-48.r1"]["quality"]["value"] != metrics["cd-48"]["quality"]["value"]
+    assert not (res / "samples" / "train~digits-48.r1").exists()
+    with open(res / "tables" / f"{TINY_TABLE}.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    for model in ("teacher-48", "cd-48", "real~digits-48"):
+        values = [metrics[m]["quality"]["value"] for m in (model, replicates.replicate_id(model, 1))]
+        assert float(rows[model]["quality"]) == pytest.approx(np.mean(values))
+        assert float(rows[model]["quality_sd"]) == pytest.approx(np.std(values, ddof=1))
+        assert rows[model]["replicates"] == "2"
+    assert rows["train~digits-48"]["replicates"] == "1" and rows["train~digits-48"]["quality_sd"] == ""
+    assert rows["cd-48"]["converged"] in ("True", "False") and rows["cd-48"]["convergence_steps"] == "10"
+    md = (res / "tables" / f"{TINY_TABLE}.md").read_text()
+    assert " ± " in md and "Converged" in md
+
+
+# Rules whose jobs need none of torch (nor diffusers): each job is a fresh process, and torch alone
+# costs about 3 s to import. Every job logs the heavy modules it loaded (pipeline.cli).
+TORCH_FREE_RULES = ("subset", "yardstick", "sample_manifest", "search", "similarity", "snapshot", "table",
+                    "curve_figure", "neighbour_figure")
+
+
+def test_tiny_run_rules_import_only_what_they_use(tiny_run):
+    workdir, _, _ = tiny_run
+    seen = {}
+    for log in (workdir / "logs").rglob("*.log"):
+        rule = log.relative_to(workdir / "logs").parts[0]
+        lines = [line for line in log.read_text().splitlines() if "heavy modules loaded:" in line]
+        if lines:
+            seen.setdefault(rule, set()).update(m.strip() for m in lines[-1].split("heavy modules loaded:")[1].split(","))
+    assert set(TORCH_FREE_RULES) <= set(seen), sorted(seen)
+    for rule in TORCH_FREE_RULES:
+        assert not seen[rule] & {"torch", "diffusers", "transformers", "accelerate", "cleanfid"}, (rule, seen[rule])
+    assert "torch" in seen["train_teacher"] and "torch" in seen["sample_shard"]
+    assert "cleanfid" not in seen["metrics"]  # digits-FD needs the classifier (torch), not clean-fid's module
 
 
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)

@@ -225,9 +225,9 @@ def cmd_yardstick(a):
         images, labels = load_source(a.dataset)
     reserve, _ = _heldout(a, len(images))
     chosen, chosen_labels, own = yardstick_images(a.kind, images, labels, subset, reserve, a.num_samples, a.seed,
-                                                  a.blur_sigma)
+                                                  a.blur_sigma, a.replicate)
     if prompts is not None:
-        prompts = yardstick_prompts(a.kind, prompts, subset, reserve, a.num_samples, a.seed)
+        prompts = yardstick_prompts(a.kind, prompts, subset, reserve, a.num_samples, a.seed, a.replicate)
     write_yardstick(a.kind, a.subset_name, chosen, chosen_labels, a.out_dir, a.shard_size, own, prompts)
 
 
@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("feature-net", cmd_feature_net, dataset=js, epochs={"type": int, "default": 30}, out=req, **heldout)
     add("yardstick", cmd_yardstick, kind={"required": True, "choices": ["real", "replay", "blur", "train"]}, dataset=js,
         subset=req, subset_name=req, num_samples={"type": int, "required": True},
-        shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req, **heldout)
+        shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req,
+        replicate={"type": int, "default": 0, "help": "replicate r >= 1: a bootstrap resample of replicate 0's images"},
+        **heldout)
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset={"type": _json}, subset={}, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
@@ -382,6 +384,15 @@ def cmd_gpu_smoke(a):
     write_json(a.out, gpu_smoke())
 
 
+# Libraries that cost seconds to import: every job is a fresh process, so a command imports only those
+# it uses, and says which it loaded (tests/test_workflow.py holds the rules that need none of torch's).
+HEAVY_MODULES = ("torch", "diffusers", "transformers", "accelerate", "faiss", "cleanfid", "sklearn", "matplotlib")
+
+
+def loaded_heavy_modules() -> list[str]:
+    return [m for m in HEAVY_MODULES if m in sys.modules]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -396,6 +407,8 @@ def main(argv=None) -> int:
     except TrainingInterrupted as exc:  # SLURM's time limit, scancel or preemption: the retry resumes
         logging.error("%s", exc)
         return exc.exit_code
+    finally:
+        logging.info("%s: heavy modules loaded: %s", args.command, ", ".join(loaded_heavy_modules()) or "none")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from . import replicates
+from .yardsticks import DRAWN as YARDSTICK_DRAWN
 from .yardsticks import KINDS as YARDSTICK_KINDS
 from .yardsticks import LABELS as YARDSTICK_LABELS
 from .yardsticks import SAMPLER as YARDSTICK_SAMPLER
@@ -43,7 +45,33 @@ def validate(cfg: Mapping[str, Any], source: str = "config") -> dict:
         lines = [f"  {'.'.join(str(p) for p in e.absolute_path) or '<top level>'}: {e.message}" for e in errors[:10]]
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines))
     _check_references(cfg, source)
+    return expand_replicates(cfg)
+
+
+def expand_replicates(cfg: dict) -> dict:
+    """Add replicates 1..R-1 of every teacher and student (`<name>.r<r>`, see replicates.py): the
+    configured entry with its training seed derived from r; a student's replicate distils its teacher's.
+    Replicate 0 is the configured entry itself. Idempotent: an expanded config expands to itself."""
+    count = cfg.setdefault("replicates", 1)
+    for kind in ("teachers", "students"):
+        entries = cfg.get(kind, {})
+        for name in [n for n in entries if replicates.split(n)[1] == 0]:
+            for r in range(1, count):
+                entry = copy.deepcopy(entries[name])
+                entry["train"]["seed"] = replicates.seed(entry["train"].get("seed", 0), r)
+                if kind == "students":
+                    entry["teacher"] = replicates.replicate_id(entry["teacher"], r)
+                entries.setdefault(replicates.replicate_id(name, r), entry)
     return cfg
+
+
+def replicate_count(cfg: Mapping[str, Any]) -> int:
+    return int(cfg.get("replicates", 1))
+
+
+def sampling_seed(cfg: Mapping[str, Any], model: str) -> int:
+    """The run seed a model's samples draw from: the config's `seed` for replicate 0, derived for the others."""
+    return replicates.seed(cfg["seed"], replicates.split(model)[1])
 
 
 def _check_references(cfg: Mapping[str, Any], source: str) -> None:
@@ -303,10 +331,15 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
     every row names its model's training subset (`subset`), which places it among its yardsticks, and
     how its per-group columns group samples (`group_by`): by the class a class-conditional model
     generated each sample for, else by each sample's nearest training image; a yardstick groups as the
-    models of its subset do."""
+    models of its subset do. `replicates` lists the ids whose metrics a row aggregates, and `window` the
+    replicate ids of the row's earlier quality points (its run's last snapshots, oldest first), which the
+    convergence criterion compares with the row's own (see convergence_window)."""
+    count = replicate_count(cfg)
     rows = [{**r, "subset": subset_of(cfg, r["model"]),
              "role": "teacher" if base_model(r["model"]) in cfg["teachers"] else "student",
-             "group_by": "class" if class_conditional(cfg, r["model"]) else "neighbour"}
+             "group_by": "class" if class_conditional(cfg, r["model"]) else "neighbour",
+             "replicates": replicates.of(r["model"], count),
+             "window": [replicates.of(m, count) for m in convergence_window(cfg, r["model"])]}
             for r in cfg["tables"][table]["rows"]]
     if not cfg["tables"][table].get("yardsticks", True):
         return rows
@@ -319,9 +352,28 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
         for kind in yardstick_settings(cfg)["kinds"]:
             label = YARDSTICK_LABELS[kind] + (f" (sigma = {sigma:g} px)" if kind == "blur" else "")
             by_class = any(r["group_by"] == "class" for r in rows if r["subset"] == s and r["role"] != "yardstick")
-            rows.append({"setting": s, "label": label, "model": yardstick_id(kind, s), "sampler": YARDSTICK_SAMPLER,
-                         "subset": s, "role": "yardstick", "group_by": "class" if by_class else "neighbour"})
+            yid = yardstick_id(kind, s)
+            rows.append({"setting": s, "label": label, "model": yid, "sampler": YARDSTICK_SAMPLER,
+                         "subset": s, "role": "yardstick", "group_by": "class" if by_class else "neighbour",
+                         "replicates": replicates.of(yid, count if kind in YARDSTICK_DRAWN else 1), "window": []})
     return rows
+
+
+def convergence_window(cfg: Mapping[str, Any], model: str) -> list[str]:
+    """The snapshots of a student's run whose quality the convergence criterion compares with the
+    student's own: the last `convergence.window - 1` snapshots (default window 2: the last snapshot and
+    the end). None for a teacher, a snapshot or a yardstick, or a run without snapshots."""
+    if parse_yardstick(model) or model != base_model(model) or model not in cfg.get("students", {}):
+        return []
+    steps = sorted(cfg["students"][model].get("snapshots", []))
+    want = cfg.get("convergence", {}).get("window", 2) - 1
+    return [snapshot_id(model, k) for k in steps[-want:]] if steps else []
+
+
+def table_metrics(rows: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Every (model id, sampler) whose metrics a table reads, in the order the table writer takes them:
+    per row, its replicates, then each window point's replicates."""
+    return [(m, r["sampler"]) for r in rows for ids in [r["replicates"], *r["window"]] for m in ids]
 
 
 def table_pairs(cfg: Mapping[str, Any], table: str) -> list[tuple[str, str]]:

@@ -34,36 +34,89 @@ def _by(summary: Mapping[str, Any], key: str) -> dict:
 
 
 def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str | Path]) -> tuple[list[str], list[dict]]:
-    """One row per configured (model, sampler); returns (group names in order, rows of raw values)."""
-    metrics = [read_json(p) for p in metric_paths]
+    """One row per configured (model, sampler); returns (group names in order, rows of values).
+
+    `metric_paths` holds, per row in turn, the metrics of each of its `replicates` (default: the row's
+    model alone), then of each point of its convergence `window` (config.table_metrics gives the order).
+    A row's numeric values are the mean over its replicates, each with `<key>_sd` beside it (the sample
+    standard deviation; None for a single replicate)."""
+    paths = list(metric_paths)
+    want = sum(len(c.get("replicates") or [None]) + sum(len(w) for w in c.get("window", [])) for c in rows_cfg)
+    if len(paths) != want:
+        raise ValueError(f"{len(paths)} metrics files for {want} (rows x replicates, and convergence windows)")
+    taken = iter(read_json(p) for p in paths)
+    per_row = [([next(taken) for _ in c.get("replicates") or [None]],
+                [[next(taken) for _ in ids] for ids in c.get("window", [])]) for c in rows_cfg]
     grouping = [GROUPINGS[cfg.get("group_by", "neighbour")] for cfg in rows_cfg]
-    groups = sorted({g for m, key in zip(metrics, grouping) for g in _by(m["memorization"], key)})
+    groups = sorted({g for (reps, _), key in zip(per_row, grouping) for m in reps for g in _by(m["memorization"], key)})
     rows = []
-    for cfg, m, key in zip(rows_cfg, metrics, grouping):
-        mem, q, training = m["memorization"], m["quality"], m.get("training") or {}
-        row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
-               "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
-               "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
-               "role": cfg.get("role", ""), "step": training.get("step") or training.get("steps"),
-               "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
-               "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour")}
-        for g in groups:
-            row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
-        if "clip" in m:
-            row["clip_score"] = m["clip"]["value"]
-        if "prompt_class" in m:
-            row["prompt_class"] = m["prompt_class"]["value"]
-        if "sscd" in m:
-            row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
-                       sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"],
-                       sscd_descriptor=m["sscd"].get("descriptor", "sscd"))
-            for g in groups:
-                by = _by(m["sscd"], key).get(g)
-                row[f"sscd_mem_{g}"], row[f"sscd_p95_{g}"] = (by["mem_ratio"], by["p95"]) if by else (None, None)
-            if "text" in m["sscd"]:
-                row.update(_text_cells(m["sscd"]["text"]))
+    for cfg, (reps, window), key in zip(rows_cfg, per_row, grouping):
+        row = aggregate([_raw_row(cfg, m, key, groups) for m in reps])
+        row.update(_convergence(reps, window))
         rows.append(row)
     return groups, rows
+
+
+def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Sequence[str]) -> dict:
+    """One replicate's values of a table row."""
+    mem, q, training = m["memorization"], m["quality"], m.get("training") or {}
+    row = {"setting": cfg.get("setting", ""), "label": cfg.get("label", m["model"]), "model": m["model"],
+           "sampler": m["sampler"], "nfe": m["nfe"], "quality_name": q["name"], "quality": q["value"],
+           "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
+           "role": cfg.get("role", ""), "step": training.get("step") or training.get("steps"),
+           "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
+           "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour")}
+    for g in groups:
+        row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
+    if "clip" in m:
+        row["clip_score"] = m["clip"]["value"]
+    if "prompt_class" in m:
+        row["prompt_class"] = m["prompt_class"]["value"]
+    if "sscd" in m:
+        row.update(sscd_mem=m["sscd"]["mem_ratio"], sscd_p95=m["sscd"]["p95"], sscd_mean=m["sscd"]["mean"],
+                   sscd_max=m["sscd"]["max"], sscd_threshold=m["sscd"]["threshold"],
+                   sscd_descriptor=m["sscd"].get("descriptor", "sscd"))
+        for g in groups:
+            by = _by(m["sscd"], key).get(g)
+            row[f"sscd_mem_{g}"], row[f"sscd_p95_{g}"] = (by["mem_ratio"], by["p95"]) if by else (None, None)
+        if "text" in m["sscd"]:
+            row.update(_text_cells(m["sscd"]["text"]))
+    return row
+
+
+# Values that describe a row rather than measure it: taken from replicate 0, never averaged.
+_FIXED = ("nfe", "step", "num_samples", "sscd_threshold")
+
+
+def aggregate(replicate_rows: Sequence[Mapping[str, Any]]) -> dict:
+    """A row from its replicates' rows: each measured number as the mean over the replicates that have
+    it, with `<key>_sd`, their sample standard deviation (ddof 1; None with fewer than 2 values);
+    everything else as replicate 0 has it. `replicates` counts them."""
+    first = dict(replicate_rows[0])
+    out = {**first, "replicates": len(replicate_rows)}
+    for k, v in first.items():
+        if k in _FIXED or isinstance(v, (bool, str)) or not (v is None or isinstance(v, (int, float))):
+            continue
+        values = [r[k] for r in replicate_rows if r.get(k) is not None]
+        out[k] = float(np.mean(values)) if values else None
+        out[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return out
+
+
+def _convergence(reps: Sequence[Mapping[str, Any]], window: Sequence[Sequence[Mapping[str, Any]]]) -> dict:
+    """The convergence criterion of a trained row (config/README.md, `convergence`): the mean quality over
+    replicates at each of the run's last snapshots and at its end; converged when the largest change
+    across those points is below the spread (sample standard deviation over replicates) of the final
+    quality. With one replicate there is no spread to compare with: not assessed (None)."""
+    if not window:
+        return {}
+    final = [m["quality"]["value"] for m in reps]
+    points = [float(np.mean([m["quality"]["value"] for m in ms])) for ms in window] + [float(np.mean(final))]
+    change = max(points) - min(points)
+    spread = float(np.std(final, ddof=1)) if len(final) > 1 else None
+    steps = [(ms[0].get("training") or {}).get("step") for ms in window]
+    return {"converged": None if spread is None else change < spread, "convergence_change": change,
+            "convergence_spread": spread, "convergence_steps": " ".join(str(k) for k in steps)}
 
 
 # How tables name a copy-detection descriptor: SSCD, or the embedded data's download-free stand-in.
@@ -157,7 +210,8 @@ def write_table(title: str, rows_cfg, metric_paths, out_csv: str | Path, out_md:
     groups, rows = table_rows(rows_cfg, metric_paths)
     _paper_cells(rows_cfg, rows, paper)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # rows differ: convergence only on students
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_output(out_csv) as tmp:
@@ -190,24 +244,41 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
              f"held-out prompts: {d} nearest memorized mean / max / p95"] if text else []
     head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
     full = paper["full_protocol"]["num_samples"] if paper else None
+    converge = any("converged" in r for r in rows)
+    head += ["Converged"] if converge else []
+    replicated = max(r.get("replicates", 1) for r in rows) > 1
     body = []
     for r in rows:
         generated = r["nfe"] > 0
         cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
-                 f"{r['quality']:.2f}"] + ([f"{r['clip_score']:.2f}"] if clip else [])
-        cells += ([_pct(r["prompt_class"])] if prompt_class else []) + [_pct(r["mem"])]
-        cells += [_pct(r[f"mem_{g}"]) for g in groups] + [f"{r['ratio_median']:.3f}"]
-        cells += [f"{_pct(r['sscd_mem'])} / {r['sscd_p95']:.4f}"] if sscd else []
+                 _spread(r, "quality", _f2)] + ([_spread(r, "clip_score", _f2)] if clip else [])
+        cells += ([_spread(r, "prompt_class", _pct)] if prompt_class else []) + [_spread(r, "mem", _pct)]
+        cells += [_spread(r, f"mem_{g}", _pct) for g in groups] + [_spread(r, "ratio_median", _f3)]
+        cells += [f"{_spread(r, 'sscd_mem', _pct)} / {_spread(r, 'sscd_p95', _f4)}"] if sscd else []
         if split:
-            cells += ["" if r[f"sscd_mem_{g}"] is None else f"{_pct(r[f'sscd_mem_{g}'])} / {r[f'sscd_p95_{g}']:.4f}"
-                      for g in groups]
+            cells += ["" if r[f"sscd_mem_{g}"] is None else
+                      f"{_spread(r, f'sscd_mem_{g}', _pct)} / {_spread(r, f'sscd_p95_{g}', _f4)}" for g in groups]
         if text:
             cells += [_triple(r, name) for name, _, _ in TEXT_STATS]
         if paper:
             cells += [r[f"paper_{c}"] for c in paper["columns"]]
             cells += ["full" if r["num_samples"] >= full else f"reduced ({r['num_samples']} samples)"]
+        if converge:
+            cells += [_converged_cell(r)]
         body.append(cells)
-    notes: list[str | list[str]] = [
+    notes: list[str | list[str]] = []
+    if replicated:
+        counts = sorted({r.get("replicates", 1) for r in rows})
+        notes.append(f"Each cell: mean ± sample standard deviation over the row's replicates ({_counts(counts)}): "
+                     "models trained, distilled and sampled once per replicate seed on the same training subset; "
+                     "yardsticks that draw images (real held-out, replay, blur) as bootstrap resamples of their images. "
+                     "A cell without ± has one replicate.")
+    if converge:
+        notes.append("Converged: a student counts as converged when its quality (mean over replicates) at its run's "
+                     "last snapshots and at its end changes by less than the spread (sample standard deviation over "
+                     "replicates) of its final quality; Δ is that change, in the quality metric's units. With one "
+                     "replicate there is no spread to compare with, so it is not assessed (n/a).")
+    notes += [
         f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
         "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
         f"{_grouping_note(rows)} "
@@ -249,6 +320,40 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                      "image against the other training images (what counts as \"similar\" within the data itself: "
                      "near-duplicates there are memorized by this criterion without any copying).")
     return head, body, notes
+
+
+def _f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _f4(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _spread(r: Mapping[str, Any], key: str, fmt) -> str:
+    """A cell: the value, and ± its spread over replicates where the row has more than one."""
+    if r.get(key) is None:
+        return ""
+    sd = r.get(f"{key}_sd")
+    return fmt(r[key]) if sd is None else f"{fmt(r[key])} ± {fmt(sd)}"
+
+
+def _converged_cell(r: Mapping[str, Any]) -> str:
+    if "converged" not in r:
+        return ""
+    change = f"Δ {r['convergence_change']:.2f} from step {r['convergence_steps']}"
+    if r["converged"] is None:
+        return f"n/a: 1 replicate ({change})"
+    verdict = "yes" if r["converged"] else "no"
+    return f"{verdict} ({change} {'<' if r['converged'] else '>='} sd {r['convergence_spread']:.2f})"
+
+
+def _counts(counts: Sequence[int]) -> str:
+    return " or ".join(str(c) for c in counts)
 
 
 def _grouping_note(rows) -> str:
@@ -322,14 +427,24 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
                           key=lambda r: int(float(r["step"])))
         steps = [int(float(r["step"])) for r in students]
         qax = ax.twinx()
-        ax.plot(steps, [100 * float(r["mem"]) for r in students], "o-", color="tab:red", label="student L2 Mem")
-        qax.plot(steps, [float(r["quality"]) for r in students], "s-", color="tab:blue", label=f"student {qname}")
+        mem, mem_sd = _column(students, "mem", 100), _column(students, "mem_sd", 100)
+        quality, quality_sd = _column(students, "quality"), _column(students, "quality_sd")
+        ax.plot(steps, mem, "o-", color="tab:red", label="student L2 Mem")
+        qax.plot(steps, quality, "s-", color="tab:blue", label=f"student {qname}")
+        if not np.isnan(mem_sd).all():  # replicates: a band of one standard deviation
+            ax.fill_between(steps, mem - mem_sd, mem + mem_sd, color="tab:red", alpha=0.15, lw=0)
+            qax.fill_between(steps, quality - quality_sd, quality + quality_sd, color="tab:blue", alpha=0.15, lw=0)
         for r in rows:
             if r["subset"] != subset:
                 continue
             if r["role"] == "teacher":
                 ax.axhline(100 * float(r["mem"]), color="tab:red", ls="--", lw=1, label="teacher L2 Mem")
                 qax.axhline(float(r["quality"]), color="tab:blue", ls="--", lw=1, label=f"teacher {qname}")
+                for axis, key, scale, color in ((ax, "mem", 100, "tab:red"), (qax, "quality", 1, "tab:blue")):
+                    sd = r.get(f"{key}_sd")
+                    if sd:
+                        mid = scale * float(r[key])
+                        axis.axhspan(mid - scale * float(sd), mid + scale * float(sd), color=color, alpha=0.08, lw=0)
             elif (parse_yardstick(r["model"]) or ("",))[0] == "real":
                 qax.axhline(float(r["quality"]), color="tab:blue", ls=":", lw=1, label=f"real held-out {qname}")
         ax.set_xlabel("distillation step")
@@ -342,6 +457,11 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
     with atomic_output(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _column(rows: Sequence[Mapping[str, str]], key: str, scale: float = 1.0) -> np.ndarray:
+    """A numeric CSV column (NaN where blank or absent), times `scale`."""
+    return np.asarray([scale * float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows])
 
 
 def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, out_png: str | Path,

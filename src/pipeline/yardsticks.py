@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import replicates
 from .data import Subset
 from .io import write_image_table
 from .shards import OWN_INDEX, shard_range, write_manifest
@@ -43,9 +44,14 @@ def yardstick_id(kind: str, subset: str) -> str:
 
 
 def parse_id(model: str) -> tuple[str, str] | None:
-    """(kind, subset) of a yardstick id, None for a model name."""
+    """(kind, subset) of a yardstick id or of one of its replicates (`real~digits-48.r1`), None for a model name."""
     kind, sep, subset = model.partition(SEP)
-    return (kind, subset) if sep and kind in KINDS else None
+    return (kind, replicates.split(subset)[0]) if sep and kind in KINDS else None
+
+
+# A yardstick that draws its images (replicates bootstrap-resample them); `train` shows every unique
+# training image against the others, a fixed property of the data with no draw to repeat.
+DRAWN = ("real", "replay", "blur")
 
 
 def heldout_split(num_images: int, excluded: Sequence[np.ndarray], reserve: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +77,17 @@ def blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def yardstick_rows(kind: str, subset: Subset, reserve: np.ndarray, num_samples: int, seed: int
+def yardstick_rows(kind: str, subset: Subset, reserve: np.ndarray, num_samples: int, seed: int, replicate: int = 0
                    ) -> tuple[str, np.ndarray, np.ndarray | None]:
     """Which images a yardstick shows: ("source", dataset rows) for real and blur, ("subset", subset rows)
     for replay and train, and for train the index of each row's own unique training image (which its
-    nearest-neighbour search skips)."""
+    nearest-neighbour search skips). Replicate r >= 1 of a drawn yardstick bootstrap-resamples replicate
+    0's rows; `train` has no draw to repeat."""
+    if replicate and kind in DRAWN:
+        where, rows, own = yardstick_rows(kind, subset, reserve, num_samples, seed)
+        return where, replicates.bootstrap(rows, replicate, seed), own
+    if replicate and kind not in DRAWN:
+        raise ValueError(f"the {kind!r} yardstick draws nothing, so it has no replicates (asked for {replicate})")
     if kind in ("real", "blur"):
         if len(reserve) < num_samples:
             raise ValueError(f"the held-out reserve has {len(reserve)} images, the yardstick needs {num_samples}")
@@ -92,22 +104,23 @@ def yardstick_rows(kind: str, subset: Subset, reserve: np.ndarray, num_samples: 
 
 
 def yardstick_images(kind: str, images: np.ndarray, labels: np.ndarray, subset: Subset, reserve: np.ndarray,
-                     num_samples: int, seed: int, blur_sigma: float = 1.0
+                     num_samples: int, seed: int, blur_sigma: float = 1.0, replicate: int = 0
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The `num_samples` images and labels of one yardstick, and for `train` the index of each row's own
     unique training image. `images` may be any object that returns the images of an index array (a
     captioned source reads only those)."""
-    where, rows, own = yardstick_rows(kind, subset, reserve, num_samples, seed)
+    where, rows, own = yardstick_rows(kind, subset, reserve, num_samples, seed, replicate)
     if where == "subset":
         return subset.images[rows], subset.labels[rows], own
     out = images[rows]
     return (blur(out, blur_sigma) if kind == "blur" else out), labels[rows], own
 
 
-def yardstick_prompts(kind: str, prompts, subset: Subset, reserve: np.ndarray, num_samples: int, seed: int) -> list[str]:
+def yardstick_prompts(kind: str, prompts, subset: Subset, reserve: np.ndarray, num_samples: int, seed: int,
+                      replicate: int = 0) -> list[str]:
     """The prompt of each yardstick image, for image-prompt datasets: real pairs keep their captions, so
     a CLIP score and the text-to-image similarity statistics have yardsticks too."""
-    where, rows, _ = yardstick_rows(kind, subset, reserve, num_samples, seed)
+    where, rows, _ = yardstick_rows(kind, subset, reserve, num_samples, seed, replicate)
     source = subset.prompts if where == "subset" else prompts
     return [str(source[i]) for i in rows]
 

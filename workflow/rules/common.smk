@@ -14,6 +14,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from pipeline import config as pconfig
+from pipeline import replicates
 from pipeline.shards import num_shards
 
 # `--sdm conda` (or `software-deployment-method: conda` in a profile) without conda on PATH would
@@ -51,8 +52,9 @@ YARDSTICKS = pconfig.yardstick_settings(CFG)
 YARDSTICK_SAMPLER = pconfig.YARDSTICK_SAMPLER
 # Every (model or yardstick, sampler) pair some table reads.
 TABLE_ROWS = {t: pconfig.table_rows(CFG, t) for t in CFG["tables"]}
-YARDSTICK_IDS = sorted({r["model"] for rows in TABLE_ROWS.values() for r in rows if pconfig.parse_yardstick(r["model"])})
-YARDSTICK_SUBSETS = sorted({pconfig.parse_yardstick(m)[1] for m in YARDSTICK_IDS})
+YARDSTICK_IDS = sorted({m for rows in TABLE_ROWS.values() for r in rows if r["role"] == "yardstick" for m in r["replicates"]})
+# The `ysubset` wildcard of a yardstick's directory `<kind>~<ysubset>`: a subset, or a replicate of it (`digits-48.r1`).
+YARDSTICK_SUBSETS = sorted({m.partition("~")[2] for m in YARDSTICK_IDS})
 
 
 wildcard_constraints:
@@ -166,6 +168,11 @@ def text_teacher_latents(teacher):
 def model_files(model):
     d = pconfig.model_dir(CFG, model)
     return {"weights": f"{d}/model.safetensors", "config": f"{d}/config.json", "stats": f"{d}/stats.json"}
+
+
+def yardstick_subset(wc):
+    """The configured subset of a yardstick job (its `ysubset` may name a replicate)."""
+    return replicates.split(wc.ysubset)[0]
 
 
 def subset_file(subset):

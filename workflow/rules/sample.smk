@@ -19,7 +19,7 @@ rule sample_shard:
         shard_size=SAMPLING["shard_size"],
         num_samples=SAMPLING["num_samples"],
         batch_size=SAMPLING.get("batch_size", 256),
-        seed=CFG["seed"],
+        seed=lambda wc: pconfig.sampling_seed(CFG, wc.model),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],

@@ -3,7 +3,7 @@
 
 rule table:
     input:
-        metrics=lambda wc: [f"results/metrics/{r['model']}/{r['sampler']}.json" for r in TABLE_ROWS[wc.table]],
+        metrics=lambda wc: [f"results/metrics/{m}/{s}.json" for m, s in pconfig.table_metrics(TABLE_ROWS[wc.table])],
         published=lambda wc: [PUBLISHED_FILE] if "paper" in CFG["tables"][wc.table] else [],
     output:
         csv="results/tables/{table}.csv",

@@ -1,0 +1,208 @@
+"""Replicates as an axis of the study: names and seeds, the config expansion, the DAG, the spread and the
+convergence flag of a table computed from known metric files."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import config as pconfig
+from pipeline import replicates
+from pipeline.tables import aggregate, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def embedded(**top) -> dict:
+    return {**yaml.safe_load((ROOT / "config" / "embedded.yaml").read_text()), **top}
+
+
+def test_names_round_trip_and_replicate_zero_keeps_the_name():
+    assert replicates.of("cd-48", 3) == ["cd-48", "cd-48.r1", "cd-48.r2"]
+    assert replicates.of("cd-48@200", 2) == ["cd-48@200", "cd-48.r1@200"]
+    assert replicates.of("real~digits-48", 2) == ["real~digits-48", "real~digits-48.r1"]
+    for name in ("cd-48", "cd-48.r7", "cd-48.r2@200", "v1.5", "a.rx", "real~digits-48.r1"):
+        base, r = replicates.split(name)
+        assert replicates.of(base, r + 1)[r] == name
+    assert replicates.split("cd-48.r2@200") == ("cd-48@200", 2)
+
+
+def test_replicate_seeds_differ_and_replicate_zero_is_the_configured_seed():
+    assert replicates.seed(7, 0) == 7
+    seeds = {replicates.seed(s, r) for s in range(3) for r in range(1, 4)}
+    assert len(seeds) == 9 and all(0 <= x < 2**31 for x in seeds) and not seeds & {0, 1, 2}
+
+
+def test_schema_reserves_the_replicate_suffix():
+    cfg = embedded()
+    cfg["teachers"]["teacher-48.r1"] = cfg["teachers"]["teacher-48"]
+    with pytest.raises(pconfig.ConfigError, match="teachers"):
+        pconfig.validate(cfg)
+
+
+def test_expansion_derives_seeds_and_pairs_each_student_with_its_teachers_replicate():
+    cfg = pconfig.validate(embedded(replicates=3))
+    assert [t for t in cfg["teachers"]] == ["teacher-48", "teacher-112", "teacher-48.r1", "teacher-48.r2",
+                                            "teacher-112.r1", "teacher-112.r2"]
+    assert cfg["students"]["cd-48.r2"]["teacher"] == "teacher-48.r2"
+    seeds = [cfg["teachers"][t]["train"]["seed"] for t in replicates.of("teacher-48", 3)]
+    assert seeds[0] == 0 and len(set(seeds)) == 3
+    assert cfg["students"]["cd-48.r1"]["train"]["seed"] == replicates.seed(0, 1)
+    # everything but the seed is the configured entry's
+    a, b = copy.deepcopy(cfg["teachers"]["teacher-48"]), copy.deepcopy(cfg["teachers"]["teacher-48.r1"])
+    del a["train"]["seed"], b["train"]["seed"]
+    assert a == b
+    assert pconfig.models_of(cfg)["cd-48.r1@200"] == "snapshots"
+    assert pconfig.model_dir(cfg, "cd-48.r1@200") == "results/snapshots/cd-48.r1/step-200"
+    assert pconfig.sampling_seed(cfg, "teacher-48") == 0
+    assert pconfig.sampling_seed(cfg, "cd-48.r1@200") == pconfig.sampling_seed(cfg, "teacher-48.r1") != 0
+    assert pconfig.subset_of(cfg, "real~digits-112.r2") == "digits-112"
+    # one replicate (the default) changes nothing
+    assert pconfig.validate(embedded())["teachers"].keys() == {"teacher-48", "teacher-112"}
+
+
+def test_table_rows_list_replicates_and_the_convergence_window():
+    cfg = pconfig.validate(embedded(replicates=2, convergence={"window": 3}))
+    rows = {(r["model"], r["sampler"]): r for r in pconfig.table_rows(cfg, "demo")}
+    student = rows[("cd-48", "1-step")]
+    assert student["replicates"] == ["cd-48", "cd-48.r1"]
+    assert student["window"] == [["cd-48@200", "cd-48.r1@200"], ["cd-48@400", "cd-48.r1@400"]]
+    assert rows[("teacher-48", "heun-18")]["window"] == []  # teachers are not judged by it
+    assert rows[("real~digits-48", "data")]["replicates"] == ["real~digits-48", "real~digits-48.r1"]
+    assert rows[("train~digits-48", "data")]["replicates"] == ["train~digits-48"]  # nothing drawn, nothing repeated
+    order = pconfig.table_metrics(list(rows.values()))
+    assert order[:2] == [("teacher-48", "heun-18"), ("teacher-48.r1", "heun-18")]
+    assert order[2:8] == [("cd-48", "1-step"), ("cd-48.r1", "1-step"), ("cd-48@200", "1-step"),
+                          ("cd-48.r1@200", "1-step"), ("cd-48@400", "1-step"), ("cd-48.r1@400", "1-step")]
+
+
+def test_dry_run_plans_one_model_per_replicate_and_one_table_reads_them_all(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+         "--config", "replicates=3", "--", "results/tables/demo.md"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts["train_teacher"] == 6 and counts["distill"] == 6
+    # 3 drawn yardstick kinds x 3 replicates + train vs train, for each of the 2 subsets
+    assert counts["yardstick"] == 2 * (3 * 3 + 1)
+    # each student's last snapshot (step 400) per replicate, for the convergence criterion
+    assert counts["snapshot"] == 6
+    for name in ("teacher-48.r2", "cd-112.r1", "cd-48.r2"):
+        assert f"results/metrics/{name}/" in out
+    for path in ("results/samples/real~digits-48.r2/data/manifest.json", "results/metrics/cd-112.r2@400/1-step.json"):
+        assert path in out
+    table = out[out.index("rule table:"):]
+    table_inputs = table[table.index("input:"):table.index("\n", table.index("input:"))]
+    assert table_inputs.count("results/metrics/") == 4 * 3 + 2 * 3 + 2 * (3 * 3 + 1)
+
+
+def metric(model, sampler, fid, mem, step=None, nfe=1):
+    return {"model": model, "sampler": sampler, "nfe": nfe, "num_samples": 100,
+            "quality": {"name": "digits-FD", "value": fid, "reference": "the full digits dataset"},
+            "memorization": {"space": "pixels", "mem_ratio": mem, "ratio_median": 0.8, "ratio_p05": 0.3,
+                             "n_samples": 100, "by_group": {"all": {"mem_ratio": mem}}},
+            "training": {"step": step} if step else None}
+
+
+def write_metrics(tmp_path, metrics) -> list[Path]:
+    paths = []
+    for i, m in enumerate(metrics):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    return paths
+
+
+def table_cells(md: str) -> list[dict]:
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_spread_and_convergence_from_known_metric_files(tmp_path):
+    """Three replicates of a teacher and two students: mean and sample standard deviation in each cell,
+    the student whose quality still moves by more than its spread is flagged, the other is not."""
+    rows = [{"setting": "s", "label": "Teacher", "model": "t", "sampler": "heun", "role": "teacher",
+             "replicates": ["t", "t.r1", "t.r2"], "window": []},
+            {"setting": "s", "label": "Settled", "model": "a", "sampler": "1-step", "role": "student",
+             "replicates": ["a", "a.r1", "a.r2"], "window": [["a@400", "a.r1@400", "a.r2@400"]]},
+            {"setting": "s", "label": "Moving", "model": "b", "sampler": "1-step", "role": "student",
+             "replicates": ["b", "b.r1", "b.r2"], "window": [["b@400", "b.r1@400", "b.r2@400"]]}]
+    metrics = [metric("t", "heun", 10.0, 0.40, nfe=35), metric("t.r1", "heun", 12.0, 0.50, nfe=35),
+               metric("t.r2", "heun", 14.0, 0.60, nfe=35),
+               # settled: final 20, 22, 24 (sd 2), at step 400 21, 22, 23 (mean 22): change 0 < 2
+               metric("a", "1-step", 20.0, 0.0, 600), metric("a.r1", "1-step", 22.0, 0.01, 600),
+               metric("a.r2", "1-step", 24.0, 0.02, 600),
+               metric("a@400", "1-step", 21.0, 0.0, 400), metric("a.r1@400", "1-step", 22.0, 0.0, 400),
+               metric("a.r2@400", "1-step", 23.0, 0.0, 400),
+               # moving: final 30, 31, 32 (sd 1), at step 400 mean 40: change 9 >= 1
+               metric("b", "1-step", 30.0, 0.0, 600), metric("b.r1", "1-step", 31.0, 0.0, 600),
+               metric("b.r2", "1-step", 32.0, 0.0, 600),
+               metric("b@400", "1-step", 39.0, 0.0, 400), metric("b.r1@400", "1-step", 40.0, 0.0, 400),
+               metric("b.r2@400", "1-step", 41.0, 0.0, 400)]
+    out = write_table("T", rows, write_metrics(tmp_path, metrics), tmp_path / "t.csv", tmp_path / "t.md")
+    teacher, settled, moving = out
+    assert teacher["quality"] == pytest.approx(12.0) and teacher["quality_sd"] == pytest.approx(2.0)
+    assert teacher["mem"] == pytest.approx(0.5) and teacher["mem_sd"] == pytest.approx(0.1)
+    assert teacher["replicates"] == 3 and teacher["nfe"] == 35 and teacher["model"] == "t"
+    assert settled["converged"] is True and settled["convergence_change"] == pytest.approx(0.0)
+    assert moving["converged"] is False and moving["convergence_change"] == pytest.approx(9.0)
+    assert moving["convergence_spread"] == pytest.approx(1.0) and moving["convergence_steps"] == "400"
+    cells = table_cells((tmp_path / "t.md").read_text())
+    assert cells[0]["digits-FD"] == "12.00 ± 2.00" and cells[0]["L2 Mem"] == "50.00% ± 10.00%"
+    assert cells[0]["Converged"] == ""
+    assert cells[1]["Converged"].startswith("yes") and cells[2]["Converged"].startswith("no")
+    md = (tmp_path / "t.md").read_text()
+    assert "mean ± sample standard deviation over the row's replicates (3)" in md
+    with open(tmp_path / "t.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert float(csv_rows[2]["quality_sd"]) == pytest.approx(1.0) and csv_rows[2]["converged"] == "False"
+
+
+def test_one_replicate_shows_no_spread_and_does_not_assess_convergence(tmp_path):
+    rows = [{"setting": "s", "label": "Student", "model": "a", "sampler": "1-step", "role": "student",
+             "replicates": ["a"], "window": [["a@400"]]}]
+    out = write_table("T", rows, write_metrics(tmp_path, [metric("a", "1-step", 20.0, 0.1, 600),
+                                                          metric("a@400", "1-step", 25.0, 0.1, 400)]),
+                      tmp_path / "t.csv", tmp_path / "t.md")
+    assert out[0]["quality_sd"] is None and out[0]["converged"] is None
+    cell = table_cells((tmp_path / "t.md").read_text())[0]
+    assert cell["digits-FD"] == "20.00" and cell["Converged"].startswith("n/a: 1 replicate (Δ 5.00")
+
+
+def test_too_few_metric_files_for_the_replicates_is_an_error(tmp_path):
+    rows = [{"model": "a", "sampler": "s", "replicates": ["a", "a.r1"], "window": []}]
+    with pytest.raises(ValueError, match="1 metrics files for 2"):
+        write_table("T", rows, write_metrics(tmp_path, [metric("a", "s", 1.0, 0.0)]), tmp_path / "t.csv",
+                    tmp_path / "t.md")
+
+
+def test_aggregate_skips_missing_group_values_and_keeps_descriptions():
+    out = aggregate([{"label": "x", "nfe": 1, "mem_g": 0.2, "q": 1.0}, {"label": "x", "nfe": 1, "mem_g": None, "q": 3.0}])
+    assert out["mem_g"] == 0.2 and out["mem_g_sd"] is None and out["q"] == 2.0
+    assert out["q_sd"] == pytest.approx(np.std([1.0, 3.0], ddof=1)) and out["nfe"] == 1 and "nfe_sd" not in out
+
+
+def test_drawn_yardstick_replicates_resample_replicate_zeros_images():
+    from pipeline.data import Subset
+    from pipeline.yardsticks import yardstick_rows
+
+    subset = Subset(images=np.zeros((6, 2, 2, 1), np.uint8), labels=np.arange(6), index=np.arange(6),
+                    repeat=np.ones(6, np.int64), group=np.array(["all"] * 6))
+    reserve = np.arange(100, 140)
+    _, rows0, _ = yardstick_rows("real", subset, reserve, 30, seed=0)
+    _, rows1, _ = yardstick_rows("real", subset, reserve, 30, seed=0, replicate=1)
+    _, rows2, _ = yardstick_rows("real", subset, reserve, 30, seed=0, replicate=2)
+    assert len(rows1) == 30 and set(rows1) <= set(rows0) and len(set(rows1)) < 30
+    assert not np.array_equal(rows1, rows2)
+    with pytest.raises(ValueError, match="no replicates"):
+        yardstick_rows("train", subset, reserve, 30, seed=0, replicate=1)
