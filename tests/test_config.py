@@ -186,7 +186,7 @@ def test_student_conditioned_unlike_its_teacher(cfg):
 
 
 def test_text_memorization_subsets_need_captioned_datasets(cfg):
-    cfg["datasets"]["digits-captioned"] = {"source": "digits", "resolution": 16,
+    cfg["datasets"]["digits-captioned"] = {"source": "digits", "resolution": cfg["datasets"]["digits"]["resolution"],
                                            "caption_templates": ["a handwritten digit {name}"]}
     cfg["subsets"]["memorized-3x"] = {"dataset": "digits-captioned", "kind": "text_memorization", "n": 20,
                                       "repeats": 10, "extra_ratio": 3, "seed": 0}
@@ -302,7 +302,7 @@ def test_paper_config_has_the_text_to_image_branch():
 
 
 def test_text_to_image_entries_are_checked(cfg):
-    cfg["datasets"]["captioned"] = {"source": "digits", "resolution": 16, "caption_templates": ["a digit {name}"]}
+    cfg["datasets"]["captioned"] = {"source": "digits", "resolution": cfg["datasets"]["digits"]["resolution"], "caption_templates": ["a digit {name}"]}
     cfg["subsets"]["mem"] = {"dataset": "captioned", "kind": "text_memorization", "n": 4, "repeats": 2,
                              "extra_ratio": 1, "seed": 0}
     cfg["backbones"] = {"mini": {"kind": "miniature", "dataset": "captioned", "text_encoder": {}, "vae": {}, "unet": {},
@@ -381,11 +381,11 @@ def test_student_with_undefined_net(cfg):
 
 
 def test_snapshot_of_a_teacher_takes_edm_samplers(cfg):
-    cfg["teachers"]["teacher-48"]["snapshots"] = [1000]
-    cfg["tables"]["demo"]["rows"].append({"model": "teacher-48@1000", "sampler": "stochastic-cifar10"})
+    cfg["teachers"]["teacher-48"]["snapshots"] = [500]
+    cfg["tables"]["demo"]["rows"].append({"model": "teacher-48@500", "sampler": "stochastic-cifar10"})
     ok = pconfig.validate(cfg)
-    assert pconfig.models_of(ok)["teacher-48@1000"] == "snapshots"
-    cfg["tables"]["demo"]["rows"].append({"model": "teacher-48@1000", "sampler": "1-step"})
+    assert pconfig.models_of(ok)["teacher-48@500"] == "snapshots"
+    cfg["tables"]["demo"]["rows"].append({"model": "teacher-48@500", "sampler": "1-step"})
     assert "heun or stochastic" in error_of(cfg)
 
 
@@ -469,16 +469,15 @@ def test_allowed_name_characters(cfg, good):
 
 def test_models_of(cfg):
     cfg = pconfig.validate(cfg)
-    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-112": "teachers", "cd-48": "students",
-                                      "cd-112": "students", "cd-48@200": "snapshots", "cd-48@400": "snapshots",
-                                      "cd-112@200": "snapshots", "cd-112@400": "snapshots"}
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-96": "teachers", "cd-48": "students",
+                                      "cd-96": "students", "cd-48@100": "snapshots", "cd-96@100": "snapshots"}
 
 
 def test_models_of_without_students(cfg):
     del cfg["students"]
     cfg["tables"] = {"demo": {"rows": [cfg["tables"]["demo"]["rows"][0]]}}
     cfg = pconfig.validate(cfg)
-    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-112": "teachers"}
+    assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-96": "teachers"}
     assert pconfig.all_pairs(cfg) == [("teacher-48", "heun-18")]
 
 
@@ -506,7 +505,7 @@ def test_dataset_of_subset():
 def test_table_pairs():
     cfg = pconfig.load(EMBEDDED)
     assert pconfig.table_pairs(cfg, "demo") == [
-        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("teacher-112", "heun-18"), ("cd-112", "1-step"),
+        ("teacher-48", "heun-18"), ("cd-48", "1-step"), ("teacher-96", "heun-18"), ("cd-96", "1-step"),
     ]
 
 
@@ -535,3 +534,11 @@ def test_all_pairs_order_follows_first_appearance(cfg):
     cfg["tables"] = {"b": {"rows": [rows[2]]}, "a": {"rows": [rows[0], rows[2], rows[1]]}}
     cfg = pconfig.validate(cfg)
     assert pconfig.all_pairs(cfg) == [("cd-48", "2-step"), ("teacher-48", "heun-18"), ("cd-48", "1-step")]
+
+
+def test_digits_fd_needs_one_resolution_for_every_digits_subset():
+    cfg = yaml.safe_load(EMBEDDED.read_text())
+    cfg["datasets"]["digits-16"] = {"source": "digits", "resolution": cfg["datasets"]["digits"].get("resolution", 16) * 2}
+    cfg["subsets"]["digits-48"]["dataset"] = "digits-16"
+    with pytest.raises(pconfig.ConfigError, match="subsets.digits-48: its dataset 'digits-16'"):
+        pconfig.validate(cfg)

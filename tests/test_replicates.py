@@ -20,8 +20,11 @@ from pipeline.tables import aggregate, write_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def embedded(**top) -> dict:
-    return {**yaml.safe_load((ROOT / "config" / "embedded.yaml").read_text()), **top}
+def evidence(**top) -> dict:
+    """The evidence config (16x16 digits, 48 and 112 images, student snapshots at 400/800/1200), replicated as asked."""
+    cfg = yaml.safe_load((ROOT / "config" / "embedded-evidence.yaml").read_text())
+    cfg.pop("replicates"), cfg.pop("convergence")
+    return {**cfg, **top}
 
 
 def test_names_round_trip_and_replicate_zero_keeps_the_name():
@@ -41,14 +44,14 @@ def test_replicate_seeds_differ_and_replicate_zero_is_the_configured_seed():
 
 
 def test_schema_reserves_the_replicate_suffix():
-    cfg = embedded()
+    cfg = evidence()
     cfg["teachers"]["teacher-48.r1"] = cfg["teachers"]["teacher-48"]
     with pytest.raises(pconfig.ConfigError, match="teachers"):
         pconfig.validate(cfg)
 
 
 def test_expansion_derives_seeds_and_pairs_each_student_with_its_teachers_replicate():
-    cfg = pconfig.validate(embedded(replicates=3))
+    cfg = pconfig.validate(evidence(replicates=3))
     assert [t for t in cfg["teachers"]] == ["teacher-48", "teacher-112", "teacher-48.r1", "teacher-48.r2",
                                             "teacher-112.r1", "teacher-112.r2"]
     assert cfg["students"]["cd-48.r2"]["teacher"] == "teacher-48.r2"
@@ -59,28 +62,28 @@ def test_expansion_derives_seeds_and_pairs_each_student_with_its_teachers_replic
     a, b = copy.deepcopy(cfg["teachers"]["teacher-48"]), copy.deepcopy(cfg["teachers"]["teacher-48.r1"])
     del a["train"]["seed"], b["train"]["seed"]
     assert a == b
-    assert pconfig.models_of(cfg)["cd-48.r1@200"] == "snapshots"
-    assert pconfig.model_dir(cfg, "cd-48.r1@200") == "results/snapshots/cd-48.r1/step-200"
+    assert pconfig.models_of(cfg)["cd-48.r1@400"] == "snapshots"
+    assert pconfig.model_dir(cfg, "cd-48.r1@400") == "results/snapshots/cd-48.r1/step-400"
     assert pconfig.sampling_seed(cfg, "teacher-48") == 0
-    assert pconfig.sampling_seed(cfg, "cd-48.r1@200") == pconfig.sampling_seed(cfg, "teacher-48.r1") != 0
+    assert pconfig.sampling_seed(cfg, "cd-48.r1@400") == pconfig.sampling_seed(cfg, "teacher-48.r1") != 0
     assert pconfig.subset_of(cfg, "real~digits-112.r2") == "digits-112"
     # one replicate (the default) changes nothing
-    assert pconfig.validate(embedded())["teachers"].keys() == {"teacher-48", "teacher-112"}
+    assert pconfig.validate(evidence())["teachers"].keys() == {"teacher-48", "teacher-112"}
 
 
 def test_table_rows_list_replicates_and_the_convergence_window():
-    cfg = pconfig.validate(embedded(replicates=2, convergence={"window": 3}))
+    cfg = pconfig.validate(evidence(replicates=2, convergence={"window": 3}))
     rows = {(r["model"], r["sampler"]): r for r in pconfig.table_rows(cfg, "demo")}
     student = rows[("cd-48", "1-step")]
     assert student["replicates"] == ["cd-48", "cd-48.r1"]
-    assert student["window"] == [["cd-48@200", "cd-48.r1@200"], ["cd-48@400", "cd-48.r1@400"]]
+    assert student["window"] == [["cd-48@800", "cd-48.r1@800"], ["cd-48@1200", "cd-48.r1@1200"]]
     assert rows[("teacher-48", "heun-18")]["window"] == []  # teachers are not judged by it
     assert rows[("real~digits-48", "data")]["replicates"] == ["real~digits-48", "real~digits-48.r1"]
     assert rows[("train~digits-48", "data")]["replicates"] == ["train~digits-48"]  # nothing drawn, nothing repeated
     order = pconfig.table_metrics(list(rows.values()))
     assert order[:2] == [("teacher-48", "heun-18"), ("teacher-48.r1", "heun-18")]
-    assert order[2:8] == [("cd-48", "1-step"), ("cd-48.r1", "1-step"), ("cd-48@200", "1-step"),
-                          ("cd-48.r1@200", "1-step"), ("cd-48@400", "1-step"), ("cd-48.r1@400", "1-step")]
+    assert order[2:8] == [("cd-48", "1-step"), ("cd-48.r1", "1-step"), ("cd-48@800", "1-step"),
+                          ("cd-48.r1@800", "1-step"), ("cd-48@1200", "1-step"), ("cd-48.r1@1200", "1-step")]
 
 
 def test_dry_run_plans_one_model_per_replicate_and_one_table_reads_them_all(tmp_path):
@@ -95,11 +98,11 @@ def test_dry_run_plans_one_model_per_replicate_and_one_table_reads_them_all(tmp_
     assert counts["train_teacher"] == 6 and counts["distill"] == 6
     # 3 drawn yardstick kinds x 3 replicates + train vs train, for each of the 2 subsets
     assert counts["yardstick"] == 2 * (3 * 3 + 1)
-    # each student's last snapshot (step 400) per replicate, for the convergence criterion
+    # each student's last snapshot (step 100) per replicate, for the convergence criterion
     assert counts["snapshot"] == 6
-    for name in ("teacher-48.r2", "cd-112.r1", "cd-48.r2"):
+    for name in ("teacher-48.r2", "cd-96.r1", "cd-48.r2"):
         assert f"results/metrics/{name}/" in out
-    for path in ("results/samples/real~digits-48.r2/data/manifest.json", "results/metrics/cd-112.r2@400/1-step.json"):
+    for path in ("results/samples/real~digits-48.r2/data/manifest.json", "results/metrics/cd-96.r2@100/1-step.json"):
         assert path in out
     table = out[out.index("rule table:"):]
     table_inputs = table[table.index("input:"):table.index("\n", table.index("input:"))]

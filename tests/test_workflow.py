@@ -306,7 +306,7 @@ def test_quality_against_the_training_subset_plans_one_reference_per_subset(tmp_
     stats = job_stats(output_of(proc))
     assert stats["subset_reference_stats"] == 2 and "reference_stats" not in stats, stats
     assert "results/quality/reference/digits_fd-subset-digits-48.npz" in output_of(proc)
-    assert "results/quality/reference/digits_fd-subset-digits-112.npz" in output_of(proc)
+    assert "results/quality/reference/digits_fd-subset-digits-96.npz" in output_of(proc)
 
 
 def test_clip_score_plans_image_and_prompt_embeddings_and_the_fetch(tmp_path):
@@ -332,11 +332,11 @@ def test_clip_score_plans_image_and_prompt_embeddings_and_the_fetch(tmp_path):
 def test_embedded_explicit_configfile_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=EMBEDDED))
     stats = job_stats(output_of(proc))
-    # Two regimes (48 and 112 digits), each with 4 (model, sampler) pairs: teacher heun-18, student
-    # 1-step, 2 snapshots; 4 yardsticks (real held-out, replay, blurred, train vs train) per subset
+    # Two regimes (48 and 96 digits), each with 3 (model, sampler) pairs: teacher heun-18, student
+    # 1-step, 1 snapshot; 4 yardsticks (real held-out, replay, blurred, train vs train) per subset
     expected = {
-        "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 4, "sample_shard": 8, "sample_manifest": 8,
-        "yardstick": 8, "search": 16, "metrics": 16, "neighbour_figure": 8, "table": 2, "curve_figure": 1,
+        "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 2, "sample_shard": 6, "sample_manifest": 6,
+        "yardstick": 8, "search": 14, "metrics": 14, "neighbour_figure": 6, "table": 2, "curve_figure": 1,
         "train_feature_net": 1, "reference_stats": 1,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
@@ -435,7 +435,7 @@ SNAPSHOT = ("cd-48@10", "1-step")
 def tiny_config() -> dict:
     cfg = copy.deepcopy(embedded())
     # one regime only: the 48-digit teacher and its student
-    del cfg["subsets"]["digits-112"], cfg["teachers"]["teacher-112"], cfg["students"]["cd-112"]
+    del cfg["subsets"]["digits-96"], cfg["teachers"]["teacher-96"], cfg["students"]["cd-96"]
     # Localized repetition (Table 4's design in miniature): 4 images each of digits 0 and 1 seen
     # 3 times, 8 other digits once, so the table gains per-group memorization columns.
     cfg["subsets"]["digits-48"] = {"dataset": "digits", "kind": "repetition", "repeated_classes": [0, 1],

@@ -88,7 +88,7 @@ def test_ids_and_table_rows():
     cfg = pconfig.load(EMBEDDED)
     rows = pconfig.table_rows(cfg, "demo")
     kinds = ["real", "replay", "blur", "train"]
-    assert [r["model"] for r in rows[-8:]] == [f"{k}~digits-{n}" for n in (48, 112) for k in kinds]
+    assert [r["model"] for r in rows[-8:]] == [f"{k}~digits-{n}" for n in (48, 96) for k in kinds]
     assert pconfig.subset_of(cfg, "replay~digits-48") == "digits-48"
     cfg["tables"]["demo"]["yardsticks"] = False
     assert len(pconfig.table_rows(cfg, "demo")) == len(cfg["tables"]["demo"]["rows"])

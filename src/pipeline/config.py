@@ -155,6 +155,16 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
     if clash:
         problems.append(f"  teachers and students share names {sorted(clash)}: model names must be unique")
     need("datasets", cfg["quality"]["reference"], "quality.reference")
+    reference = cfg["datasets"].get(cfg["quality"]["reference"])
+    if cfg["quality"]["kind"] == "digits_fd" and reference is not None:
+        # the digits classifier sees images at its reference dataset's resolution only
+        want = reference.get("resolution", 16)
+        for name, s in cfg["subsets"].items():
+            d = cfg["datasets"].get(s["dataset"], {})
+            if d.get("source") == "digits" and d.get("resolution", 16) != want:
+                problems.append(f"  subsets.{name}: its dataset {s['dataset']!r} is {d.get('resolution', 16)} px, but "
+                                f"digits-FD's classifier is trained on quality.reference {cfg['quality']['reference']!r} "
+                                f"at {want} px: give both datasets one resolution")
     if cfg["quality"].get("prompt_class") and cfg["quality"]["kind"] != "digits_fd":
         problems.append("  quality.prompt_class: reads samples with the digits classifier, which only digits_fd trains")
     if cfg["quality"]["kind"] == "inception_fid" and "weights" not in cfg["quality"]:
