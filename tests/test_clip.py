@@ -170,7 +170,8 @@ def test_clip_score_reaches_the_metrics_and_the_table(tiny_clip, tmp_path, monke
     from pipeline.data import build_subset, load_source, write_subset
     from pipeline.io import write_image_table
     from pipeline.metrics import write_metrics
-    from pipeline.quality import train_digits_classifier, write_reference_stats
+    from pipeline.digits_classifier import train_digits_classifier
+    from pipeline.quality import write_reference_stats
     from pipeline.search import search_samples
     from pipeline.shards import write_manifest
     from pipeline.tables import write_table

@@ -4,7 +4,8 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from pipeline.data import load_source
-from pipeline.quality import compute_quality, frechet_from_features, train_digits_classifier, write_reference_stats
+from pipeline.digits_classifier import train_digits_classifier
+from pipeline.quality import compute_quality, frechet_from_features, write_reference_stats
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,28 @@ def test_frechet_distance_is_clean_fids():
     assert frechet_distance(*stats) == pytest.approx(clean_fid(*stats), rel=1e-12)
     singular = (a[:3].mean(0), np.cov(a[:3], rowvar=False), b[:3].mean(0), np.cov(b[:3], rowvar=False))
     assert frechet_distance(*singular) == pytest.approx(clean_fid(*singular), rel=1e-9)
+
+
+def test_classifier_inference_in_numpy_equals_the_torch_network(tmp_path):
+    """digits-FD embeds with the classifier's forward pass written in numpy (no torch in metrics jobs):
+    the same features and classes as the trained torch network, at 8 and 16 pixels."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.digits_classifier import ClassifierFeatures, _torch_network
+    from pipeline.io import images_to_unit
+
+    for resolution in (8, 16):
+        images, labels = load_source({"source": "digits", "resolution": resolution})
+        train_digits_classifier(images[:200], labels[:200], tmp_path / str(resolution), epochs=1)
+        net = _torch_network(1, resolution)
+        net.load_state_dict(load_file(str(tmp_path / str(resolution) / "model.safetensors")))
+        with torch.no_grad():
+            x = torch.from_numpy(images_to_unit(images[200:500]))
+            want, classes = net.features(x).double().numpy(), net(x).argmax(1).numpy()
+        ours = ClassifierFeatures(tmp_path / str(resolution))
+        got = ours.features(images[200:500], batch_size=128)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert (ours.predict(images[200:500]) == classes).mean() > 0.99
+    with pytest.raises(ValueError, match="takes 1 x 16"):
+        ours.features(images[:4, :8, :8])

@@ -527,7 +527,7 @@ def test_tiny_run_rows_aggregate_their_replicates(tiny_run):
 # Rules whose jobs need none of torch (nor diffusers): each job is a fresh process, and torch alone
 # costs about 3 s to import. Every job logs the heavy modules it loaded (pipeline.cli).
 TORCH_FREE_RULES = ("subset", "yardstick", "sample_manifest", "search", "similarity", "snapshot", "table",
-                    "curve_figure", "neighbour_figure")
+                    "curve_figure", "neighbour_figure", "metrics", "reference_stats")
 
 
 def test_tiny_run_rules_import_only_what_they_use(tiny_run):
@@ -542,7 +542,6 @@ def test_tiny_run_rules_import_only_what_they_use(tiny_run):
     for rule in TORCH_FREE_RULES:
         assert not seen[rule] & {"torch", "diffusers", "transformers", "accelerate", "cleanfid"}, (rule, seen[rule])
     assert "torch" in seen["train_teacher"] and "torch" in seen["sample_shard"]
-    assert "cleanfid" not in seen["metrics"]  # digits-FD needs the classifier (torch), not clean-fid's module
 
 
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)

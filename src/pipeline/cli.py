@@ -201,7 +201,7 @@ def _heldout(a, num_images):
 
 def cmd_feature_net(a):
     from .data import load_source
-    from .quality import train_digits_classifier
+    from .digits_classifier import train_digits_classifier
 
     images, labels = load_source(a.dataset)
     _, rest = _heldout(a, len(images))

@@ -98,13 +98,13 @@ def sscd(images: np.ndarray, weights: str | Path, preprocessing: str = "official
 
 
 def digits_descriptors(images: np.ndarray, classifier_dir: str | Path) -> np.ndarray:
-    """L2-normalised penultimate features of the digits classifier (quality.py): the embedded data's
+    """L2-normalised penultimate features of the digits classifier (digits_classifier.py): the embedded data's
     download-free stand-in for SSCD, whose weights it does not have. It is a class-trained feature, not
     a copy detector, so its similarities are read against the yardsticks in the same space, never
     against SSCD's thresholds."""
-    from .quality import classifier_features, load_digits_classifier
+    from .digits_classifier import ClassifierFeatures
 
-    feats = classifier_features(load_digits_classifier(classifier_dir), images)
+    feats = ClassifierFeatures(classifier_dir).features(images)
     return (feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
