@@ -202,3 +202,27 @@ def test_class_conditional_rows_group_by_the_class_they_were_generated_for(tmp_p
     paths[1].write_text(json.dumps(metrics[1]))
     with pytest.raises(ValueError, match="by_class_group"):
         write_table("Table 4", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+
+
+def test_rows_below_the_blur_yardstick_or_the_prompt_floor_are_not_evidence(tmp_path):
+    """A text-to-image row whose samples score worse than blurred real images, or rarely show the digit
+    their prompt names, is listed as not evidence yet; a row that passes both is not."""
+    def m(model, nfe, fd, prompt_class=None):
+        out = metric(model, "s" if nfe else "data", nfe, fd, 0.1, {"memorized": 0.1})
+        if prompt_class is not None:
+            out["prompt_class"] = {"value": prompt_class}
+        return out
+
+    rows_cfg = [{"setting": "3x", "label": "Teacher", "model": "t", "sampler": "s", "subset": "x"},
+                {"setting": "3x", "label": "Student", "model": "u", "sampler": "s", "subset": "x"},
+                {"setting": "x", "label": "Blur", "model": "blur~x", "sampler": "data", "subset": "x"}]
+    metrics = [m("t", 50, 500.0, 0.95), m("u", 4, 100.0, 0.5), m("blur~x", 0, 200.0, 0.99)]
+    paths = []
+    for i, one in enumerate(metrics):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(one))
+    write_table("T", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+    md = (tmp_path / "t.md").read_text()
+    assert "Not evidence yet" in md
+    assert "- 3x Teacher (s): FID 500.00, blurred real images 200.00." in md
+    assert "- 3x Student (s): prompt digit 50.00%." in md

@@ -312,6 +312,12 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     placement = _placement(rows, qname)
     if placement:
         notes += ["Where each model sits among the yardsticks of its training subset:", placement]
+    failing = _below_evidence(rows, qname)
+    if failing:
+        notes += ["Not evidence yet: a memorization rate says something only about samples that are what they are "
+                  f"asked to be, so a row counts once it scores better than blurred real images in {qname} and, "
+                  f"for prompt-conditioned rows, shows the prompt's digit in at least {PROMPT_CLASS_FLOOR:.0%} of "
+                  "its samples. These rows do not:", failing]
     if any(r["nfe"] == 0 for r in rows):
         notes.append("Yardsticks (no sampler, measured by the same code on the same number of images): real "
                      "held-out images of the dataset, never in any training subset (what a model that generalises "
@@ -320,6 +326,27 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                      "image against the other training images (what counts as \"similar\" within the data itself: "
                      "near-duplicates there are memorized by this criterion without any copying).")
     return head, body, notes
+
+
+PROMPT_CLASS_FLOOR = 0.9  # prompt-conditioned samples must show their prompt's digit this often to count
+
+
+def _below_evidence(rows, qname: str) -> list[str]:
+    """Generated rows that score no better than the blurred real images of their subset, or (with a
+    Prompt digit column) show the prompt's digit in fewer than PROMPT_CLASS_FLOOR of their samples."""
+    blur = {r["subset"]: r for r in rows if r["nfe"] == 0 and (parse_yardstick(r["model"]) or ("",))[0] == "blur"}
+    out = []
+    for r in rows:
+        if r["nfe"] == 0:
+            continue
+        why = []
+        if r["subset"] in blur and r["quality"] >= blur[r["subset"]]["quality"]:
+            why.append(f"{qname} {r['quality']:.2f}, blurred real images {blur[r['subset']]['quality']:.2f}")
+        if r.get("prompt_class") is not None and r["prompt_class"] < PROMPT_CLASS_FLOOR:
+            why.append(f"prompt digit {_pct(r['prompt_class'])}")
+        if why:
+            out.append(f"{r['setting']} {r['label']} ({r['sampler']}): " + "; ".join(why) + ".")
+    return out
 
 
 def _f2(x: float) -> str:
