@@ -78,8 +78,9 @@ def test_table_rows_list_replicates_and_the_convergence_window():
     assert student["replicates"] == ["cd-48", "cd-48.r1"]
     assert student["window"] == [["cd-48@800", "cd-48.r1@800"], ["cd-48@1200", "cd-48.r1@1200"]]
     assert rows[("teacher-48", "heun-18")]["window"] == []  # teachers are not judged by it
-    assert rows[("real~digits-48", "data")]["replicates"] == ["real~digits-48", "real~digits-48.r1"]
-    assert rows[("train~digits-48", "data")]["replicates"] == ["train~digits-48"]  # nothing drawn, nothing repeated
+    assert rows[("replay~digits-48", "data")]["replicates"] == ["replay~digits-48", "replay~digits-48.r1"]
+    for kind in ("real", "blur", "train"):  # one fixed set each (yardsticks.REPLICATED)
+        assert rows[(f"{kind}~digits-48", "data")]["replicates"] == [f"{kind}~digits-48"]
     order = pconfig.table_metrics(list(rows.values()))
     assert order[:2] == [("teacher-48", "heun-18"), ("teacher-48.r1", "heun-18")]
     assert order[2:8] == [("cd-48", "1-step"), ("cd-48.r1", "1-step"), ("cd-48@800", "1-step"),
@@ -96,17 +97,17 @@ def test_dry_run_plans_one_model_per_replicate_and_one_table_reads_them_all(tmp_
     counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts["train_teacher"] == 6 and counts["distill"] == 6
-    # 3 drawn yardstick kinds x 3 replicates + train vs train, for each of the 2 subsets
-    assert counts["yardstick"] == 2 * (3 * 3 + 1)
+    # the replay's 3 replicates and one real, blurred and train-vs-train set, for each of the 2 subsets
+    assert counts["yardstick"] == 2 * (3 + 3)
     # each student's last snapshot (step 100) per replicate, for the convergence criterion
     assert counts["snapshot"] == 6
     for name in ("teacher-48.r2", "cd-96.r1", "cd-48.r2"):
         assert f"results/metrics/{name}/" in out
-    for path in ("results/samples/real~digits-48.r2/data/manifest.json", "results/metrics/cd-96.r2@100/1-step.json"):
+    for path in ("results/samples/replay~digits-48.r2/data/manifest.json", "results/metrics/cd-96.r2@100/1-step.json"):
         assert path in out
     table = out[out.index("rule table:"):]
     table_inputs = table[table.index("input:"):table.index("\n", table.index("input:"))]
-    assert table_inputs.count("results/metrics/") == 4 * 3 + 2 * 3 + 2 * (3 * 3 + 1)
+    assert table_inputs.count("results/metrics/") == 4 * 3 + 2 * 3 + 2 * (3 + 3)
 
 
 def metric(model, sampler, fid, mem, step=None, nfe=1):
@@ -195,17 +196,17 @@ def test_aggregate_skips_missing_group_values_and_keeps_descriptions():
     assert out["q_sd"] == pytest.approx(np.std([1.0, 3.0], ddof=1)) and out["nfe"] == 1 and "nfe_sd" not in out
 
 
-def test_drawn_yardstick_replicates_resample_replicate_zeros_images():
+def test_replay_replicates_draw_afresh_and_held_out_yardsticks_have_none():
     from pipeline.data import Subset
     from pipeline.yardsticks import yardstick_rows
 
     subset = Subset(images=np.zeros((6, 2, 2, 1), np.uint8), labels=np.arange(6), index=np.arange(6),
-                    repeat=np.ones(6, np.int64), group=np.array(["all"] * 6))
+                    repeat=np.full(6, 2, np.int64), group=np.array(["all"] * 6))
     reserve = np.arange(100, 140)
-    _, rows0, _ = yardstick_rows("real", subset, reserve, 30, seed=0)
-    _, rows1, _ = yardstick_rows("real", subset, reserve, 30, seed=0, replicate=1)
-    _, rows2, _ = yardstick_rows("real", subset, reserve, 30, seed=0, replicate=2)
-    assert len(rows1) == 30 and set(rows1) <= set(rows0) and len(set(rows1)) < 30
-    assert not np.array_equal(rows1, rows2)
-    with pytest.raises(ValueError, match="no replicates"):
-        yardstick_rows("train", subset, reserve, 30, seed=0, replicate=1)
+    draws = [yardstick_rows("replay", subset, reserve, 30, seed=0, replicate=r)[1] for r in range(3)]
+    assert all(len(d) == 30 and set(d) <= set(range(6)) for d in draws)
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+    assert np.array_equal(draws[0], yardstick_rows("replay", subset, reserve, 30, seed=0)[1])  # replicate 0 as before
+    for kind in ("real", "blur", "train"):
+        with pytest.raises(ValueError, match="no replicates"):
+            yardstick_rows(kind, subset, reserve, 30, seed=0, replicate=1)

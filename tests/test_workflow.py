@@ -508,12 +508,12 @@ def test_tiny_run_rows_aggregate_their_replicates(tiny_run):
     assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
     metrics = {m: json.loads((res / "metrics" / m / f"{s}.json").read_text())
                for m, s in [("teacher-48", "heun-4"), ("teacher-48.r1", "heun-4"), ("cd-48", "1-step"),
-                            ("cd-48.r1", "1-step"), ("real~digits-48", "data"), ("real~digits-48.r1", "data")]}
+                            ("cd-48.r1", "1-step"), ("replay~digits-48", "data"), ("replay~digits-48.r1", "data")]}
     assert metrics["cd-48.r1"]["quality"]["value"] != metrics["cd-48"]["quality"]["value"]
-    assert not (res / "samples" / "train~digits-48.r1").exists()
+    assert not (res / "samples" / "train~digits-48.r1").exists() and not (res / "samples" / "real~digits-48.r1").exists()
     with open(res / "tables" / f"{TINY_TABLE}.csv") as f:
         rows = {r["model"]: r for r in csv.DictReader(f)}
-    for model in ("teacher-48", "cd-48", "real~digits-48"):
+    for model in ("teacher-48", "cd-48", "replay~digits-48"):
         values = [metrics[m]["quality"]["value"] for m in (model, replicates.replicate_id(model, 1))]
         assert float(rows[model]["quality"]) == pytest.approx(np.mean(values))
         assert float(rows[model]["quality_sd"]) == pytest.approx(np.std(values, ddof=1))

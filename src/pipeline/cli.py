@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("yardstick", cmd_yardstick, kind={"required": True, "choices": ["real", "replay", "blur", "train"]}, dataset=js,
         subset=req, subset_name=req, num_samples={"type": int, "required": True},
         shard_size={"type": int, "required": True}, blur_sigma={"type": float, "default": 1.0}, out_dir=req,
-        replicate={"type": int, "default": 0, "help": "replicate r >= 1: a bootstrap resample of replicate 0's images"},
+        replicate={"type": int, "default": 0, "help": "replay only: replicate r >= 1 draws afresh from the training set"},
         **heldout)
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset={"type": _json}, subset={}, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,

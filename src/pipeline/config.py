@@ -15,7 +15,7 @@ import jsonschema
 import yaml
 
 from . import replicates
-from .yardsticks import DRAWN as YARDSTICK_DRAWN
+from .yardsticks import REPLICATED as YARDSTICK_REPLICATED
 from .yardsticks import KINDS as YARDSTICK_KINDS
 from .yardsticks import LABELS as YARDSTICK_LABELS
 from .yardsticks import SAMPLER as YARDSTICK_SAMPLER
@@ -365,7 +365,7 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
             yid = yardstick_id(kind, s)
             rows.append({"setting": s, "label": label, "model": yid, "sampler": YARDSTICK_SAMPLER,
                          "subset": s, "role": "yardstick", "group_by": "class" if by_class else "neighbour",
-                         "replicates": replicates.of(yid, count if kind in YARDSTICK_DRAWN else 1), "window": []})
+                         "replicates": replicates.of(yid, count if kind in YARDSTICK_REPLICATED else 1), "window": []})
     return rows
 
 

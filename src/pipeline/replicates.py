@@ -8,10 +8,8 @@ sampling seed are derived from the configured ones and r. A student's replicate 
 teacher's replicate r. Training subsets are shared: replicates measure what the randomness of one
 study costs, on the same data, as the study's single runs would be repeated.
 
-Yardsticks have replicates too (`real~digits-48.r1`): replicate r >= 1 of a drawn yardstick (real,
-blur, replay) is a bootstrap resample of the images replicate 0 shows, the usual estimate of a
-finite sample's spread that keeps the held-out reserve (and so the images the quality network never
-trained on) fixed.
+The training-replay yardstick has replicates too (`replay~digits-48.r1`, a fresh draw from the
+training set); why the held-out yardsticks have none is said at yardsticks.REPLICATED.
 
 This module only names replicates and derives their seeds; config.expand_replicates applies them.
 """
@@ -56,12 +54,3 @@ def seed(base: int, r: int) -> int:
     if r == 0:
         return int(base)
     return int(np.random.SeedSequence([int(base), int(r), REPLICATE_STREAM]).generate_state(1, np.uint32)[0] >> 1)
-
-
-def bootstrap(rows: np.ndarray, r: int, base_seed: int) -> np.ndarray:
-    """Replicate `r` of a drawn set of rows: the rows themselves for r = 0, else a resample with
-    replacement of the same size (the bootstrap), drawn from (seed, r)."""
-    rows = np.asarray(rows)
-    if r == 0:
-        return rows
-    return np.random.default_rng([int(base_seed), int(r), REPLICATE_STREAM]).choice(rows, len(rows), replace=True)

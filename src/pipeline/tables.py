@@ -271,7 +271,8 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
         counts = sorted({r.get("replicates", 1) for r in rows})
         notes.append(f"Each cell: mean ± sample standard deviation over the row's replicates ({_counts(counts)}): "
                      "models trained, distilled and sampled once per replicate seed on the same training subset; "
-                     "yardsticks that draw images (real held-out, replay, blur) as bootstrap resamples of their images. "
+                     "the training replay drawn afresh per replicate; the real held-out and blurred images are one "
+                     "fixed set (the whole held-out reserve), and train vs train is the training set itself. "
                      "A cell without ± has one replicate.")
     if converge:
         notes.append("Converged: a student counts as converged when its quality (mean over replicates) at its run's "

@@ -1,7 +1,7 @@
 # Yardsticks: non-generated sample sets beside every model in a table (real held-out images, the
 # training set replayed, held-out images blurred), written in the layout of generated samples so
 # that search, metrics and tables treat them like any model. `ysubset` is a subset or one of its
-# replicates (`digits-48.r1`: a bootstrap resample of replicate 0's images, see replicates.py).
+# replicates (`digits-48.r1`: the training replay drawn afresh, see yardsticks.REPLICATED).
 
 
 rule yardstick:
