@@ -470,7 +470,7 @@ def test_allowed_name_characters(cfg, good):
 def test_models_of(cfg):
     cfg = pconfig.validate(cfg)
     assert pconfig.models_of(cfg) == {"teacher-48": "teachers", "teacher-96": "teachers", "cd-48": "students",
-                                      "cd-96": "students", "cd-48@100": "snapshots", "cd-96@100": "snapshots"}
+                                      "cd-96": "students", "cd-48@75": "snapshots", "cd-96@75": "snapshots"}
 
 
 def test_models_of_without_students(cfg):

@@ -99,11 +99,11 @@ def test_dry_run_plans_one_model_per_replicate_and_one_table_reads_them_all(tmp_
     assert counts["train_teacher"] == 6 and counts["distill"] == 6
     # the replay's 3 replicates and one real, blurred and train-vs-train set, for each of the 2 subsets
     assert counts["yardstick"] == 2 * (3 + 3)
-    # each student's last snapshot (step 100) per replicate, for the convergence criterion
+    # each student's last snapshot (step 75) per replicate, for the convergence criterion
     assert counts["snapshot"] == 6
     for name in ("teacher-48.r2", "cd-96.r1", "cd-48.r2"):
         assert f"results/metrics/{name}/" in out
-    for path in ("results/samples/replay~digits-48.r2/data/manifest.json", "results/metrics/cd-96.r2@100/1-step.json"):
+    for path in ("results/samples/replay~digits-48.r2/data/manifest.json", "results/metrics/cd-96.r2@75/1-step.json"):
         assert path in out
     table = out[out.index("rule table:"):]
     table_inputs = table[table.index("input:"):table.index("\n", table.index("input:"))]
