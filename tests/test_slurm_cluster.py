@@ -79,6 +79,7 @@ def slurm_config(workdir: Path) -> Path:
     from test_workflow import tiny_config, write_config
 
     cfg = tiny_config()
+    cfg["replicates"] = 1  # one training job to stop and resume
     del cfg["memorization"]["sscd"]
     cfg["yardsticks"] = {"kinds": ["real"]}
     cfg["sampling"].update(num_samples=24, shard_size=24)
