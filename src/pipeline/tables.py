@@ -21,6 +21,9 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
+_f2, _f3, _f4 = "{:.2f}".format, "{:.3f}".format, "{:.4f}".format  # cell formats
+
+
 # A row's per-group columns: the group of each sample's nearest training image, or of the class a
 # class-conditional model generated it for (config.table_rows decides which, per row).
 GROUPINGS = {"neighbour": "by_group", "class": "by_class_group"}
@@ -138,7 +141,7 @@ def _text_cells(text: Mapping[str, Any]) -> dict:
 def _triple(r, name) -> str:
     if r.get(f"text_{name}_mean") is None:
         return ""
-    return " / ".join(f"{r[f'text_{name}_{k}']:.4f}" for k in ("mean", "max", "p95"))
+    return " / ".join(_f4(r[f"text_{name}_{k}"]) for k in ("mean", "max", "p95"))
 
 
 def _references(rows) -> str:
@@ -348,18 +351,6 @@ def _below_evidence(rows, qname: str) -> list[str]:
         if why:
             out.append(f"{r['setting']} {r['label']} ({r['sampler']}): " + "; ".join(why) + ".")
     return out
-
-
-def _f2(x: float) -> str:
-    return f"{x:.2f}"
-
-
-def _f3(x: float) -> str:
-    return f"{x:.3f}"
-
-
-def _f4(x: float) -> str:
-    return f"{x:.4f}"
 
 
 def _spread(r: Mapping[str, Any], key: str, fmt) -> str:
