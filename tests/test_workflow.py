@@ -275,7 +275,17 @@ def test_mixed_precision_reaches_the_training_launch(tmp_path):
     cfg["teachers"]["teacher-48"]["compute"]["mixed_precision"] = "bf16"
     proc = check(snakemake(tmp_path, "results/teachers/teacher-48/model.safetensors", "-n", "-p",
                            configfile=write_config(tmp_path / "bf16.yaml", cfg)))
-    assert "--mixed_precision bf16" in output_of(proc)
+    # A one-process CPU job starts without `accelerate launch`, with the environment it would set:
+    # Accelerator() in that environment runs bf16 on the CPU.
+    env = dict(re.findall(r"\b(ACCELERATE_\w+|KMP_\w+)=(\S+)", output_of(proc)))
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and "accelerate launch" not in output_of(proc)
+    probe = "from accelerate import Accelerator; a = Accelerator(); print(a.mixed_precision, a.device.type)"
+    ran = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True)
+    assert ran.stdout.split() == ["bf16", "cpu"], ran.stderr[-2000:]
+    cfg["teachers"]["teacher-48"]["compute"].update(gpus=1)
+    proc = check(snakemake(tmp_path, "results/teachers/teacher-48/model.safetensors", "-n", "-p",
+                           configfile=write_config(tmp_path / "bf16-gpu.yaml", cfg)))
+    assert "accelerate launch --num_machines 1 --mixed_precision bf16" in output_of(proc)
     cfg["teachers"]["teacher-48"]["compute"]["mixed_precision"] = "fp8"
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "fp8.yaml", cfg))
     assert proc.returncode != 0 and "mixed_precision" in output_of(proc)

@@ -83,11 +83,23 @@ def compute(entry):
 
 
 def accelerate_launch(spec):
-    """`accelerate launch` for a rule's compute spec: CPU here, N GPUs (optionally DeepSpeed ZeRO) on a cluster."""
+    """The launcher of a rule's training process: N GPUs (optionally DeepSpeed ZeRO) through `accelerate launch`.
+
+    A one-process CPU job skips the launcher: `accelerate launch` would import torch and accelerate
+    only to start one child process (seconds per job), and for one CPU process it sets nothing but the
+    environment that `Accelerator()` reads, set here directly (accelerate/utils/launch.py,
+    `prepare_simple_launcher_cmd_env`).
+    """
     c = compute(spec)
     gpus = c.get("gpus", 0)
-    args = ["accelerate launch", "--num_machines 1", f"--mixed_precision {c.get('mixed_precision', 'no')}",
-            f"--dynamo_backend {'inductor' if c.get('compile') else 'no'}"]
+    precision = c.get("mixed_precision", "no")
+    dynamo = "inductor" if c.get("compile") else "no"
+    if gpus == 0 and not c.get("accelerate_config"):
+        env = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": precision,
+               "ACCELERATE_DYNAMO_BACKEND": dynamo.upper(), "KMP_AFFINITY": "granularity=fine,compact,1,0",
+               "KMP_BLOCKTIME": "1"}
+        return " ".join(f"{k}={v}" for k, v in env.items()) + " python -m pipeline"
+    args = ["accelerate launch", "--num_machines 1", f"--mixed_precision {precision}", f"--dynamo_backend {dynamo}"]
     if gpus == 0:
         args += ["--cpu", "--num_processes 1"]
     elif gpus == 1:

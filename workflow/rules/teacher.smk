@@ -1,4 +1,4 @@
-# Stage 2: EDM teachers, through `accelerate launch` (1 CPU process here, N GPUs on a cluster).
+# Stage 2: EDM teachers: one CPU process here, N GPUs through `accelerate launch` on a cluster.
 # Resumable state goes to checkpoints/, deliberately not a declared output.
 
 
@@ -40,7 +40,7 @@ rule train_teacher:
 
 
 # Text-to-image teachers: the backbone's UNet fine-tuned on a text_memorization subset's cached latents
-# (VAE and text encoder frozen), through the same accelerate launch, checkpoints and EMA.
+# (VAE and text encoder frozen), through the same launcher, checkpoints and EMA.
 rule finetune_teacher:
     wildcard_constraints:
         teacher=_names(TEXT_TEACHERS),
