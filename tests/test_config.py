@@ -542,3 +542,21 @@ def test_digits_fd_needs_one_resolution_for_every_digits_subset():
     cfg["subsets"]["digits-48"]["dataset"] = "digits-16"
     with pytest.raises(pconfig.ConfigError, match="subsets.digits-48: its dataset 'digits-16'"):
         pconfig.validate(cfg)
+
+
+def test_copy_threshold_is_fixed_or_calibrated_on_real_held_out_images(cfg):
+    cfg["memorization"]["sscd"] = {"descriptor": "digits_classifier", "calibrate": {"quantile": 0.99}}
+    valid = pconfig.validate(cfg)
+    assert pconfig.calibration_yardstick(valid, "teacher-48") == "real~digits-48"
+    assert pconfig.calibration_yardstick(valid, "replay~digits-48.r1") == "real~digits-48"
+    cfg["memorization"]["sscd"]["threshold"] = 0.9
+    with pytest.raises(ConfigError, match="fixed `threshold` or `calibrate`, not both"):
+        pconfig.validate(cfg)
+    del cfg["memorization"]["sscd"]["threshold"]
+    cfg["yardsticks"] = {"kinds": ["replay", "blur"]}
+    with pytest.raises(ConfigError, match="yardsticks.kinds leaves out `real`"):
+        pconfig.validate(cfg)
+    cfg["yardsticks"] = {}
+    cfg["memorization"]["sscd"]["calibrate"]["quantile"] = 1.0
+    with pytest.raises(ConfigError, match="quantile"):
+        pconfig.validate(cfg)

@@ -405,3 +405,21 @@ def test_slow_openblas_kernel_is_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.search"):
         assert blas_report()[0]["architecture"] == "Prescott"
     assert "OPENBLAS_CORETYPE" in caplog.text
+
+
+def test_calibrated_threshold_lets_through_at_most_the_stated_share_of_held_out_images():
+    """`memorization.sscd.calibrate`: the threshold is an observed held-out similarity, and at most
+    1 - quantile of the held-out images lie above it, whatever their number."""
+    from pipeline.memorization import calibrated_threshold, similarity_summary
+
+    rng = np.random.default_rng(0)
+    for n in (24, 100, 512, 1001):
+        heldout = rng.uniform(0.8, 1.0, size=n)
+        for q in (0.9, 0.99):
+            t = calibrated_threshold(heldout, q)
+            assert t in heldout
+            share = similarity_summary(heldout, threshold=t)["mem_ratio"]
+            assert share <= 1 - q + 1e-12 and share > 1 - q - 1 / n - 1e-12
+    assert calibrated_threshold(np.arange(24.0), 0.99) == 23.0  # fewer than 100 images: their maximum
+    with pytest.raises(ValueError, match="strictly between"):
+        calibrated_threshold(np.ones(3), 1.0)

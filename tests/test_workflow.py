@@ -949,5 +949,12 @@ def test_text2image_miniature_runs_end_to_end(tmp_path):
     assert 0 <= metrics["prompt_class"]["value"] <= 1 and metrics["sscd"]["descriptor"] == "digits"
     replay = json.loads((tmp_path / "results/metrics/replay~digits-memorize-3x/data.json").read_text())
     assert replay["sscd"]["text"]["memorized_prompts"]["own_image"]["max"] == pytest.approx(1.0, abs=1e-5)
+    # The copy threshold is the real held-out digits' 99th percentile (of 24: their maximum), the same for
+    # every row of the subset, so the real yardstick itself scores 0% and the table says so.
+    real = json.loads((tmp_path / "results/metrics/real~digits-memorize-3x/data.json").read_text())
+    assert metrics["sscd"]["calibration"] == {"yardstick": "real~digits-memorize-3x", "quantile": 0.99, "n_samples": 24}
+    assert real["sscd"]["threshold"] == metrics["sscd"]["threshold"] == replay["sscd"]["threshold"] == real["sscd"]["max"]
+    assert real["sscd"]["mem_ratio"] == 0.0 and replay["sscd"]["mem_ratio"] > 0.5
+    assert "calibrated on the real held-out images of the same training subset, the 99th percentile" in md
     teacher = json.loads((tmp_path / "results/teachers/mini-sd-3x/config.json").read_text())
     assert teacher["kind"] == "latent-diffusion" and teacher["backbone"] == "results/backbones/mini-sd"

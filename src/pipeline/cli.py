@@ -252,7 +252,7 @@ def cmd_metrics(a):
 
     write_metrics(a.model_id, a.sampler_name, a.neighbours, a.manifest, a.quality_kind, a.feature_net,
                   a.reference_stats, a.model_stats, a.out, a.sscd_neighbours, a.sscd_threshold,
-                  a.clip_images, a.clip_texts, a.prompt_classifier)
+                  a.clip_images, a.clip_texts, a.prompt_classifier, a.sscd_calibration, a.sscd_calibration_quantile)
 
 
 def cmd_table(a):
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
         sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={},
+        sscd_calibration={"help": "real held-out images' similarities: the threshold is their --sscd-calibration-quantile"},
+        sscd_calibration_quantile={"type": float, "default": 0.99},
         prompt_classifier={"help": "the digits classifier: the share of samples read as the digit their prompt names"})
     add("prepare-imagenet", cmd_prepare_imagenet, out=req, train_dir={}, archive={},
         resolution={"type": int, "default": 64}, workers={"type": int, "default": 1})

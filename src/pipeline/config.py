@@ -165,6 +165,12 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
                 problems.append(f"  subsets.{name}: its dataset {s['dataset']!r} is {d.get('resolution', 16)} px, but "
                                 f"digits-FD's classifier is trained on quality.reference {cfg['quality']['reference']!r} "
                                 f"at {want} px: give both datasets one resolution")
+    sscd = cfg["memorization"].get("sscd") or {}
+    if "calibrate" in sscd and "threshold" in sscd:
+        problems.append("  memorization.sscd: give a fixed `threshold` or `calibrate`, not both")
+    if "calibrate" in sscd and "real" not in yardstick_settings(cfg)["kinds"]:
+        problems.append("  memorization.sscd.calibrate: calibrates on the real held-out yardstick, but "
+                        "yardsticks.kinds leaves out `real`")
     if cfg["quality"].get("prompt_class") and cfg["quality"]["kind"] != "digits_fd":
         problems.append("  quality.prompt_class: reads samples with the digits classifier, which only digits_fd trains")
     if cfg["quality"]["kind"] == "inception_fid" and "weights" not in cfg["quality"]:
@@ -378,6 +384,15 @@ def convergence_window(cfg: Mapping[str, Any], model: str) -> list[str]:
     steps = sorted(cfg["students"][model].get("snapshots", []))
     want = cfg.get("convergence", {}).get("window", 2) - 1
     return [snapshot_id(model, k) for k in steps[-want:]] if steps else []
+
+
+def calibration_yardstick(cfg: Mapping[str, Any], model: str) -> str | None:
+    """The real held-out yardstick whose similarities set a model's copy threshold
+    (`memorization.sscd.calibrate`), or None with a fixed threshold."""
+    sscd = cfg["memorization"].get("sscd") or {}
+    if "calibrate" not in sscd:
+        return None
+    return yardstick_id("real", replicates.split(subset_of(cfg, model))[0])
 
 
 def table_metrics(rows: list[Mapping[str, Any]]) -> list[tuple[str, str]]:

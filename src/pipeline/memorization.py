@@ -193,6 +193,18 @@ def summarize(table: pa.Table) -> dict:
 SSCD_THRESHOLD = 0.5  # the copy threshold of Somepalli et al. (2023) and the study (Section 4.1)
 
 
+def calibrated_threshold(heldout_similarity, quantile: float) -> float:
+    """The copy threshold at which real held-out images (never trained on) exceed it at most
+    1 - `quantile` of the time: their similarity's `quantile`, taken as an observed value
+    (numpy's `higher` method) so the share above it never exceeds 1 - quantile."""
+    sim = np.asarray(heldout_similarity, dtype=np.float64)
+    if sim.ndim != 1 or sim.size == 0:
+        raise ValueError("need a non-empty 1-D array of held-out similarities")
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie strictly between 0 and 1, got {quantile}")
+    return float(np.quantile(sim, quantile, method="higher"))
+
+
 def similarity_summary(similarity, groups=None, threshold: float = SSCD_THRESHOLD, table: pa.Table | None = None) -> dict:
     """The study's SSCD statistics of nearest-neighbour similarities: share above `threshold`
     ("SSCD Mem"), p95, mean and max, overall and per group tag of the nearest training image; with the

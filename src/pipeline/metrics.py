@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .io import read_json, write_json
-from .memorization import similarity_summary, summarize
+from .memorization import calibrated_threshold, similarity_summary, summarize
 from .quality import compute_quality
 from .shards import read_samples
 
@@ -15,7 +15,11 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
                   quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
                   model_stats_path: str | Path | None, out_path: str | Path, sscd_neighbours: str | Path | None = None,
                   sscd_threshold: float = 0.5, clip_images: str | Path | None = None,
-                  clip_texts: str | Path | None = None, prompt_classifier: str | Path | None = None) -> dict:
+                  clip_texts: str | Path | None = None, prompt_classifier: str | Path | None = None,
+                  sscd_calibration: str | Path | None = None, calibration_quantile: float = 0.99) -> dict:
+    """With `sscd_calibration` (the real held-out yardstick's similarities), the copy threshold is their
+    `calibration_quantile` instead of `sscd_threshold`: a descriptor not trained to recognise copies
+    (the digits classifier's features) then flags 1 - quantile of images never trained on."""
     images, table, manifest = read_samples(manifest_path)
     neighbours = pq.read_table(neighbours_path)
     if neighbours.num_rows != manifest["num_samples"]:
@@ -36,9 +40,17 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         sim = pq.read_table(sscd_neighbours)
         if sim.num_rows != manifest["num_samples"]:
             raise ValueError(f"{sscd_neighbours} has {sim.num_rows} rows, {manifest_path} lists {manifest['num_samples']}")
+        calibration = None
+        if sscd_calibration:
+            real = pq.read_table(sscd_calibration, columns=["similarity"]).column("similarity").to_numpy()
+            sscd_threshold = calibrated_threshold(real, calibration_quantile)
+            calibration = {"yardstick": Path(sscd_calibration).parent.name, "quantile": calibration_quantile,
+                           "n_samples": int(real.size)}
         result["sscd"] = similarity_summary(sim.column("similarity").to_numpy(),
                                             sim.column("nn1_group").to_numpy(zero_copy_only=False), sscd_threshold,
                                             table=sim)
+        if calibration:
+            result["sscd"]["calibration"] = calibration
         result["sscd"]["descriptor"] = (sim.schema.metadata or {}).get(b"space", b"sscd").decode()
     if clip_images or clip_texts:
         from .clip import clip_score

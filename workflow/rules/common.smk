@@ -52,7 +52,9 @@ YARDSTICKS = pconfig.yardstick_settings(CFG)
 YARDSTICK_SAMPLER = pconfig.YARDSTICK_SAMPLER
 # Every (model or yardstick, sampler) pair some table reads.
 TABLE_ROWS = {t: pconfig.table_rows(CFG, t) for t in CFG["tables"]}
-YARDSTICK_IDS = sorted({m for rows in TABLE_ROWS.values() for r in rows if r["role"] == "yardstick" for m in r["replicates"]})
+YARDSTICK_IDS = {m for rows in TABLE_ROWS.values() for r in rows if r["role"] == "yardstick" for m in r["replicates"]}
+# With a calibrated copy threshold, every table row's real held-out yardstick, in tables without yardsticks too.
+YARDSTICK_IDS = sorted(YARDSTICK_IDS | {pconfig.calibration_yardstick(CFG, m) for m, _ in pconfig.all_pairs(CFG)} - {None})
 # The `ysubset` wildcard of a yardstick's directory `<kind>~<ysubset>`: a subset, or a replicate of it (`digits-48.r1`).
 YARDSTICK_SUBSETS = sorted({m.partition("~")[2] for m in YARDSTICK_IDS})
 
@@ -256,6 +258,21 @@ def clip_inputs(wc):
 
 def sscd_neighbours_input(wc):
     return [f"results/neighbours/{SIM}/{wc.model}/{wc.sampler}.parquet"] if SSCD is not None else []
+
+
+def sscd_calibration_input(wc):
+    """The real held-out yardstick's similarities that set the copy threshold (`memorization.sscd.calibrate`)."""
+    real = pconfig.calibration_yardstick(CFG, wc.model)
+    return [f"results/neighbours/{SIM}/{real}/{YARDSTICK_SAMPLER}.parquet"] if real else []
+
+
+def sscd_threshold_args(wc, input):
+    if not input.sscd:
+        return ""
+    if input.sscd_calibration:
+        return (f"--sscd-neighbours {input.sscd} --sscd-calibration {input.sscd_calibration} "
+                f"--sscd-calibration-quantile {SSCD['calibrate']['quantile']}")
+    return f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', 0.5)}"
 
 
 def model_stats_input(wc):

@@ -85,6 +85,7 @@ rule metrics:
         reference=reference_stats_input,
         model_stats=model_stats_input,
         sscd=sscd_neighbours_input,
+        sscd_calibration=sscd_calibration_input,
         clip=clip_inputs,
     output:
         "results/metrics/{model}/{sampler}.json",
@@ -92,8 +93,7 @@ rule metrics:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
         model_stats=lambda wc, input: f"--model-stats {input.model_stats}" if input.model_stats else "",
-        sscd=lambda wc, input: (f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', 0.5)}"
-                                if input.sscd else ""),
+        sscd=sscd_threshold_args,
         clip=lambda wc, input: f"--clip-images {input.clip[0]} --clip-texts {input.clip[1]}" if input.clip else "",
         prompt_class=lambda wc: (f"--prompt-classifier {DIGITS_CLASSIFIER}"
                                  if QUALITY.get("prompt_class") and prompt_conditioned(wc.model) else ""),
