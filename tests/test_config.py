@@ -294,7 +294,7 @@ def test_paper_config_has_the_text_to_image_branch():
     assert pconfig.backbone_of(cfg, "lcm-sd15-4x") == "sd15"
     assert pconfig.backbone_dir(cfg, "sd15") == "data/weights/stable-diffusion-v1-5"
     assert pconfig.samplers_for(cfg, "sd15-memorize-3x") == ("diffusion",)
-    assert pconfig.samplers_for(cfg, "lcm-sd15-3x") == ("lcm",) and pconfig.samplers_for(cfg, "cd-3000") == ("consistency",)
+    assert pconfig.samplers_for(cfg, "lcm-sd15-3x") == ("lcm",) and pconfig.samplers_for(cfg, "cd-3000") == ("consistency", "refine")
     assert pconfig.net_of(cfg, "lcm-sd15-3x") == {} and not pconfig.class_conditional(cfg, "lcm-sd15-3x")
     lcm = cfg["students"]["lcm-sd15-3x"]
     assert lcm["lcm"]["loss"] == "huber" and lcm["train"]["lr"] == 1e-6 and lcm["lcm"]["target_ema"] == 0.95

@@ -95,31 +95,35 @@ def test_paper_config_dry_run(tmp_path):
     # teacher and student on CIFAR-10 and on ImageNet), Table 6 (stochastic teachers, 2-step students),
     # Table 7 (N = 40, 80), App. D.2 (narrow, wide and shallow teachers with their students), App. D.3
     # (2 and 6 blocks, random init), Figure 1 (5 snapshots of each Table 1 student) and Table 3 (3 SD1.5
-    # teachers fine-tuned on COCO memorization sets, their LCM students)
+    # teachers fine-tuned on COCO memorization sets, their LCM students), and App. A: one teacher run on
+    # 1000 images with 9 snapshots, two teachers selected from it by memorization rate, PD, DMD and two
+    # CD students of them (Table 5, App. A.1's CD rows, the refine sweep)
     expected = {
         "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "imagenet_source": 1,
-        "prepare_imagenet64": 1, "subset": 5 + 4 + 3, "train_teacher": 5 + 3 + 4,
-        "distill": 4 + 1 + 2 + 3 + 3 + 4, "snapshot": 4 * 5, "table": 9,
+        "prepare_imagenet64": 1, "subset": 5 + 4 + 3 + 1, "train_teacher": 5 + 3 + 4 + 1,
+        "distill": 4 + 1 + 2 + 3 + 3 + 4 + 4, "snapshot": 4 * 5 + 9, "table": 12, "select_teacher": 2,
         "fetch_sd15": 1, "fetch_coco_captions": 1, "fetch_coco_images": 1, "fetch_clip": 1,
         "cache_latents": 3, "finetune_teacher": 3, "distill_lcm": 3,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     text_pairs = 6
-    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6 + text_pairs
+    # Table 5 (6), App. A.1's CD rows (4 new), the refine sweep (6 new levels)
+    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6 + text_pairs + 6 + 4 + 6
     # the convergence criterion compares each student row with its run's last snapshot under the row's
-    # sampler: Table 6's 2-step rows of the four Table 1 students add their step-400000 snapshots' 2-step sets
-    sets = pairs + 4
+    # sampler: Table 6's 2-step rows of the four Table 1 students add their step-400000 snapshots' 2-step sets;
+    # the selections measure every model of teacher-1000's run (9 snapshots and its end) with heun-18
+    sets = pairs + 4 + 10
     assert stats["sample_manifest"] == sets and stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per sample set
     assert stats["sample_shard"] == 10 * sets
-    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 12 training subsets
-    assert stats["yardstick"] == 48
-    assert stats["search"] == stats["metrics"] == sets + 48
+    # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 13 training subsets
+    assert stats["yardstick"] == 52
+    assert stats["search"] == stats["metrics"] == sets + 52
     # SSCD: every sample set and every subset embedded once, one similarity search per sample set; CLIP
     # image and prompt embeddings for Table 3's rows and their yardsticks only
-    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 12
-    assert stats["similarity"] == sets + 48
-    assert stats["embed_samples"] == sets + 48 + 2 * (text_pairs + 12)
+    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 13
+    assert stats["similarity"] == sets + 52
+    assert stats["embed_samples"] == sets + 52 + 2 * (text_pairs + 12)
     # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
     # their training subset
     assert stats["reference_stats"] == 2 and stats["subset_reference_stats"] == 3
@@ -257,6 +261,13 @@ def test_each_paper_table_plans_only_its_own_jobs(tmp_path, table):
     out = output_of(proc)
     stats = job_stats(out)
     wanted = set(pconfig.table_metrics(rows))  # its rows, with their convergence snapshots
+    # and the models a selected teacher is chosen from, when a row is or distils one
+    selections = cfg.get("teacher_selections", {})
+    for r in rows:
+        model = pconfig.base_model(r["model"])
+        for name in (model, cfg.get("students", {}).get(model, {}).get("teacher")):
+            if name in selections:
+                wanted |= {(m, selections[name]["sampler"]) for m in pconfig.selection_candidates(cfg, name)}
     assert stats["table"] == 1 and stats["metrics"] == len(wanted), stats
     planned = set(re.findall(r"output: results/metrics/(\S+)\.json", out))
     assert planned == {f"{m}/{s}" for m, s in wanted}
@@ -958,3 +969,64 @@ def test_text2image_miniature_runs_end_to_end(tmp_path):
     assert "calibrated on the real held-out images of the same training subset, the 99th percentile" in md
     teacher = json.loads((tmp_path / "results/teachers/mini-sd-3x/config.json").read_text())
     assert teacher["kind"] == "latent-diffusion" and teacher["backbone"] == "results/backbones/mini-sd"
+
+
+# ------------------------------------------------------------------ Table 5 in miniature, for real
+
+BASELINES = ROOT / "config" / "embedded-baselines.yaml"
+
+
+def test_baselines_miniature_plans_selection_pd_dmd_and_refine(tmp_path):
+    """Table 5's miniature layers on the embedded default: two teachers chosen by memorization rate from
+    teacher-48's snapshots, PD, DMD and CD students of them, refine samples that read the teacher."""
+    proc = check(snakemake(tmp_path, "results/tables/table5-miniature.md", "results/figures/refine-sweep.png", "-n",
+                           "-p", "--configfile", str(EMBEDDED), str(BASELINES)))
+    out = output_of(proc)
+    stats = job_stats(out)
+    assert (stats["select_teacher"], stats["distill"], stats["snapshot"], stats["curve_figure"]) == (2, 4, 3, 1)
+    assert "--method pd" in out and "--method dmd" in out
+    assert "--teacher results/selected/teacher-mem10 --out results/samples/pd-mem10/refine-pd-10/shard-00000.parquet" in out
+    assert re.search(r"select-teacher --candidates teacher-48@150 teacher-48@300 teacher-48@450 teacher-48 ", out)
+
+
+def test_baselines_miniature_runs_end_to_end(tmp_path):
+    """The miniature, shortened (few steps, 64 samples), run for real: the selections pick models of
+    teacher-48's run, PD runs its stages, DMD trains, refine samples at every level, Table 5 and the
+    sweep figure are written."""
+    cfg = copy.deepcopy(embedded())
+    mini = yaml.safe_load(BASELINES.read_text())
+    for key, value in mini.items():
+        if key == "teachers":
+            cfg["teachers"]["teacher-48"].update(value["teacher-48"])
+        else:
+            cfg[key] = {**cfg.get(key, {}), **value}
+    cfg["teachers"]["teacher-48"]["train"].update(steps=90)
+    cfg["teachers"]["teacher-48"]["snapshots"] = [30, 60]
+    cfg["teacher_selections"] = {"teacher-mem10": {**mini["teacher_selections"]["teacher-mem10"], "memorization": 0.0},
+                                 "teacher-mem30": {**mini["teacher_selections"]["teacher-mem30"], "memorization": 0.0}}
+    cfg["students"]["pd-mem10"]["pd"] = {"start_scales": 2, "stage_steps": 2}
+    cfg["students"]["dmd-mem30"]["train"].update(steps=3, log_every=1, checkpoint_every=0)
+    for name in ("cd-mem10", "cd-mem30"):
+        cfg["students"][name]["train"].update(steps=3)
+    for name in [s for s in cfg["samplers"] if s.startswith("refine-")]:
+        cfg["samplers"][name]["steps"] = 3
+    cfg["sampling"].update(num_samples=64, shard_size=64, batch_size=64)
+    cfg["quality"]["classifier_epochs"] = 2
+    cfg["tables"] = {k: mini["tables"][k] for k in ("table5-miniature", "refine-sweep")}
+    config = write_config(tmp_path / "mini.yaml", cfg)
+    proc = snakemake(tmp_path, "results/tables/table5-miniature.md", "results/figures/refine-sweep.png", "--cores", "2",
+                     "--show-failed-logs", configfile=config, timeout=900)
+    check(proc)
+    md = (tmp_path / "results/tables/table5-miniature.md").read_text()
+    assert all(f"| {label} |" in md for label in ("PD", "PD+refine", "DMD", "DMD+refine", "CD"))
+    chosen = json.loads((tmp_path / "results/selected/teacher-mem10/stats.json").read_text())["selection"]
+    assert chosen["model"] == "teacher-48@30" and [c["model"] for c in chosen["candidates"]] == [
+        "teacher-48@30", "teacher-48@60", "teacher-48"]
+    pd = json.loads((tmp_path / "results/students/pd-mem10/stats.json").read_text())
+    assert [s["student_steps"] for s in pd["stages"]] == [2, 1]
+    refined = json.loads((tmp_path / "results/metrics/pd-mem10/refine-pd-80.json").read_text())
+    assert refined["nfe"] == 1 + 5
+    with open(tmp_path / "results/tables/refine-sweep.csv") as f:
+        sigmas = sorted(float(r["refine_sigma"]) for r in csv.DictReader(f) if r["refine_sigma"])
+    assert sigmas == [0.5, 0.5, 2.0, 2.0, 10.0, 10.0, 80.0, 80.0]
+    assert (tmp_path / "results/figures/refine-sweep.png").stat().st_size > 10_000

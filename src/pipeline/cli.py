@@ -57,10 +57,13 @@ def cmd_distill(a):
             raise ValueError("--method lcm distils on cached latents: give --latents (the cache_latents rule's file)")
         distill_lcm(a.teacher, a.subset, a.latents, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
         return
-    from .distill.cd import distill_cd
-
-    methods = {"cd": distill_cd}
-    methods[a.method](a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
+    if a.method == "pd":
+        from .distill.pd import distill_pd as run
+    elif a.method == "dmd":
+        from .distill.dmd import distill_dmd as run
+    else:
+        from .distill.cd import distill_cd as run
+    run(a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
 
 
 def cmd_fetch_coco(a):
@@ -164,6 +167,14 @@ def cmd_audit(a):
     return run_audit(a)
 
 
+def cmd_select_teacher(a):
+    from .selection import select_teacher
+
+    chosen = select_teacher(a.candidates, a.model_dirs, a.metrics, a.threshold, a.out)
+    logging.info("selected %s (L2 Mem %.2f%%, the first to reach %.2f%%) into %s", chosen["model"],
+                 100 * chosen["mem_ratio"], 100 * a.threshold, a.out)
+
+
 def cmd_snapshot(a):
     from .modelio import export_snapshot
 
@@ -175,7 +186,7 @@ def cmd_sample(a):
     from .sample import write_shard
 
     write_shard(a.model, a.out, a.sampler_name, a.sampler, a.shard, a.shard_size, a.num_samples, a.seed,
-                a.model_id, a.batch_size)
+                a.model_id, a.batch_size, teacher_dir=a.teacher)
 
 
 def cmd_manifest(a):
@@ -272,9 +283,9 @@ def cmd_table(a):
 
 
 def cmd_curve(a):
-    from .tables import curve_figure
+    from .tables import curve_figure, refine_figure
 
-    curve_figure(a.table, a.out)
+    {"curve": curve_figure, "refine": refine_figure}[a.kind](a.table, a.out)
 
 
 def cmd_figure(a):
@@ -303,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_log = {"help": "JSON lines of loss, lr, images/s and peak memory at every log point"}
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={},
         metrics_log=metrics_log)
-    add("distill", cmd_distill, method={"required": True, "choices": ["cd", "lcm"]}, subset=req, teacher=req, spec=js,
+    add("distill", cmd_distill, method={"required": True, "choices": ["cd", "pd", "dmd", "lcm"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={}, metrics_log=metrics_log,
         latents={"help": "lcm: the subset's cached VAE posteriors and prompt embeddings"})
     add("fetch-coco", cmd_fetch_coco, captions_file={"required": True, "help": "captions_<split>.json (names the split)"},
@@ -334,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("snapshot", cmd_snapshot, run_dir=req, step={"required": True, "type": int}, out=req)
     add("sample", cmd_sample, model=req, model_id=req, sampler_name=req, sampler=js, shard={"required": True, "type": int},
         shard_size={"required": True, "type": int}, num_samples={"required": True, "type": int},
-        seed={"required": True, "type": int}, batch_size={"type": int, "default": 256}, out=req)
+        seed={"required": True, "type": int}, batch_size={"type": int, "default": 256}, out=req,
+        teacher={"help": "refine samplers: the student's teacher directory, whose Heun solver refines the samples"})
+    add("select-teacher", cmd_select_teacher, candidates={"required": True, "nargs": "+"},
+        model_dirs={"required": True, "nargs": "+"}, metrics={"required": True, "nargs": "+"},
+        threshold={"required": True, "type": float}, out=req)
     add("manifest", cmd_manifest, shards={"required": True, "nargs": "+"}, shard_size={"required": True, "type": int},
         num_samples={"required": True, "type": int}, out=req)
     add("search", cmd_search, subset=req, manifest=req, space={"default": "pixels"}, ratio={"type": float}, out=req)
@@ -361,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("gpu-smoke", cmd_gpu_smoke, out=req)
     add("count-parameters", cmd_count_parameters, config={"default": "config/config.yaml"},
         out={"help": "also write the table (Markdown) here"})
-    add("curve", cmd_curve, table=req, out=req)
+    add("curve", cmd_curve, table=req, out=req,
+        kind={"choices": ["curve", "refine"], "default": "curve", "help": "the table's `figure`"})
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},
         sscd={"help": "the SSCD most-similar search of the same samples, for the captions"})
     return p

@@ -62,6 +62,11 @@ def expand_replicates(cfg: dict) -> dict:
                 if kind == "students":
                     entry["teacher"] = replicates.replicate_id(entry["teacher"], r)
                 entries.setdefault(replicates.replicate_id(name, r), entry)
+    selections = cfg.get("teacher_selections", {})
+    for name in [n for n in selections if replicates.split(n)[1] == 0]:
+        for r in range(1, count):
+            entry = dict(selections[name], run=replicates.replicate_id(selections[name]["run"], r))
+            selections.setdefault(replicates.replicate_id(name, r), entry)
     return cfg
 
 
@@ -111,11 +116,22 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
             if kind != "text_memorization":
                 problems.append(f"  teachers.{name}.subset: a text-to-image teacher trains on image-prompt pairs, "
                                 f"{t['subset']!r} is a {kind} subset (use a text_memorization subset)")
+    selections = cfg.get("teacher_selections", {})
+    for name, sel in selections.items():
+        need("teachers", sel["run"], f"teacher_selections.{name}.run")
+        need("samplers", sel["sampler"], f"teacher_selections.{name}.sampler")
+        run = cfg["teachers"].get(sel["run"])
+        if run is not None and ("backbone" in run or not run.get("snapshots")):
+            problems.append(f"  teacher_selections.{name}.run: {sel['run']!r} must be an EDM teacher with `snapshots` "
+                            "(the candidates the selection picks from)")
+        if cfg["samplers"].get(sel["sampler"], {}).get("kind") not in (None, *EDM_SAMPLERS):
+            problems.append(f"  teacher_selections.{name}.sampler: measure a teacher with a heun or stochastic sampler")
     for name, s in cfg.get("students", {}).items():
-        need("teachers", s["teacher"], f"students.{name}.teacher")
+        if s["teacher"] not in selections:
+            need("teachers", s["teacher"], f"students.{name}.teacher")
         if "net" in s:
             need("nets", s["net"], f"students.{name}.net")
-        teacher = cfg["teachers"].get(s["teacher"])
+        teacher = cfg["teachers"].get(selections.get(s["teacher"], {}).get("run", s["teacher"]))
         if teacher is not None and (s["method"] == "lcm") != ("backbone" in teacher):
             problems.append(f"  students.{name}.method: {s['method']} cannot distil {s['teacher']!r} "
                             "(lcm distils text-to-image teachers, which have a backbone; cd distils EDM teachers)")
@@ -149,11 +165,20 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
             if max(idx) >= sampler["grid_steps"] - 1:
                 problems.append(f"  samplers.{name}.ts_index: indices must be below grid_steps - 1 = "
                                 f"{sampler['grid_steps'] - 1} (the last level is sigma_min, where f(x, sigma_min) = x)")
+    for name, sampler in cfg["samplers"].items():
+        if sampler["kind"] == "refine":
+            base = cfg["samplers"].get(sampler["base"])
+            if base is None:
+                problems.append(f"  samplers.{name}.base: {sampler['base']!r} is not defined under samplers")
+            elif base["kind"] in ("refine", "diffusion", "lcm"):
+                problems.append(f"  samplers.{name}.base: refines the samples of a one- or few-step sampler of an EDM "
+                                f"teacher's student, not of a {base['kind']} sampler")
     if YARDSTICK_SAMPLER in cfg["samplers"]:
         problems.append(f"  samplers.{YARDSTICK_SAMPLER}: the name is reserved for the yardstick sample sets")
-    clash = set(cfg["teachers"]) & set(cfg.get("students", {}))
+    clash = ((set(cfg["teachers"]) & set(cfg.get("students", {}))) | (set(selections) & set(cfg["teachers"]))
+             | (set(selections) & set(cfg.get("students", {}))))
     if clash:
-        problems.append(f"  teachers and students share names {sorted(clash)}: model names must be unique")
+        problems.append(f"  teachers, students and teacher_selections share names {sorted(clash)}: model names must be unique")
     need("datasets", cfg["quality"]["reference"], "quality.reference")
     reference = cfg["datasets"].get(cfg["quality"]["reference"])
     if cfg["quality"]["kind"] == "digits_fd" and reference is not None:
@@ -183,7 +208,14 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
             need("samplers", row["sampler"], f"tables.{tname}.rows[{i}].sampler")
             if row["model"] in models and row["sampler"] in cfg["samplers"] and not problems:
                 want = samplers_for(cfg, row["model"])
-                if cfg["samplers"][row["sampler"]]["kind"] not in want:
+                sampler = cfg["samplers"][row["sampler"]]
+                if sampler["kind"] == "refine" and cfg["samplers"].get(sampler["base"], {}).get("kind") not in want:
+                    problems.append(f"  tables.{tname}.rows[{i}]: sampler {row['sampler']!r} refines {sampler['base']!r}, "
+                                    f"which cannot sample {row['model']!r} (needs a {' or '.join(want)} sampler)")
+                elif sampler["kind"] == "refine" and teacher_run(cfg, row["model"]) in cfg["teachers"]:
+                    problems.append(f"  tables.{tname}.rows[{i}]: {row['sampler']!r} refines a student's samples with "
+                                    f"its teacher; {row['model']!r} is a teacher")
+                elif sampler["kind"] not in want:
                     problems.append(f"  tables.{tname}.rows[{i}]: sampler {row['sampler']!r} cannot sample {row['model']!r} "
                                     f"(needs a {' or '.join(want)} sampler)")
     if problems:
@@ -251,6 +283,7 @@ def models_of(cfg: Mapping[str, Any]) -> dict[str, str]:
     """model id -> 'teachers', 'students' or 'snapshots' (`<teacher or student>@<step>`)."""
     out = {name: "teachers" for name in cfg["teachers"]}
     out.update({name: "students" for name in cfg.get("students", {})})
+    out.update({name: "selections" for name in cfg.get("teacher_selections", {})})
     for kind in ("teachers", "students"):
         for name, entry in cfg.get(kind, {}).items():
             out.update({snapshot_id(name, k): "snapshots" for k in entry.get("snapshots", [])})
@@ -262,7 +295,22 @@ def model_dir(cfg: Mapping[str, Any], model: str) -> str:
     if kind == "snapshots":
         base, step = model.split(SNAPSHOT_SEP)
         return f"results/snapshots/{base}/step-{step}"
+    if kind == "selections":
+        return f"results/selected/{model}"
     return f"results/{kind}/{model}"
+
+
+def teacher_run(cfg: Mapping[str, Any], model: str) -> str:
+    """The configured teacher or student a model stands for: a snapshot's run, a selection's teacher
+    run (a selected teacher is one of that run's models), else the model itself."""
+    model = base_model(model)
+    return cfg.get("teacher_selections", {}).get(model, {}).get("run", model)
+
+
+def selection_candidates(cfg: Mapping[str, Any], selection: str) -> list[str]:
+    """The models a teacher selection picks from, in step order: the run's snapshots, then its end."""
+    run = cfg["teacher_selections"][selection]["run"]
+    return [snapshot_id(run, k) for k in sorted(cfg["teachers"][run]["snapshots"])] + [run]
 
 
 def _captioned(dataset: Mapping[str, Any]) -> bool:
@@ -271,8 +319,8 @@ def _captioned(dataset: Mapping[str, Any]) -> bool:
 
 def backbone_of(cfg: Mapping[str, Any], model: str) -> str | None:
     """The latent diffusion backbone of a text-to-image teacher or student (or snapshot), None for EDM models."""
-    model = base_model(model)
-    teacher = model if model in cfg["teachers"] else cfg["students"][model]["teacher"]
+    model = teacher_run(cfg, model)
+    teacher = model if model in cfg["teachers"] else teacher_run(cfg, cfg["students"][model]["teacher"])
     return cfg["teachers"][teacher].get("backbone")
 
 
@@ -284,16 +332,34 @@ def backbone_dir(cfg: Mapping[str, Any], backbone: str) -> str:
 
 def samplers_for(cfg: Mapping[str, Any], model: str) -> tuple[str, ...]:
     """The sampler kinds that can sample a model."""
-    model = base_model(model)
+    model = teacher_run(cfg, model)
     if backbone_of(cfg, model) is not None:
         return ("diffusion",) if model in cfg["teachers"] else ("lcm",)
-    return EDM_SAMPLERS if model in cfg["teachers"] else ("consistency",)
+    if model in cfg["teachers"]:
+        return (*EDM_SAMPLERS, "euler")
+    return ("consistency", "refine") if cfg["students"][model]["method"] == "cd" else ("euler", "refine")
+
+
+def teacher_of(cfg: Mapping[str, Any], model: str) -> str:
+    """The teacher a student (or a snapshot of one) was distilled from."""
+    model = base_model(model)
+    if model not in cfg.get("students", {}):
+        raise ConfigError(f"{model!r} is not a student, so it has no teacher")
+    return cfg["students"][model]["teacher"]
+
+
+def sampler_spec(cfg: Mapping[str, Any], name: str) -> dict:
+    """A sampler's config as the sample command gets it: a refine sampler carries its base inline."""
+    spec = dict(cfg["samplers"][name])
+    if spec["kind"] == "refine":
+        spec["base_spec"] = dict(cfg["samplers"][spec["base"]])
+    return spec
 
 
 def net_of(cfg: Mapping[str, Any], model: str) -> dict:
     """The net config of a teacher or student (or snapshot): a student's own `net`, else its teacher's.
     A text-to-image model's UNet comes from its backbone and takes no class: its net config is empty."""
-    model = base_model(model)
+    model = teacher_run(cfg, model)
     if backbone_of(cfg, model) is not None:
         return {}
     if model in cfg["teachers"]:
@@ -318,10 +384,10 @@ def subset_of(cfg: Mapping[str, Any], model: str) -> str:
     parsed = parse_yardstick(model)
     if parsed:
         return parsed[1]
-    model = base_model(model)
+    model = teacher_run(cfg, model)
     if model in cfg["teachers"]:
         return cfg["teachers"][model]["subset"]
-    return cfg["teachers"][cfg["students"][model]["teacher"]]["subset"]
+    return cfg["teachers"][teacher_run(cfg, cfg["students"][model]["teacher"])]["subset"]
 
 
 def dataset_of_subset(cfg: Mapping[str, Any], subset: str) -> dict:
@@ -352,10 +418,12 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
     convergence criterion compares with the row's own (see convergence_window)."""
     count = replicate_count(cfg)
     rows = [{**r, "subset": subset_of(cfg, r["model"]),
-             "role": "teacher" if base_model(r["model"]) in cfg["teachers"] else "student",
+             "role": "teacher" if teacher_run(cfg, r["model"]) in cfg["teachers"] else "student",
              "group_by": "class" if class_conditional(cfg, r["model"]) else "neighbour",
              "replicates": replicates.of(r["model"], count),
-             "window": [replicates.of(m, count) for m in convergence_window(cfg, r["model"])]}
+             "window": [replicates.of(m, count) for m in convergence_window(cfg, r["model"])],
+             **({"refine_sigma": cfg["samplers"][r["sampler"]]["sigma"]}
+                if cfg["samplers"][r["sampler"]]["kind"] == "refine" else {})}
             for r in cfg["tables"][table]["rows"]]
     if not cfg["tables"][table].get("yardsticks", True):
         return rows

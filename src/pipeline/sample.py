@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import EDM_SAMPLERS
-from .diffusion import conditioned, consistency_sample, edm_sample, karras_sigmas
+from .diffusion import conditioned, consistency_sample, edm_sample, euler_sample, karras_sigmas, refine_sample
 from .diffusion.solvers import heun_nfe
 from .io import unit_to_images, write_image_table
 from .shards import shard_range
@@ -83,8 +83,13 @@ def consistency_ts(sampler: Mapping[str, Any], sigma_min: float, sigma_max: floa
 
 
 def sampler_nfe(sampler: Mapping[str, Any]) -> int:
+    """Network evaluations per sample; a refine sampler's spec carries its base sampler inline (`base_spec`)."""
     if sampler["kind"] in EDM_SAMPLERS:
         return heun_nfe(sampler["steps"])
+    if sampler["kind"] == "euler":
+        return int(sampler["steps"])
+    if sampler["kind"] == "refine":
+        return sampler_nfe(sampler["base_spec"]) + heun_nfe(sampler["steps"])
     if sampler["kind"] == "lcm":  # guidance is an input of the student: one UNet call per step
         return int(sampler["steps"])
     if sampler["kind"] == "diffusion":  # classifier-free guidance calls the UNet with and without the prompt
@@ -93,9 +98,12 @@ def sampler_nfe(sampler: Mapping[str, Any]) -> int:
 
 
 def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: Sequence[int],
-             device: torch.device | str = "cpu", labels: Sequence[int] | None = None) -> np.ndarray:
+             device: torch.device | str = "cpu", labels: Sequence[int] | None = None,
+             teacher: tuple[torch.nn.Module, Mapping[str, Any]] | None = None) -> np.ndarray:
     """Generate one image per seed with the named sampler; returns uint8 NHWC. A class-conditional
-    model needs `labels`, the class of each image; an unconditional one takes none."""
+    model needs `labels`, the class of each image; an unconditional one takes none. A refine sampler
+    needs the student's `teacher` (model, meta): it refines the base sampler's output, drawing its
+    perturbation from each sample's stream after the base sampler's draws."""
     shape = (meta["channels"], meta["resolution"], meta["resolution"])
     kind = sampler["kind"]
     classes = num_classes(meta["net"])
@@ -106,8 +114,21 @@ def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: 
         labels = class_labels(meta["net"], labels, "the requested samples").to(device)
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels for {len(seeds)} samples")
-    model = conditioned(model, labels)
     noise = NoiseStream(seeds, shape, device)
+    if kind == "refine":
+        if teacher is None:
+            raise ValueError("a refine sampler needs the student's teacher")
+        x0 = _sample(conditioned(model, labels), meta, sampler["base_spec"], noise)
+        t_model, t_meta = teacher
+        x = refine_sample(conditioned(t_model, labels), x0.clamp(-1, 1), noise(), sampler["sigma"], sampler["steps"],
+                          t_meta["sigma_min"], sampler.get("rho", 7.0))
+    else:
+        x = _sample(conditioned(model, labels), meta, sampler, noise)
+    return unit_to_images(x.float().cpu().numpy())
+
+
+def _sample(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], noise: "NoiseStream") -> torch.Tensor:
+    kind = sampler["kind"]
     if kind in EDM_SAMPLERS:
         if meta["kind"] != "edm":
             raise ValueError(f"the {kind} sampler needs an EDM denoiser, got a {meta['kind']} model")
@@ -119,16 +140,28 @@ def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: 
             raise ValueError(f"the consistency sampler needs a consistency model, got a {meta['kind']} model")
         ts = consistency_ts(sampler, meta["sigma_min"], meta["sigma_max"])
         x = consistency_sample(model, [noise() for _ in ts], ts, meta["sigma_min"], sampler.get("clip_denoised", True))
+    elif kind == "euler":
+        if meta["kind"] != "edm":
+            raise ValueError(f"the euler sampler needs an EDM denoiser, got a {meta['kind']} model")
+        x = euler_sample(model, noise(), sampler["steps"], meta["sigma_min"], meta["sigma_max"], sampler.get("rho", 7.0),
+                         sampler.get("denoise", False))
     else:
         raise ValueError(f"unknown sampler kind {kind!r}")
-    return unit_to_images(x.float().cpu().numpy())
+    return x
 
 
 def write_shard(model_dir: str | Path, out_path: str | Path, sampler_name: str, sampler: Mapping[str, Any],
                 shard: int, shard_size: int, num_samples: int, run_seed: int, model_id: str,
-                batch_size: int = 256, device: str | None = None) -> int:
+                batch_size: int = 256, device: str | None = None, teacher_dir: str | Path | None = None) -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_model(model_dir, device)
+    teacher = None
+    if sampler["kind"] == "refine":
+        if teacher_dir is None:
+            raise ValueError(f"the refine sampler {sampler_name!r} needs the student's teacher (--teacher)")
+        teacher = load_model(teacher_dir, device)
+        if teacher[1]["kind"] != "edm":
+            raise ValueError(f"{teacher_dir} is a {teacher[1]['kind']} model; refining needs an EDM teacher")
     indices = list(shard_range(shard, shard_size, num_samples))
     seeds = [sample_seed(run_seed, i) for i in indices]
     desc = f"sample {model_id}/{sampler_name} shard {shard}"
@@ -144,7 +177,7 @@ def write_shard(model_dir: str | Path, out_path: str | Path, sampler_name: str, 
         labels = None if classes is None else sample_labels(run_seed, indices, classes)
         images = np.concatenate([
             generate(model, meta, sampler, seeds[lo:lo + batch_size], device,
-                     None if labels is None else labels[lo:lo + batch_size])
+                     None if labels is None else labels[lo:lo + batch_size], teacher)
             for lo in tqdm(range(0, len(seeds), batch_size), desc=desc, mininterval=5)])
     n = len(indices)
     nfe = sampler_nfe(sampler)

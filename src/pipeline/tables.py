@@ -68,7 +68,8 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
            "quality_reference": q.get("reference", ""), "subset": cfg.get("subset", ""),
            "role": cfg.get("role", ""), "step": training.get("step") or training.get("steps"),
            "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
-           "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour")}
+           "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour"),
+           "refine_sigma": cfg.get("refine_sigma")}
     for g in groups:
         row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
     if "clip" in m:
@@ -89,7 +90,7 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
 
 
 # Values that describe a row rather than measure it: taken from replicate 0, never averaged.
-_FIXED = ("nfe", "step", "num_samples", "sscd_threshold", "sscd_quantile")
+_FIXED = ("nfe", "step", "num_samples", "sscd_threshold", "sscd_quantile", "refine_sigma")
 
 
 def _threshold_note(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -485,6 +486,61 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
         ax.set_title(subset)
         handles = ax.get_legend_handles_labels()[0] + qax.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_output(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def refine_figure(table_csv: str | Path, out_png: str | Path) -> None:
+    """Memorization and quality of refined one-step samples against the refine level (App. A.1's
+    "+refine", swept), one panel per training subset: a line per student from its refine rows, its
+    unrefined samples at the left edge, the teacher as dashed lines. Where the lines reach the
+    teacher's, the refine has handed the sample back to the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(table_csv) as f:
+        rows = list(csv.DictReader(f))
+    refined = [r for r in rows if r.get("refine_sigma")]
+    if not refined:
+        raise ValueError(f"{table_csv} has no refine rows (a sampler of kind refine) to draw")
+    subsets = list(dict.fromkeys(r["subset"] for r in refined))
+    qname = rows[0]["quality_name"]
+    fig, axes = plt.subplots(2, len(subsets), figsize=(4.8 * len(subsets), 6.2), squeeze=False, sharex="col")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, subset in enumerate(subsets):
+        mem_ax, q_ax = axes[0][col], axes[1][col]
+        students = list(dict.fromkeys(r["model"] for r in refined if r["subset"] == subset))
+        lo = min(float(r["refine_sigma"]) for r in refined if r["subset"] == subset)
+        for k, model in enumerate(students):
+            pts = sorted((r for r in refined if r["model"] == model), key=lambda r: float(r["refine_sigma"]))
+            x = [float(r["refine_sigma"]) for r in pts]
+            color = colors[k % len(colors)]
+            for ax, key, scale in ((mem_ax, "mem", 100), (q_ax, "quality", 1)):
+                y, sd = _column(pts, key, scale), _column(pts, f"{key}_sd", scale)
+                ax.plot(x, y, "o-", color=color, label=f"{model} + refine")
+                if not np.isnan(sd).all():
+                    ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.15, lw=0)
+                raw = [r for r in rows if r["model"] == model and not r.get("refine_sigma")]
+                if raw:
+                    ax.plot([lo / 2], [scale * float(raw[0][key])], "x", color=color, ms=8,
+                            label=f"{model} unrefined ({raw[0]['sampler']})")
+        for r in rows:
+            if r["subset"] == subset and r["role"] == "teacher":
+                mem_ax.axhline(100 * float(r["mem"]), color="k", ls="--", lw=1, label=f"teacher {r['model']}")
+                q_ax.axhline(float(r["quality"]), color="k", ls="--", lw=1, label=f"teacher {r['model']}")
+            elif r["subset"] == subset and (parse_yardstick(r["model"]) or ("",))[0] == "real":
+                q_ax.axhline(float(r["quality"]), color="k", ls=":", lw=1, label=f"real held-out {qname}")
+        mem_ax.set_title(subset)
+        mem_ax.set_ylabel("L2 Mem (%)")
+        q_ax.set_ylabel(f"{qname} (lower is better)")
+        q_ax.set_xlabel("refine level sigma (x: unrefined)")
+        for ax in (mem_ax, q_ax):
+            ax.set_xscale("log")
+            ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     with atomic_output(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -39,7 +39,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     lr_rampup_steps: int = 0
+    lr_decay: str = "constant"
     ema_halflife_kimg: float = 500.0
+    ema_rate: float | None = None
     ema_rampup_ratio: float | None = 0.05
     grad_clip: float | None = None
     seed: int = 0
@@ -66,7 +68,10 @@ class Objective(Protocol):
 
 
 def ema_beta(cfg: TrainConfig, images_seen: int) -> float:
-    """EDM's EMA: half-life in images, ramped up over the first part of training."""
+    """EDM's EMA: half-life in images, ramped up over the first part of training; or a fixed rate
+    per step (`ema_rate`; 0 keeps the raw weights, as progressive distillation's reference does)."""
+    if cfg.ema_rate is not None:
+        return float(cfg.ema_rate)
     halflife = cfg.ema_halflife_kimg * 1000
     if cfg.ema_rampup_ratio is not None:
         halflife = min(halflife, images_seen * cfg.ema_rampup_ratio)
@@ -155,6 +160,20 @@ def publish_snapshots(snapshots: Snapshots | None, out_dir: str | Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if snapshots is not None:
         snapshots.publish(root)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The rate of optimizer step `step` (0-based): EDM's linear ramp-up over `lr_rampup_steps`, times a
+    linear decay to 0 at the run's end with `lr_decay: linear` (progressive distillation, per stage:
+    consistency_models_cifar10 jcm/losses.py get_optimizer, optax.linear_schedule(lr, 0, steps))."""
+    lr = cfg.lr
+    if cfg.lr_rampup_steps:
+        lr *= min((step + 1) / cfg.lr_rampup_steps, 1.0)
+    if cfg.lr_decay == "linear":
+        lr *= 1.0 - step / cfg.steps
+    elif cfg.lr_decay != "constant":
+        raise ValueError(f"unknown lr_decay {cfg.lr_decay!r}; known: constant, linear")
+    return lr
 
 
 def _optimizer(cfg: TrainConfig, params):
@@ -254,7 +273,8 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
     extras = {"ema": ema, **objective.extra_modules()}
     for m in extras.values():
-        m.to(device)
+        if isinstance(m, torch.nn.Module):  # an objective's optimizer (DMD's fake score) travels as it is
+            m.to(device)
     resumable = {k: v for k, v in asdict(cfg).items()
                  if k not in ("steps", "log_every", "checkpoint_every", "batch_per_process", "channels_last")}
     fingerprint = json.dumps({"run": fingerprint, "train": resumable, "noise": "global-batch"}, sort_keys=True)
@@ -294,9 +314,9 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
     scaled = accelerator.mixed_precision == "fp16"
     with StopSignals() as stop:
         for step in bar:
-            if cfg.lr_rampup_steps:
+            if cfg.lr_rampup_steps or cfg.lr_decay != "constant":
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0)
+                    g["lr"] = learning_rate(cfg, step)
             batch = torch.from_numpy(stream.take(cfg.batch_size)).to(device)
             seed = step_seed(cfg.seed, step)
             loss = 0.0

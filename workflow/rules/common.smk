@@ -35,6 +35,7 @@ pconfig.load_published(CFG, root=workflow.basedir)
 PUBLISHED_FILE = os.path.join(workflow.basedir, CFG["published"]) if "published" in CFG else None
 MODELS = pconfig.models_of(CFG)
 STUDENTS = CFG.get("students", {})
+SELECTIONS = CFG.get("teacher_selections", {})
 SPACE = CFG["memorization"].get("space", "pixels")
 
 # Every rule runs the package from this checkout (`python -m pipeline ...`), whichever
@@ -71,7 +72,7 @@ wildcard_constraints:
     kind=_names(YARDSTICKS["kinds"]),
     ysubset=_names(YARDSTICK_SUBSETS),
     table=_names(CFG["tables"]),
-    curve=_names([t for t, spec in CFG["tables"].items() if spec.get("figure") == "curve"]),
+    curve=_names([t for t, spec in CFG["tables"].items() if "figure" in spec]),
     space=_names([SPACE]),
     shard=r"\d{5}",
 
@@ -155,7 +156,7 @@ PRETRAINED_DIRS = {e["path"]: b for b, e in BACKBONES.items() if e["kind"] == "p
 TEXT_TEACHERS = [t for t, e in CFG["teachers"].items() if "backbone" in e]
 EDM_TEACHERS = [t for t in CFG["teachers"] if t not in TEXT_TEACHERS]
 LCM_STUDENTS = [s for s, e in STUDENTS.items() if e["method"] == "lcm"]
-CD_STUDENTS = [s for s in STUDENTS if s not in LCM_STUDENTS]
+EDM_STUDENTS = [s for s in STUDENTS if s not in LCM_STUDENTS]  # cd, pd, dmd: students of EDM teachers
 
 
 def backbone_file(backbone):
@@ -177,6 +178,14 @@ def latents_file(subset, backbone):
 def text_teacher_latents(teacher):
     entry = CFG["teachers"][teacher]
     return latents_file(entry["subset"], entry["backbone"])
+
+
+def refine_teacher_files(wc):
+    """A refine sampler's teacher: the weights and config of the student's own teacher."""
+    if CFG["samplers"].get(wc.sampler, {}).get("kind") != "refine":
+        return []
+    files = model_files(pconfig.teacher_of(CFG, wc.model))
+    return [files["weights"], files["config"]]
 
 
 def model_files(model):
@@ -359,7 +368,7 @@ def all_targets():
     for table in CFG["tables"]:
         out += table_files(table)
     out += [figure_file(m, s) for m, s in pconfig.all_pairs(CFG)]
-    out += [f"results/figures/{t}.png" for t, spec in CFG["tables"].items() if spec.get("figure") == "curve"]
+    out += [f"results/figures/{t}.png" for t, spec in CFG["tables"].items() if "figure" in spec]
     return out
 
 
@@ -380,14 +389,20 @@ def distill_spec(student):
     spec = {k: v for k, v in student.items() if k not in ("teacher", "method", "compute", "net")}
     if "net" in student:
         spec["net_config"] = CFG["nets"][student["net"]]
-    if student.get("metric") == "lpips":
+    if uses_lpips(student):
         spec["lpips"] = lpips_options(student)
     return spec
 
 
+def uses_lpips(student):
+    """Whether a student's loss (or DMD's regression loss) is LPIPS, which reads a fetched backbone."""
+    regression = student.get("dmd", {}).get("regression", {})
+    return student.get("metric") == "lpips" or regression.get("metric", "lpips" if regression else None) == "lpips"
+
+
 def distill_extra_inputs(wc):
     student = STUDENTS[wc.student]
-    return [lpips_options(student)["weights"]] if student.get("metric") == "lpips" else []
+    return [lpips_options(student)["weights"]] if uses_lpips(student) else []
 
 
 def output_dir(wc, output):

@@ -1,10 +1,10 @@
-# Stage 3: distillation of a teacher into a student (consistency distillation now; PD, DMD and
-# LCM plug in as further methods of the same rule). Snapshots along training go to snapshots/.
+# Stage 3: distillation of an EDM teacher into a student (consistency distillation, progressive
+# distillation, DMD); LCM distils text-to-image teachers below. Snapshots go to snapshots/
 
 
 rule distill:
     wildcard_constraints:
-        student=_names(CD_STUDENTS),
+        student=_names(EDM_STUDENTS),
     input:
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.student)),
         teacher=lambda wc: model_files(student_teacher(wc))["weights"],

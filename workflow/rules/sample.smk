@@ -10,11 +10,13 @@ rule sample_shard:
         weights=lambda wc: model_files(wc.model)["weights"],
         config=lambda wc: model_files(wc.model)["config"],
         backbone=model_backbone_files,
+        teacher=refine_teacher_files,
     output:
         "results/samples/{model}/{sampler}/shard-{shard}.parquet",
     params:
         model_dir=lambda wc: pconfig.model_dir(CFG, wc.model),
-        sampler=lambda wc: as_json(CFG["samplers"][wc.sampler]),
+        sampler=lambda wc: as_json(pconfig.sampler_spec(CFG, wc.sampler)),
+        teacher=lambda wc, input: f"--teacher {os.path.dirname(input.teacher[0])}" if input.teacher else "",
         shard=lambda wc: int(wc.shard),
         shard_size=SAMPLING["shard_size"],
         num_samples=SAMPLING["num_samples"],
@@ -37,7 +39,7 @@ rule sample_shard:
             "OMP_NUM_THREADS={threads} python -m pipeline sample --model {params.model_dir} --model-id {wildcards.model} "
             "--sampler-name {wildcards.sampler} --sampler {params.sampler:q} --shard {params.shard} "
             "--shard-size {params.shard_size} --num-samples {params.num_samples} --seed {params.seed} "
-            "--batch-size {params.batch_size} --out {output} > {log} 2>&1"
+            "--batch-size {params.batch_size} {params.teacher} --out {output} > {log} 2>&1"
         )
 
 

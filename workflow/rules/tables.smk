@@ -56,6 +56,8 @@ rule curve_figure:
     output:
         report("results/figures/{curve}.png", caption="../report/curve.rst", category="Figures",
                labels={"figure": "{curve}"}),
+    params:
+        kind=lambda wc: CFG["tables"][wc.curve]["figure"],
     log:
         "logs/curve_figure/{curve}.log",
     benchmark:
@@ -63,4 +65,4 @@ rule curve_figure:
     conda:
         "../envs/report.yaml"
     shell:
-        "python -m pipeline curve --table {input} --out {output} > {log} 2>&1"
+        "python -m pipeline curve --kind {params.kind} --table {input} --out {output} > {log} 2>&1"

@@ -80,3 +80,32 @@ rule finetune_teacher:
             "--subset {input.subset} --latents {input.latents} --backbone {params.backbone_dir} --spec {params.spec:q} "
             "--out {params.out} --checkpoint-dir {params.ckpt} --metrics-log {log.metrics}"
         )
+
+
+# A teacher chosen by memorization rate (App. A's 10% and 30% teachers): the first model along a
+# teacher's run, snapshots then its end, whose L2 Mem under the selection's sampler reaches the rate.
+rule select_teacher:
+    wildcard_constraints:
+        selection=_names(SELECTIONS),
+    input:
+        models=lambda wc: [model_files(m)["weights"] for m in pconfig.selection_candidates(CFG, wc.selection)],
+        metrics=lambda wc: [f"results/metrics/{m}/{CFG['teacher_selections'][wc.selection]['sampler']}.json"
+                            for m in pconfig.selection_candidates(CFG, wc.selection)],
+    output:
+        weights="results/selected/{selection}/model.safetensors",
+        config="results/selected/{selection}/config.json",
+        stats="results/selected/{selection}/stats.json",
+    params:
+        candidates=lambda wc: " ".join(pconfig.selection_candidates(CFG, wc.selection)),
+        model_dirs=lambda wc, input: " ".join(os.path.dirname(w) for w in input.models),
+        threshold=lambda wc: CFG["teacher_selections"][wc.selection]["memorization"],
+        out=output_dir,
+    log:
+        "logs/select_teacher/{selection}.log",
+    benchmark:
+        "results/benchmarks/select_teacher/{selection}.tsv"
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "python -m pipeline select-teacher --candidates {params.candidates} --model-dirs {params.model_dirs} "
+        "--metrics {input.metrics} --threshold {params.threshold} --out {params.out} > {log} 2>&1"

@@ -1,7 +1,8 @@
 """The one EDM/consistency core shared by teacher training, distillation and sampling."""
 from .karras import karras_sigmas
 from .precond import ConsistencyFunction, EDMDenoiser, conditioned, consistency_scalings, edm_scalings
-from .solvers import consistency_sample, edm_sample, euler_step, heun_sample, heun_step
+from .solvers import (consistency_sample, edm_sample, euler_sample, euler_step, heun_sample, heun_step,
+                      refine_sample)
 
 __all__ = [
     "karras_sigmas",
@@ -15,4 +16,6 @@ __all__ = [
     "heun_sample",
     "edm_sample",
     "consistency_sample",
+    "euler_sample",
+    "refine_sample",
 ]

@@ -78,6 +78,43 @@ def heun_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 18, sigma_
     return edm_sample(denoiser, noise, steps, sigma_min, sigma_max, rho)
 
 
+@torch.no_grad()
+def euler_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0, denoise: bool = False) -> torch.Tensor:
+    """`steps` Euler steps of the PF-ODE on the Karras grid of steps + 1 levels: `steps` evaluations.
+
+    How a progressively distilled student samples (consistency_models_cifar10 jcm/sampling.py
+    get_progressive_distillation_sampler: Euler on the same grid, `denoise=False`, ending at
+    sigma_min). In EDM's variance-exploding form DDIM's update D + (sigma'/sigma)(x - D) is this
+    Euler step. Grids of N and 2N steps nest (karras_sigmas(2N + 1)[::2] = karras_sigmas(N + 1)),
+    which is what lets one student step stand for two teacher steps. `denoise`: the last step goes
+    to sigma = 0 instead of sigma_min, returning D there; one step with it is D(sigma_max z, sigma_max),
+    how DMD's one-step generator samples (tianweiy/DMD2 main/edm/test_folder_edm.py).
+    """
+    sigmas = karras_sigmas(steps + 1, sigma_min, sigma_max, rho).tolist()
+    if denoise:
+        sigmas[-1] = 0.0
+    x = noise * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = euler_step(denoiser, x, s, s_next)
+    return x
+
+
+@torch.no_grad()
+def refine_sample(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: float, steps: int = 18,
+                  sigma_min: float = 0.002, rho: float = 7.0) -> torch.Tensor:
+    """"+refine" (the study's App. A.1): perturb a sample x0 to level sigma, x0 + sigma z, and solve the
+    teacher's PF-ODE back with EDM's Heun sampler on a `steps`-level Karras grid from sigma.
+
+    x0 + sigma z = sigma (z + x0 / sigma), so this is edm_sample from the noise z + x0 / sigma with
+    sigma_max = sigma: at the teacher's own sigma_max the refine is the teacher sampling from noise
+    that differs from fresh noise by x0 / sigma_max (at most 1/80 per pixel in [-1, 1] for EDM).
+    """
+    if not sigma_min < sigma:
+        raise ValueError(f"the refine level {sigma} must lie above sigma_min {sigma_min}")
+    return edm_sample(denoiser, noise + x0 / sigma, steps, sigma_min, sigma, rho)
+
+
 def heun_nfe(steps: int) -> int:
     return 2 * steps - 1
 
