@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,6 +258,8 @@ def _embedded_with_baselines():
     cfg["students"]["pd-48"] = {"method": "pd", "teacher": "teacher-mem30", "metric": "l2",
                                 "pd": {"start_scales": 4, "stage_steps": 5}, "train": train}
     cfg["students"]["dmd-48"] = {"method": "dmd", "teacher": "teacher-48", "dmd": {"fake_lr": 1e-4}, "train": train}
+    cfg["students"]["ccd-48"] = {"method": "cd-continuous", "teacher": "teacher-48", "stopgrad": True, "train": train}
+    cfg["sample_figures"] = {"fig5": {"count": 8, "panels": [{"model": "ccd-48", "sampler": "1-step"}]}}
     cfg["samplers"].update({"pd-1": {"kind": "euler", "steps": 1},
                             "dmd-1": {"kind": "euler", "steps": 1, "denoise": True},
                             "refine-2": {"kind": "refine", "base": "pd-1", "sigma": 2.0, "steps": 18}})
@@ -279,6 +282,7 @@ def test_config_knows_pd_dmd_refine_and_selected_teachers():
     assert pconfig.selection_candidates(out, "teacher-mem30") == ["teacher-48@200", "teacher-48@400", "teacher-48"]
     assert [r["role"] for r in pconfig.table_rows(out, "t5")][:3] == ["student", "student", "teacher"]
     assert pconfig.sampler_spec(out, "refine-2")["base_spec"] == {"kind": "euler", "steps": 1}
+    assert pconfig.samplers_for(out, "ccd-48.r1") == ("consistency", "refine")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -291,6 +295,10 @@ def test_config_knows_pd_dmd_refine_and_selected_teachers():
     (lambda c: c["students"]["pd-48"].update(num_scales=18), "pd-48"),
     (lambda c: c["students"]["dmd-48"].pop("dmd"), "dmd"),
     (lambda c: c["samplers"]["pd-1"].update(ts=[80.0]), "pd-1"),
+    (lambda c: c["students"]["ccd-48"].update(num_scales=18), "ccd-48"),
+    (lambda c: c["students"]["cd-48"].update(stopgrad=True), "cd-48"),
+    (lambda c: c["sample_figures"]["fig5"]["panels"].append({"model": "nope", "sampler": "1-step"}),
+     r"fig5.panels\[1\].model"),
 ])
 def test_baseline_config_errors_name_the_key(change, message):
     cfg, pconfig = _embedded_with_baselines()
@@ -322,3 +330,107 @@ def test_selection_picks_the_first_model_past_the_rate(tmp_path):
     stats = json.loads((tmp_path / "out" / STATS).read_text())
     assert stats["steps"] == 2 and [c["mem_ratio"] for c in stats["selection"]["candidates"]] == [0.04, 0.11, 0.35]
     assert select_teacher(["a@1", "a@2", "a"], dirs, metrics, 0.1, tmp_path / "o2")["model"] == "a@2"
+
+
+def _grad(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("stopgrad", [True, False])
+def test_continuous_cd_gradient_is_the_limit_of_the_discrete_one(stopgrad):
+    """On Gaussian data (exact teacher) with a tiny float64 student, the discrete CD gradient at step dt,
+    rescaled (2 dt / d with the online weights as stop-gradient target; 2 dt^2 ||diffs|| / d without
+    stop-gradient), approaches the continuous-time loss's gradient as dt -> 0, at first order."""
+    from pipeline.diffusion import ConsistencyFunction
+    from pipeline.distill.cd_continuous import continuous_cd_loss
+    from pipeline.nets import build_net
+    from tiny import TINY_UNET
+
+    torch.manual_seed(0)
+    mu = torch.linspace(-0.5, 0.5, 64, dtype=F64)
+
+    def teacher(x, sigma):
+        return exact_denoiser(x, sigma, mu=mu, s=S)
+
+    student = ConsistencyFunction(build_net(TINY_UNET, 8, 1), 0.5, SIGMA_MIN).double()
+    for p in student.parameters():  # a generic point: the zero-initialised output layer would make f = c_skip x
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = (mu + S * torch.randn(64, dtype=F64)).reshape(1, 1, 8, 8)
+    gen = torch.Generator().manual_seed(3)
+    cont_loss = continuous_cd_loss(student, teacher, x, SIGMA_MIN, SIGMA_MAX, 7.0, gen, stopgrad).sum()
+    g_cont = _grad(student, cont_loss)
+    # the same draws: t from the first uniform, z from the first normal of a generator seeded alike
+    gen = torch.Generator().manual_seed(3)
+    lo, hi = SIGMA_MIN ** (1 / 7), SIGMA_MAX ** (1 / 7)
+    t = (lo + torch.rand((1,), generator=gen, dtype=F64) * (hi - lo)) ** 7
+    x_t = x + t.reshape(1, 1, 1, 1) * torch.randn((1, 1, 8, 8), generator=gen, dtype=F64)
+    with torch.no_grad():
+        _, diffs = torch.func.jvp(student, (x_t, t), ((x_t - teacher(x_t, t)) / t.reshape(1, 1, 1, 1) * -1, -torch.ones_like(t)))
+    errors = []
+    for dt in (0.1, 0.01, 0.001):
+        dt_abs = dt * float(t)
+        with torch.no_grad():
+            x_n = euler_step(teacher, x_t, t, t - dt_abs)
+        online = student(x_t, t)
+        other = student(x_n, t - dt_abs)
+        if stopgrad:
+            g = _grad(student, l2(online, other.detach()).sum()) * 64 / (2 * dt_abs)
+        else:
+            g = _grad(student, l2(online, other).sum()) * 64 / (2 * dt_abs ** 2 * diffs.flatten().norm())
+        errors.append(float((g - g_cont).norm() / g_cont.norm()))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01, errors
+    assert errors[1] / errors[2] > 5, errors  # first order in dt
+
+
+def test_continuous_cd_distils_a_tiny_student(tiny_teacher, tmp_path):
+    from pipeline.distill.cd_continuous import distill_cd_continuous
+    from pipeline.modelio import load_model
+    from pipeline.sample import generate
+
+    spec = {"stopgrad": True, "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "optimizer": "radam", "log_every": 1}}
+    stats = distill_cd_continuous(_digits_subset(tmp_path), tiny_teacher / "teacher", tmp_path / "c", spec)
+    model, meta = load_model(tmp_path / "c", "cpu")
+    assert stats["method"] == "cd-continuous" and stats["stopgrad"] and meta["kind"] == "consistency"
+    assert all(math.isfinite(r["loss"]) for r in stats["history"])
+    assert generate(model, meta, {"kind": "consistency", "ts": [80.0]}, [0, 1]).shape == (2, 8, 8, 1)
+
+
+def test_curve_figure_draws_each_run_of_a_setting_and_sample_grids(tmp_path):
+    """Fig. 8: several student runs share a setting (one line each); Figs. 4 and 5: sample grids."""
+    import csv as csv_module
+
+    from PIL import Image
+
+    from pipeline.io import write_image_table
+    from pipeline.shards import write_manifest
+    from pipeline.tables import curve_figure, sample_grid_figure
+
+    fields = ["setting", "model", "role", "step", "mem", "quality", "quality_name", "subset"]
+    rows = [{"setting": "10% teacher", "model": "t", "role": "teacher", "step": "", "mem": "0.1", "quality": "20",
+             "quality_name": "FID", "subset": "s"}]
+    for run in ("cd-a", "cd-b"):
+        rows += [{"setting": "10% teacher", "model": f"{run}@{k}" if k < 300 else run, "role": "student", "step": str(k),
+                  "mem": str(k / 1e4), "quality": str(30 - k / 100), "quality_name": "FID", "subset": "s"}
+                 for k in (100, 200, 300)]
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        w = csv_module.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+    curve_figure(tmp_path / "t.csv", tmp_path / "fig.png")
+    with Image.open(tmp_path / "fig.png") as im:
+        assert im.size[0] > 300
+    manifests = []
+    for k in range(2):
+        shard = tmp_path / f"s{k}" / "shard-00000.parquet"
+        images = np.full((6, 8, 8, 1), 40 * (k + 1), dtype=np.uint8)
+        write_image_table(shard, images, {"sample_id": np.arange(6), "nfe": np.ones(6, dtype=np.int64)}, {"shard": 0})
+        manifests.append(tmp_path / f"s{k}" / "manifest.json")
+        write_manifest([shard], manifests[-1], 6, 6)
+    sample_grid_figure(manifests, ["PD", "CD"], tmp_path / "grid.png", count=4, per_row=2)
+    with Image.open(tmp_path / "grid.png") as im:
+        pixels = np.asarray(im.convert("L"))
+        assert im.size[0] > im.size[1] and {40, 80} <= set(np.unique(pixels))
+    with pytest.raises(ValueError, match="one label per sample set"):
+        sample_grid_figure(manifests, ["PD"], tmp_path / "bad.png")

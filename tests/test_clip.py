@@ -198,8 +198,8 @@ def test_clip_score_reaches_the_metrics_and_the_table(tiny_clip, tmp_path, monke
     write_table("t2i", [{"setting": "s", "label": "Student"}], ["metrics.json"], "t.csv", "t.md")
     md = (tmp_path / "t.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Setting"))
-    assert "| digits-FD | CLIP | L2 Mem |" in header
-    assert f"| {expected['value']:.2f} |" in md and "torchmetrics' CLIP score" in md
+    assert "| digits-FD | CLIP (cosine) | L2 Mem |" in header
+    assert f"| {expected['value'] / 100:.4f} |" in md and "torchmetrics' CLIP score / 100" in md
     with pytest.raises(ValueError, match="both the image and the text"):
         write_metrics("t2i", "lcm-4", "neighbours.parquet", "manifest.json", "digits_fd", "clf", "ref.npz", None,
                       "m2.json", clip_images="clip.npy")

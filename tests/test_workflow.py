@@ -93,37 +93,44 @@ def test_paper_config_dry_run(tmp_path):
     stats = job_stats(output_of(proc))
     # Table 1 (4 teachers, 4 students), Table 2 (3 ImageNet teachers and students), Table 4 (the localized
     # teacher and student on CIFAR-10 and on ImageNet), Table 6 (stochastic teachers, 2-step students),
-    # Table 7 (N = 40, 80), App. D.2 (narrow, wide and shallow teachers with their students), App. D.3
-    # (2 and 6 blocks, random init), Figure 1 (5 snapshots of each Table 1 student) and Table 3 (3 SD1.5
-    # teachers fine-tuned on COCO memorization sets, their LCM students), and App. A: one teacher run on
-    # 1000 images with 9 snapshots, two teachers selected from it by memorization rate, PD, DMD and two
-    # CD students of them (Table 5, App. A.1's CD rows, the refine sweep)
+    # Table 7 (N = 40, 80), App. D.2 (narrow, wide and shallow teachers with their students), Figure 1 (5
+    # snapshots of each Table 1 student), Table 3 (3 SD1.5 teachers fine-tuned on COCO memorization sets,
+    # their LCM students), and App. A: one teacher run on 1000 images with 9 snapshots, two teachers
+    # selected from it by memorization rate, PD (from both), DMD, CD and continuous-time CD students of
+    # them (Table 5, App. A.1's CD rows, the refine sweep, Figs. 4 and 5), and Fig. 8's six mismatched or
+    # randomly initialised students, the CD students of both teachers traced by 4 snapshots each
     expected = {
         "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "imagenet_source": 1,
         "prepare_imagenet64": 1, "subset": 5 + 4 + 3 + 1, "train_teacher": 5 + 3 + 4 + 1,
-        "distill": 4 + 1 + 2 + 3 + 3 + 4 + 4, "snapshot": 4 * 5 + 9, "table": 12, "select_teacher": 2,
+        "distill": 4 + 1 + 2 + 3 + 4 + 2 + 2 + 1 + 2 + 6, "snapshot": 4 * 5 + 9 + 8 * 4, "table": 12,
+        "select_teacher": 2, "curve_figure": 3, "sample_figure": 2,
         "fetch_sd15": 1, "fetch_coco_captions": 1, "fetch_coco_images": 1, "fetch_clip": 1,
         "cache_latents": 3, "finetune_teacher": 3, "distill_lcm": 3,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     text_pairs = 6
-    # Table 5 (6), App. A.1's CD rows (4 new), the refine sweep (6 new levels)
-    pairs = 8 + 2 + 8 + 2 + 3 + 4 * 5 + 6 + 2 + 6 + text_pairs + 6 + 4 + 6
+    # Table 5 (6), App. A.1's CD rows (4 new), the refine sweep (6 new levels), Fig. 8 (8 runs x 5 points,
+    # 2 of them App. A.1's)
+    pairs = 8 + 2 + 8 + 2 + 4 * 5 + 6 + 2 + 6 + text_pairs + 6 + 4 + 6 + 38
     # the convergence criterion compares each student row with its run's last snapshot under the row's
-    # sampler: Table 6's 2-step rows of the four Table 1 students add their step-400000 snapshots' 2-step sets;
-    # the selections measure every model of teacher-1000's run (9 snapshots and its end) with heun-18
-    sets = pairs + 4 + 10
+    # sampler: Table 6's 2-step rows of the four Table 1 students and App. A.1's 1-step rows add their
+    # step-400000 snapshots' sets; the selections measure every model of teacher-1000's run (9 snapshots
+    # and its end) with heun-18; Figs. 4 and 5 sample PD from the 30% teacher and both continuous-time
+    # students, which no table measures
+    figure_only = 3
+    sets = pairs + 4 + 2 + 10 + figure_only
     assert stats["sample_manifest"] == sets and stats["neighbour_figure"] == pairs
     # 50000 samples in shards of 5000 per sample set
     assert stats["sample_shard"] == 10 * sets
     # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 13 training subsets
     assert stats["yardstick"] == 52
-    assert stats["search"] == stats["metrics"] == sets + 52
+    measured = sets - figure_only
+    assert stats["search"] == stats["metrics"] == measured + 52
     # SSCD: every sample set and every subset embedded once, one similarity search per sample set; CLIP
     # image and prompt embeddings for Table 3's rows and their yardsticks only
     assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 13
-    assert stats["similarity"] == sets + 52
-    assert stats["embed_samples"] == sets + 52 + 2 * (text_pairs + 12)
+    assert stats["similarity"] == measured + 52
+    assert stats["embed_samples"] == measured + 52 + 2 * (text_pairs + 12)
     # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
     # their training subset
     assert stats["reference_stats"] == 2 and stats["subset_reference_stats"] == 3

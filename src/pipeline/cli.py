@@ -61,6 +61,8 @@ def cmd_distill(a):
         from .distill.pd import distill_pd as run
     elif a.method == "dmd":
         from .distill.dmd import distill_dmd as run
+    elif a.method == "cd-continuous":
+        from .distill.cd_continuous import distill_cd_continuous as run
     else:
         from .distill.cd import distill_cd as run
     run(a.subset, a.teacher, a.out, a.spec, a.checkpoint_dir, a.metrics_log)
@@ -282,6 +284,12 @@ def cmd_table(a):
     logging.info("table with %d rows written to %s", len(rows), a.md)
 
 
+def cmd_sample_figure(a):
+    from .tables import sample_grid_figure
+
+    sample_grid_figure(a.manifests, a.labels, a.out, a.count)
+
+
 def cmd_curve(a):
     from .tables import curve_figure, refine_figure
 
@@ -314,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_log = {"help": "JSON lines of loss, lr, images/s and peak memory at every log point"}
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={},
         metrics_log=metrics_log)
-    add("distill", cmd_distill, method={"required": True, "choices": ["cd", "pd", "dmd", "lcm"]}, subset=req, teacher=req, spec=js,
+    add("distill", cmd_distill, method={"required": True, "choices": ["cd", "cd-continuous", "pd", "dmd", "lcm"]}, subset=req, teacher=req, spec=js,
         out=req, checkpoint_dir={}, metrics_log=metrics_log,
         latents={"help": "lcm: the subset's cached VAE posteriors and prompt embeddings"})
     add("fetch-coco", cmd_fetch_coco, captions_file={"required": True, "help": "captions_<split>.json (names the split)"},
@@ -376,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("gpu-smoke", cmd_gpu_smoke, out=req)
     add("count-parameters", cmd_count_parameters, config={"default": "config/config.yaml"},
         out={"help": "also write the table (Markdown) here"})
+    add("sample-figure", cmd_sample_figure, manifests={"required": True, "nargs": "+"},
+        labels={"required": True, "nargs": "+"}, count={"type": int, "default": 16}, out=req)
     add("curve", cmd_curve, table=req, out=req,
         kind={"choices": ["curve", "refine"], "default": "curve", "help": "the table's `figure`"})
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},

@@ -218,6 +218,12 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
                 elif sampler["kind"] not in want:
                     problems.append(f"  tables.{tname}.rows[{i}]: sampler {row['sampler']!r} cannot sample {row['model']!r} "
                                     f"(needs a {' or '.join(want)} sampler)")
+    for fname, fig in cfg.get("sample_figures", {}).items():
+        for i, panel in enumerate(fig["panels"]):
+            where = f"sample_figures.{fname}.panels[{i}]"
+            if panel["model"] not in models:
+                problems.append(f"  {where}.model: {panel['model']!r} is neither a teacher nor a student")
+            need("samplers", panel["sampler"], f"{where}.sampler")
     if problems:
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(problems))
 
@@ -337,7 +343,7 @@ def samplers_for(cfg: Mapping[str, Any], model: str) -> tuple[str, ...]:
         return ("diffusion",) if model in cfg["teachers"] else ("lcm",)
     if model in cfg["teachers"]:
         return (*EDM_SAMPLERS, "euler")
-    return ("consistency", "refine") if cfg["students"][model]["method"] == "cd" else ("euler", "refine")
+    return ("consistency", "refine") if cfg["students"][model]["method"].startswith("cd") else ("euler", "refine")
 
 
 def teacher_of(cfg: Mapping[str, Any], model: str) -> str:

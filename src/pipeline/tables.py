@@ -73,7 +73,7 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
     for g in groups:
         row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
     if "clip" in m:
-        row["clip_score"] = m["clip"]["value"]
+        row["clip_score"] = m["clip"]["value"] / 100  # the study's Table 3 unit: the cosine itself
     if "prompt_class" in m:
         row["prompt_class"] = m["prompt_class"]["value"]
     if "sscd" in m:
@@ -248,7 +248,7 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     sscd = all("sscd_mem" in r for r in rows)
     clip = all("clip_score" in r for r in rows)
     prompt_class = all("prompt_class" in r for r in rows)
-    head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP"] if clip else []) + (["Prompt digit"] if prompt_class else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
+    head = ["Setting", "Model", "Sampler", "NFE", qname] + (["CLIP (cosine)"] if clip else []) + (["Prompt digit"] if prompt_class else []) + ["L2 Mem"] + [f"L2 Mem ({g})" for g in groups] + ["median d1/d2"]
     kinds = {r.get("sscd_descriptor", "sscd") for r in rows} if sscd else set()
     if len(kinds) > 1:
         raise ValueError(f"a table's rows were measured with different descriptors {sorted(kinds)}")
@@ -268,7 +268,7 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     for r in rows:
         generated = r["nfe"] > 0
         cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
-                 _spread(r, "quality", _f2)] + ([_spread(r, "clip_score", _f2)] if clip else [])
+                 _spread(r, "quality", _f2)] + ([_spread(r, "clip_score", _f4)] if clip else [])
         cells += ([_spread(r, "prompt_class", _pct)] if prompt_class else []) + [_spread(r, "mem", _pct)]
         cells += [_spread(r, f"mem_{g}", _pct) for g in groups] + [_spread(r, "ratio_median", _f3)]
         cells += [f"{_spread(r, 'sscd_mem', _pct)} / {_spread(r, 'sscd_p95', _f4)}"] if sscd else []
@@ -302,8 +302,9 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
         f"{_grouping_note(rows)} "
         f"{qname}: lower is better; {_references(rows)}."]
     if clip:
-        notes.append("CLIP: 100 x the cosine similarity of each sample's CLIP image embedding and its prompt's "
-                     "text embedding, averaged (torchmetrics' CLIP score); higher is better.")
+        notes.append("CLIP (cosine): the cosine similarity of each sample's CLIP image embedding and its prompt's "
+                     "text embedding, averaged and clamped at 0, in the study's Table 3 units (torchmetrics' CLIP "
+                     "score / 100, the value the metrics files keep); higher is better.")
     if prompt_class:
         notes.append("Prompt digit: share of samples the digits classifier (the quality metric's network) reads as "
                      "the digit their prompt names, the embedded data's download-free stand-in for the CLIP score "
@@ -440,9 +441,10 @@ def render_html(title: str, head, body, notes) -> str:
 
 
 def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
-    """Memorization and quality of students along training (the study's Figure 1), one panel per
-    training subset, from a table's CSV: student rows at their training step, the teacher's values
-    as dashed lines, the real held-out quality as a dotted floor."""
+    """Memorization and quality of students along training (the study's Figures 1 and 8), one panel per
+    setting, from a table's CSV: each student run a line through its rows at their training step
+    (runs told apart by marker), the setting's teachers as dashed lines, the real held-out quality of
+    its training subset as a dotted floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,27 +452,31 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
 
     with open(table_csv) as f:
         rows = list(csv.DictReader(f))
-    subsets = list(dict.fromkeys(r["subset"] for r in rows if r["role"] == "student"))
-    if not subsets:
+    settings = list(dict.fromkeys(r["setting"] for r in rows if r["role"] == "student"))
+    if not settings:
         raise ValueError(f"{table_csv} has no student rows to draw along training")
     qname = rows[0]["quality_name"]
-    fig, axes = plt.subplots(1, len(subsets), figsize=(4.5 * len(subsets), 3.4), squeeze=False)
-    for ax, subset in zip(axes[0], subsets):
-        students = sorted((r for r in rows if r["subset"] == subset and r["role"] == "student" and r["step"]),
-                          key=lambda r: int(float(r["step"])))
-        steps = [int(float(r["step"])) for r in students]
+    markers = ("o", "^", "s", "D", "v", "P", "X")
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        students = [r for r in rows if r["setting"] == setting and r["role"] == "student" and r["step"]]
+        subsets = {r["subset"] for r in students}
+        runs = list(dict.fromkeys(r["model"].split("@")[0] for r in students))
         qax = ax.twinx()
-        mem, mem_sd = _column(students, "mem", 100), _column(students, "mem_sd", 100)
-        quality, quality_sd = _column(students, "quality"), _column(students, "quality_sd")
-        ax.plot(steps, mem, "o-", color="tab:red", label="student L2 Mem")
-        qax.plot(steps, quality, "s-", color="tab:blue", label=f"student {qname}")
-        if not np.isnan(mem_sd).all():  # replicates: a band of one standard deviation
-            ax.fill_between(steps, mem - mem_sd, mem + mem_sd, color="tab:red", alpha=0.15, lw=0)
-            qax.fill_between(steps, quality - quality_sd, quality + quality_sd, color="tab:blue", alpha=0.15, lw=0)
+        for k, run in enumerate(runs):
+            pts = sorted((r for r in students if r["model"].split("@")[0] == run), key=lambda r: int(float(r["step"])))
+            steps = [int(float(r["step"])) for r in pts]
+            name = "student" if len(runs) == 1 else run
+            mem, mem_sd = _column(pts, "mem", 100), _column(pts, "mem_sd", 100)
+            quality, quality_sd = _column(pts, "quality"), _column(pts, "quality_sd")
+            marker = markers[k % len(markers)]
+            ax.plot(steps, mem, f"{marker}-", color="tab:red", label=f"{name} L2 Mem")
+            qax.plot(steps, quality, f"{marker}-", color="tab:blue", label=f"{name} {qname}")
+            if not np.isnan(mem_sd).all():  # replicates: a band of one standard deviation
+                ax.fill_between(steps, mem - mem_sd, mem + mem_sd, color="tab:red", alpha=0.15, lw=0)
+                qax.fill_between(steps, quality - quality_sd, quality + quality_sd, color="tab:blue", alpha=0.15, lw=0)
         for r in rows:
-            if r["subset"] != subset:
-                continue
-            if r["role"] == "teacher":
+            if r["role"] == "teacher" and r["setting"] == setting:
                 ax.axhline(100 * float(r["mem"]), color="tab:red", ls="--", lw=1, label="teacher L2 Mem")
                 qax.axhline(float(r["quality"]), color="tab:blue", ls="--", lw=1, label=f"teacher {qname}")
                 for axis, key, scale, color in ((ax, "mem", 100, "tab:red"), (qax, "quality", 1, "tab:blue")):
@@ -478,12 +484,12 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
                     if sd:
                         mid = scale * float(r[key])
                         axis.axhspan(mid - scale * float(sd), mid + scale * float(sd), color=color, alpha=0.08, lw=0)
-            elif (parse_yardstick(r["model"]) or ("",))[0] == "real":
+            elif r["subset"] in subsets and (parse_yardstick(r["model"]) or ("",))[0] == "real":
                 qax.axhline(float(r["quality"]), color="tab:blue", ls=":", lw=1, label=f"real held-out {qname}")
         ax.set_xlabel("distillation step")
         ax.set_ylabel("L2 Mem (%)", color="tab:red")
         qax.set_ylabel(f"{qname} (lower is better)", color="tab:blue")
-        ax.set_title(subset)
+        ax.set_title(setting)
         handles = ax.get_legend_handles_labels()[0] + qax.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
     fig.tight_layout()
@@ -585,6 +591,33 @@ def pair_grid(samples: np.ndarray, neighbours: np.ndarray, flagged: np.ndarray, 
             draw.text((x0 + 2 * pad, y0 + h * scale + 2 * pad), captions[k], fill=(0, 0, 0), font=font)
         if flagged[k]:
             draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + cell_h - 1], outline=(220, 30, 30), width=pad)
+    with atomic_output(out_png) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def sample_grid_figure(manifests: Sequence[str | Path], labels: Sequence[str], out_png: str | Path, count: int = 16,
+                       per_row: int = 8, scale: int | None = None) -> None:
+    """Panels of samples side by side (the study's Figs. 4 and 5): each panel the first `count` samples
+    of one sample set under its label. Sample i of every set starts from the same seed (run seed, i),
+    so panels of models distilled from one teacher show what each does with the same noise."""
+    if len(manifests) != len(labels) or not manifests:
+        raise ValueError("give one label per sample set, at least one")
+    sets = [read_samples(m)[0][:count] for m in manifests]
+    h, w, c = sets[0].shape[1:]
+    scale = scale or max(1, -(-48 // w))
+    pad, font = 2, ImageFont.load_default()
+    title_h = max(_text_height(font, t) for t in labels) + 2 * pad
+    per_row = min(per_row, count)
+    rows = -(-count // per_row)
+    panel_w, panel_h = per_row * (w * scale + pad) + 3 * pad, title_h + rows * (h * scale + pad) + 2 * pad
+    canvas = Image.new("RGB", (panel_w * len(sets), panel_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (images, label) in enumerate(zip(sets, labels)):
+        x0 = p * panel_w + pad
+        draw.text((x0, pad), label, fill=(0, 0, 0), font=font)
+        for k, a in enumerate(images):
+            img = Image.fromarray(a[..., 0] if c == 1 else a).convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(img, (x0 + (k % per_row) * (w * scale + pad), title_h + (k // per_row) * (h * scale + pad)))
     with atomic_output(out_png) as tmp:
         canvas.save(tmp, format="PNG")
 

@@ -36,6 +36,7 @@ PUBLISHED_FILE = os.path.join(workflow.basedir, CFG["published"]) if "published"
 MODELS = pconfig.models_of(CFG)
 STUDENTS = CFG.get("students", {})
 SELECTIONS = CFG.get("teacher_selections", {})
+SAMPLE_FIGURES = CFG.get("sample_figures", {})
 SPACE = CFG["memorization"].get("space", "pixels")
 
 # Every rule runs the package from this checkout (`python -m pipeline ...`), whichever
@@ -369,6 +370,7 @@ def all_targets():
         out += table_files(table)
     out += [figure_file(m, s) for m, s in pconfig.all_pairs(CFG)]
     out += [f"results/figures/{t}.png" for t, spec in CFG["tables"].items() if "figure" in spec]
+    out += [f"results/figures/{f}.png" for f in SAMPLE_FIGURES]
     return out
 
 

@@ -66,3 +66,27 @@ rule curve_figure:
         "../envs/report.yaml"
     shell:
         "python -m pipeline curve --kind {params.kind} --table {input} --out {output} > {log} 2>&1"
+
+
+# Sample grids side by side (the study's Figs. 4 and 5): the first samples of each configured panel.
+rule sample_figure:
+    wildcard_constraints:
+        figure=_names(SAMPLE_FIGURES),
+    input:
+        lambda wc: [f"results/samples/{p['model']}/{p['sampler']}/manifest.json" for p in SAMPLE_FIGURES[wc.figure]["panels"]],
+    output:
+        report("results/figures/{figure}.png", caption="../report/curve.rst", category="Figures",
+               labels={"figure": "{figure}"}),
+    params:
+        labels=lambda wc: " ".join(shlex.quote(p.get("label", f"{p['model']} {p['sampler']}"))
+                                   for p in SAMPLE_FIGURES[wc.figure]["panels"]),
+        per_panel=lambda wc: SAMPLE_FIGURES[wc.figure].get("count", 16),
+    log:
+        "logs/sample_figure/{figure}.log",
+    benchmark:
+        "results/benchmarks/sample_figure/{figure}.tsv"
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "python -m pipeline sample-figure --manifests {input} --labels {params.labels} --count {params.per_panel} "
+        "--out {output} > {log} 2>&1"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,11 +24,12 @@ from accelerate.utils import set_seed
 from ..data import read_subset
 from ..diffusion import ConsistencyFunction, conditioned, euler_step, heun_step, karras_sigmas
 from ..diffusion.noise import BatchNoise
-from ..io import images_to_unit, sha256_file
-from ..modelio import load_model, model_meta, model_snapshots, save_model
+from ..io import images_to_unit
+from ..modelio import model_meta
 from ..nets import build_net, class_labels, count_parameters, inherit_parameters, num_classes
-from ..train import TrainConfig, ema_update, publish_snapshots, train
+from ..train import TrainConfig, ema_update
 from .distances import get_distance
+from .run import load_edm_teacher, train_student
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,7 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     accelerator = Accelerator()
     tcfg = TrainConfig.from_dict(cfg["train"])
     set_seed(tcfg.seed)  # a random or partly random student's initial weights come from the config's seed
-    teacher, tmeta = load_model(teacher_dir, accelerator.device)
-    if tmeta["kind"] != "edm":
-        raise ValueError(f"{teacher_dir} is a {tmeta['kind']} model; consistency distillation needs an EDM teacher")
+    teacher, tmeta = load_edm_teacher(teacher_dir, accelerator.device, "consistency distillation")
     if "target_ema" not in cfg:
         raise ValueError("consistency distillation needs `target_ema` (0 for CIFAR-10, 0.95 for ImageNet-64/LSUN)")
     sigma_min, sigma_max = tmeta["sigma_min"], tmeta["sigma_max"]
@@ -174,19 +172,10 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     log.info("student initialisation %s: inherited %d of %d parameters (%d of %d tensors) from the teacher",
              cfg.get("init", "teacher"), counts["inherited_parameters"], counts["parameters"],
              counts["inherited_tensors"], counts["tensors"])
-    fingerprint = json.dumps({"spec": {k: v for k, v in cfg.items() if k != "train"},
-                              "subset": sha256_file(subset_path),
-                              "teacher": sha256_file(Path(teacher_dir) / "model.safetensors")}, sort_keys=True)
     meta = model_meta("consistency", net_cfg, tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       sigma_min, sigma_max, teacher=str(teacher_dir))
-    snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "cd")
-    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
-                       snapshots, metrics_log, labels)
-    stats.update(method="cd", num_classes=num_classes(net_cfg), teacher=str(teacher_dir), num_scales=cfg["num_scales"],
-                 metric=metric, solver=solver, target_ema=objective.mu, student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"),
-                 **counts)
-    if accelerator.is_main_process:
-        publish_snapshots(snapshots, out_dir)
-        save_model(out_dir, ema, meta, stats)
-    accelerator.end_training()
+    stats = train_student(objective, images, subset.expanded_indices(), tcfg, accelerator, cfg, subset_path, teacher_dir,
+                          out_dir, meta, "cd", checkpoint_dir, metrics_log, labels, num_classes=num_classes(net_cfg),
+                          num_scales=cfg["num_scales"], metric=metric, solver=solver, target_ema=objective.mu,
+                          student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"), **counts)
     return stats

@@ -30,7 +30,6 @@ computed once when the job starts, weighted by `weight` (DMD, Yin et al. 2024, E
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -43,11 +42,12 @@ from accelerate.utils import set_seed
 from ..data import read_subset
 from ..diffusion import EDMDenoiser, edm_sample, karras_sigmas
 from ..diffusion.noise import BatchNoise, step_seed
-from ..io import images_to_unit, sha256_file
-from ..modelio import load_model, model_meta, model_snapshots, save_model
+from ..io import images_to_unit
+from ..modelio import model_meta
 from ..nets import count_parameters, num_classes
-from ..train import TrainConfig, publish_snapshots, train
+from ..train import TrainConfig
 from .distances import get_distance
+from .run import load_edm_teacher, train_student
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,7 @@ def distill_dmd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str |
     accelerator = Accelerator()
     tcfg = TrainConfig.from_dict(cfg["train"])
     set_seed(tcfg.seed)
-    teacher, tmeta = load_model(teacher_dir, accelerator.device)
-    if tmeta["kind"] != "edm":
-        raise ValueError(f"{teacher_dir} is a {tmeta['kind']} model; DMD needs an EDM teacher")
+    teacher, tmeta = load_edm_teacher(teacher_dir, accelerator.device, "DMD")
     if num_classes(tmeta["net"]) is not None:
         raise ValueError("DMD here distils unconditional teachers (the study's CIFAR-10 and digits teachers)")
     dmd = dict(cfg["dmd"], sigma_min=tmeta["sigma_min"], sigma_max=tmeta["sigma_max"])
@@ -193,18 +191,9 @@ def distill_dmd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str |
     log.info("DMD: one-step generator at sigma %.3g, %d fake-score updates per generator update, fake lr %.3g, "
              "regression %s, %d parameters", dmd["sigma_max"], objective.fake_updates, dmd["fake_lr"],
              f"{metric} x {objective.regression_weight}" if pairs is not None else "off", count_parameters(generator))
-    fingerprint = json.dumps({"spec": {k: v for k, v in cfg.items() if k != "train"},
-                              "subset": sha256_file(subset_path),
-                              "teacher": sha256_file(Path(teacher_dir) / "model.safetensors")}, sort_keys=True)
     meta = model_meta("edm", tmeta["net"], tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       tmeta["sigma_min"], tmeta["sigma_max"], teacher=str(teacher_dir), method="dmd")
-    snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, "dmd")
-    ema, stats = train(objective, images, subset.expanded_indices(), tcfg, accelerator, checkpoint_dir, fingerprint,
-                       snapshots, metrics_log)
-    stats.update(method="dmd", teacher=str(teacher_dir), fake_updates=objective.fake_updates, fake_lr=dmd["fake_lr"],
-                 regression=dmd.get("regression"), num_classes=None)
-    if accelerator.is_main_process:
-        publish_snapshots(snapshots, out_dir)
-        save_model(out_dir, ema, meta, stats)
-    accelerator.end_training()
+    stats = train_student(objective, images, subset.expanded_indices(), tcfg, accelerator, cfg, subset_path, teacher_dir,
+                          out_dir, meta, "dmd", checkpoint_dir, metrics_log, fake_updates=objective.fake_updates,
+                          fake_lr=dmd["fake_lr"], regression=dmd.get("regression"), num_classes=None)
     return stats

@@ -39,11 +39,12 @@ from accelerate.utils import set_seed
 from ..data import read_subset
 from ..diffusion import EDMDenoiser, conditioned, euler_step
 from ..diffusion.noise import BatchNoise
-from ..io import atomic_output, images_to_unit, sha256_file
+from ..io import atomic_output, images_to_unit
 from ..modelio import load_model, model_meta, save_model
 from ..nets import class_labels, count_parameters, num_classes
 from ..train import TrainConfig, train
 from .distances import get_distance
+from .run import load_edm_teacher, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ def stage_plan(start_scales: int, stage_steps: int, final_stage_steps: int | Non
 def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: Mapping[str, Any],
                checkpoint_dir: str | Path | None = None, metrics_log: str | Path | None = None) -> dict:
     accelerator = Accelerator()
-    teacher, tmeta = load_model(teacher_dir, accelerator.device)
-    if tmeta["kind"] != "edm":
-        raise ValueError(f"{teacher_dir} is a {tmeta['kind']} model; progressive distillation needs an EDM teacher")
+    teacher, tmeta = load_edm_teacher(teacher_dir, accelerator.device, "progressive distillation")
     sigma_min, sigma_max = tmeta["sigma_min"], tmeta["sigma_max"]
     rho = float(cfg.get("rho", 7.0))
     pd = cfg["pd"]
@@ -133,8 +132,6 @@ def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     subset = read_subset(subset_path)
     images = torch.from_numpy(images_to_unit(subset.images))
     labels = class_labels(tmeta["net"], subset.labels, str(subset_path))
-    base = {"spec": {k: v for k, v in cfg.items() if k != "train"}, "subset": sha256_file(subset_path),
-            "teacher": sha256_file(Path(teacher_dir) / "model.safetensors")}
     meta = model_meta("edm", tmeta["net"], tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       sigma_min, sigma_max, teacher=str(teacher_dir), method="pd")
     log.info("progressive distillation: %d stages %s (student steps: optimizer steps), metric=%s, %d parameters",
@@ -142,7 +139,7 @@ def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     stages, history, seconds, current = [], [], 0.0, teacher
     for k, (n, steps) in enumerate(plan):
         stage_dir = Path(checkpoint_dir) / f"stage-{n}" if checkpoint_dir else None
-        fingerprint = json.dumps(dict(base, stage=k, student_steps=n, plan=plan), sort_keys=True)
+        fingerprint = run_fingerprint(cfg, subset_path, teacher_dir, stage=k, student_steps=n, plan=plan)
         done = _finished_stage(stage_dir, fingerprint, accelerator.device)
         if done is not None:
             current, stats = done

@@ -1,0 +1,44 @@
+"""What every distillation job of an EDM teacher does around its objective: load and check the
+teacher, fingerprint the run for resuming, train with the shared loop, publish snapshots and the
+student. One place, so the methods (cd, cd-continuous, dmd; pd per stage) differ only in their loss."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..io import sha256_file
+from ..modelio import load_model, model_snapshots, save_model
+from ..train import TrainConfig, publish_snapshots, train
+
+
+def load_edm_teacher(teacher_dir: str | Path, device, method: str) -> tuple[torch.nn.Module, dict]:
+    teacher, meta = load_model(teacher_dir, device)
+    if meta["kind"] != "edm":
+        raise ValueError(f"{teacher_dir} is a {meta['kind']} model; {method} needs an EDM teacher")
+    return teacher, meta
+
+
+def run_fingerprint(cfg: Mapping[str, Any], subset_path: str | Path, teacher_dir: str | Path, **extra) -> str:
+    """The run's identity for resuming: its spec without the training settings (train() adds those),
+    the subset's and the teacher's checksums."""
+    return json.dumps({"spec": {k: v for k, v in cfg.items() if k != "train"}, "subset": sha256_file(subset_path),
+                       "teacher": sha256_file(Path(teacher_dir) / "model.safetensors"), **extra}, sort_keys=True)
+
+
+def train_student(objective, images: torch.Tensor, rows, tcfg: TrainConfig, accelerator, cfg: Mapping[str, Any],
+                  subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, meta: Mapping[str, Any],
+                  method: str, checkpoint_dir: str | Path | None, metrics_log: str | Path | None,
+                  labels: torch.Tensor | None = None, **stats) -> dict:
+    """Train `objective` with its snapshots, then write the student (main process) and return its stats."""
+    snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, method)
+    ema, out = train(objective, images, rows, tcfg, accelerator, checkpoint_dir,
+                     run_fingerprint(cfg, subset_path, teacher_dir), snapshots, metrics_log, labels)
+    out.update(method=method, teacher=str(teacher_dir), **stats)
+    if accelerator.is_main_process:
+        publish_snapshots(snapshots, out_dir)
+        save_model(out_dir, ema, meta, out)
+    accelerator.end_training()
+    return out
