@@ -327,8 +327,12 @@ def train(objective: Objective, images: torch.Tensor, rows: np.ndarray, cfg: Tra
                 with accelerator.accumulate(model):
                     rows_j = batch[lo:lo + micro]
                     y = images[rows_j].contiguous(memory_format=layout)
-                    part = objective.loss(model, y, BatchNoise(gen, cfg.batch_size, lo, lo + micro),
-                                          None if labels is None else labels[rows_j]).mean()
+                    # Under mixed precision the frozen networks an objective calls (a distillation teacher,
+                    # a consistency target, DMD's scores) run under the same autocast as the trained one,
+                    # as the references run them; accelerate's prepare() reaches the trained net only.
+                    with accelerator.autocast():
+                        part = objective.loss(model, y, BatchNoise(gen, cfg.batch_size, lo, lo + micro),
+                                              None if labels is None else labels[rows_j]).mean()
                     accelerator.backward(part)
                     loss = loss + part.detach() / accumulation
                     if accelerator.sync_gradients:
