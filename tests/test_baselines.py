@@ -434,3 +434,23 @@ def test_curve_figure_draws_each_run_of_a_setting_and_sample_grids(tmp_path):
         assert im.size[0] > im.size[1] and {40, 80} <= set(np.unique(pixels))
     with pytest.raises(ValueError, match="one label per sample set"):
         sample_grid_figure(manifests, ["PD"], tmp_path / "bad.png")
+
+
+def test_dmd_regression_pairs_are_teacher_samples_and_enter_the_loss():
+    """DMD's optional regression loss: the pairs are the teacher's Heun samples from their own noise, and
+    with weight w the loss grows by w d(G(z_k), y_k) on top of the same distribution-matching term."""
+    from pipeline.diffusion.noise import BatchNoise
+    from pipeline.distill.dmd import regression_pairs
+
+    teacher = GaussianScore([0.2, -0.1], 0.5)
+    z, y = regression_pairs(teacher, 6, (2, 1, 1), seed=0, steps=4, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                            device="cpu")
+    assert torch.allclose(y, edm_sample(teacher, z, 4, SIGMA_MIN, SIGMA_MAX))
+    generator = GaussianGenerator([0.6, 0.3], 0.5)
+    plain = _dmd(generator, teacher, GaussianScore([0.6, 0.3], 0.5))
+    with_reg = _dmd(generator, teacher, GaussianScore([0.6, 0.3], 0.5), regression={"weight": 0.25, "pairs": 6})
+    with_reg.pairs, with_reg.distance = (z.float(), y.float()), l2
+    y_batch = torch.zeros(4, 2, 1, 1)
+    a = plain.loss(generator, y_batch, BatchNoise(torch.Generator().manual_seed(0), 4))
+    b = with_reg.loss(generator, y_batch, BatchNoise(torch.Generator().manual_seed(0), 4))
+    assert (b > a).all()
