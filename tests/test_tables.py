@@ -226,3 +226,21 @@ def test_rows_below_the_blur_yardstick_or_the_prompt_floor_are_not_evidence(tmp_
     assert "Not evidence yet" in md
     assert "- 3x Teacher (s): FID 500.00, blurred real images 200.00." in md
     assert "- 3x Student (s): prompt digit 50.00%." in md
+
+
+def test_l2_note_states_the_ratio_the_metrics_were_judged_with(tmp_path):
+    """The criterion's ratio has one home (memorization.DEFAULT_RATIO); the search records the one it used
+    and the table's note reads it from there, so a configured ratio is not described as a third."""
+    paths = []
+    for k, ratio in enumerate((0.5, 0.5)):
+        m = metric(f"m{k}", "heun-18", 35, 20.0, 0.1, {"a": 0.1})
+        m["memorization"]["criterion_ratio"] = ratio
+        paths.append(tmp_path / f"m{k}.json")
+        paths[-1].write_text(json.dumps(m))
+    write_table("t", [{"label": "a"}, {"label": "b"}], paths, tmp_path / "t.csv", tmp_path / "t.md")
+    assert "closer than 0.5 times the second nearest" in (tmp_path / "t.md").read_text()
+    m = json.loads(paths[1].read_text())
+    m["memorization"]["criterion_ratio"] = 0.25
+    paths[1].write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="different ratios"):
+        write_table("t", [{"label": "a"}, {"label": "b"}], paths, tmp_path / "t2.csv", tmp_path / "t2.md")

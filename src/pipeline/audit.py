@@ -124,7 +124,9 @@ def audit(train_path, samples_path, space: str = "pixels", ratio: float = DEFAUL
 
 def run_audit(args) -> int:
     """The CLI: write the JSON (and figure), and return 1 when --fail-above is given and exceeded."""
-    result = audit(args.train, args.samples, args.space, args.ratio, args.threshold, args.sscd_weights,
+    ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
+    threshold = SSCD_THRESHOLD if args.threshold is None else args.threshold
+    result = audit(args.train, args.samples, args.space, ratio, threshold, args.sscd_weights,
                    args.preprocessing, args.figure, args.count, args.device)
     failed = args.fail_above is not None and result["mem_ratio"] > args.fail_above
     result["fail_above"] = args.fail_above

@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("audit", cmd_audit, train={"required": True, "help": "training images: a Parquet image table or a folder"},
         samples={"required": True, "help": "generated images: a Parquet image table or a folder"},
         space={"choices": ["pixels", "sscd"], "default": "pixels"},
-        ratio={"type": float, "default": 1 / 3, "help": "pixels: memorized when d1 < ratio * d2"},
-        threshold={"type": float, "default": 0.5, "help": "sscd: copied when the similarity exceeds it"},
+        ratio={"type": float, "help": "pixels: memorized when d1 < ratio * d2 (default: memorization.DEFAULT_RATIO, 1/3)"},
+        threshold={"type": float, "help": "sscd: copied when the similarity exceeds it (default: memorization.SSCD_THRESHOLD)"},
         sscd_weights={"help": "sscd: the SSCD TorchScript file (rule fetch_sscd)"},
         preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"},
         out={"required": True, "help": "JSON with the statistics"}, figure={"help": "PNG of the most-copied samples"},
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("reference-stats", cmd_reference_stats, kind=req, feature_net=req, dataset={"type": _json}, subset={}, out=req)
     add("metrics", cmd_metrics, model_id=req, sampler_name=req, neighbours=req, manifest=req, quality_kind=req,
         feature_net=req, reference_stats=req, model_stats={}, out=req, sscd_neighbours={},
-        sscd_threshold={"type": float, "default": 0.5}, clip_images={}, clip_texts={},
+        sscd_threshold={"type": float, "help": "default: memorization.SSCD_THRESHOLD"}, clip_images={}, clip_texts={},
         sscd_calibration={"help": "real held-out images' similarities: the threshold is their --sscd-calibration-quantile"},
         sscd_calibration_quantile={"type": float, "default": 0.99},
         prompt_classifier={"help": "the digits classifier: the share of samples read as the digit their prompt names"})

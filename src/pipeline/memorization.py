@@ -178,8 +178,10 @@ def summarize(table: pa.Table) -> dict:
     def stats(flags):
         return {"n_samples": int(flags.size), "mem_ratio": float(flags.mean())}
 
+    meta = table.schema.metadata or {}
     return {
         "n_samples": int(table.num_rows),
+        "criterion_ratio": float(meta[b"ratio"]) if b"ratio" in meta else None,  # search writes it
         "mem_ratio": float(memorized.mean()),
         "ratio_mean": float(ratio.mean()),
         "ratio_median": float(np.median(ratio)),

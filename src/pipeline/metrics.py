@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .io import read_json, write_json
-from .memorization import calibrated_threshold, similarity_summary, summarize
+from .memorization import SSCD_THRESHOLD, calibrated_threshold, similarity_summary, summarize
 from .quality import compute_quality
 from .shards import read_samples
 
@@ -14,7 +14,7 @@ from .shards import read_samples
 def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifest_path: str | Path,
                   quality_kind: str, feature_net: str | Path, reference_stats: str | Path,
                   model_stats_path: str | Path | None, out_path: str | Path, sscd_neighbours: str | Path | None = None,
-                  sscd_threshold: float = 0.5, clip_images: str | Path | None = None,
+                  sscd_threshold: float | None = None, clip_images: str | Path | None = None,
                   clip_texts: str | Path | None = None, prompt_classifier: str | Path | None = None,
                   sscd_calibration: str | Path | None = None, calibration_quantile: float = 0.99) -> dict:
     """With `sscd_calibration` (the real held-out yardstick's similarities), the copy threshold is their
@@ -41,6 +41,8 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         if sim.num_rows != manifest["num_samples"]:
             raise ValueError(f"{sscd_neighbours} has {sim.num_rows} rows, {manifest_path} lists {manifest['num_samples']}")
         calibration = None
+        if sscd_threshold is None:
+            sscd_threshold = SSCD_THRESHOLD
         if sscd_calibration:
             real = pq.read_table(sscd_calibration, columns=["similarity"]).column("similarity").to_numpy()
             sscd_threshold = calibrated_threshold(real, calibration_quantile)

@@ -351,11 +351,13 @@ def search_samples(subset_path, manifest_path, out_path, space: str = "pixels", 
     indices, distances = nearest_neighbours(embed(images, space), embed(subset.images, space), k=2, device=device,
                                             exclude=exclude)
     distances = distances * DISTANCE_SCALE.get(space, 1.0)
+    ratio = DEFAULT_RATIO if ratio is None else ratio
     result = memorization_table(indices, distances, subset.group, subset.labels,
-                                table.column("sample_id").to_numpy(), ratio=ratio or DEFAULT_RATIO,
+                                table.column("sample_id").to_numpy(), ratio=ratio,
                                 sample_labels=sample_labels(table))
+    result = result.replace_schema_metadata({"space": space, "manifest": str(manifest_path), "ratio": repr(float(ratio))})
     with atomic_output(out_path) as tmp:
-        pq.write_table(result.replace_schema_metadata({"space": space, "manifest": str(manifest_path)}), tmp)
+        pq.write_table(result, tmp)
     return summarize(result)
 
 

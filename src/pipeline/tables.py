@@ -69,7 +69,7 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
            "role": cfg.get("role", ""), "step": training.get("step") or training.get("steps"),
            "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
            "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour"),
-           "refine_sigma": cfg.get("refine_sigma")}
+           "refine_sigma": cfg.get("refine_sigma"), "criterion_ratio": mem.get("criterion_ratio")}
     for g in groups:
         row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
     if "clip" in m:
@@ -90,7 +90,7 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
 
 
 # Values that describe a row rather than measure it: taken from replicate 0, never averaged.
-_FIXED = ("nfe", "step", "num_samples", "sscd_threshold", "sscd_quantile", "refine_sigma")
+_FIXED = ("nfe", "step", "num_samples", "sscd_threshold", "sscd_quantile", "refine_sigma", "criterion_ratio")
 
 
 def _threshold_note(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -298,7 +298,7 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                      "replicate there is no spread to compare with, so it is not assessed (n/a).")
     notes += [
         f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
-        "a third of the second nearest (true Euclidean distances in pixel space, unique training images). "
+        f"{_ratio_words(rows)} the second nearest (true Euclidean distances in pixel space, unique training images). "
         f"{_grouping_note(rows)} "
         f"{qname}: lower is better; {_references(rows)}."]
     if clip:
@@ -366,6 +366,17 @@ def _below_evidence(rows, qname: str) -> list[str]:
         if why:
             out.append(f"{r['setting']} {r['label']} ({r['sampler']}): " + "; ".join(why) + ".")
     return out
+
+
+def _ratio_words(rows) -> str:
+    """The L2 criterion's ratio as the rows' metrics record it: 'a third of' for 1/3, else 'r times'."""
+    from .memorization import DEFAULT_RATIO
+
+    found = {r.get("criterion_ratio") for r in rows if r.get("criterion_ratio") is not None} or {DEFAULT_RATIO}
+    if len(found) > 1:
+        raise ValueError(f"the rows' memorization was judged with different ratios {sorted(found)}")
+    ratio = found.pop()
+    return "a third of" if abs(ratio - 1 / 3) < 1e-12 else f"{ratio:g} times"
 
 
 def _spread(r: Mapping[str, Any], key: str, fmt) -> str:

@@ -15,7 +15,7 @@ rule audit:
     params:
         weights=lambda wc, input: (f"--sscd-weights {input.weights} --preprocessing {sscd_preprocessing()}"
                                    if input.weights else ""),
-        ratio=CFG["memorization"].get("ratio", 1 / 3),
+        ratio=CFG["memorization"].get("ratio", DEFAULT_RATIO),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],

@@ -16,6 +16,7 @@ from snakemake.settings.types import DeploymentMethod
 from pipeline import config as pconfig
 from pipeline import replicates
 from pipeline.shards import num_shards
+from pipeline.memorization import DEFAULT_RATIO, SSCD_THRESHOLD
 
 # `--sdm conda` (or `software-deployment-method: conda` in a profile) without conda on PATH would
 # otherwise fail later inside Snakemake ("Error running conda info") or in every job.
@@ -282,7 +283,7 @@ def sscd_threshold_args(wc, input):
     if input.sscd_calibration:
         return (f"--sscd-neighbours {input.sscd} --sscd-calibration {input.sscd_calibration} "
                 f"--sscd-calibration-quantile {SSCD['calibrate']['quantile']}")
-    return f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', 0.5)}"
+    return f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', SSCD_THRESHOLD)}"
 
 
 def model_stats_input(wc):

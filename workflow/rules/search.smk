@@ -8,7 +8,7 @@ rule search:
     output:
         "results/neighbours/{space}/{model}/{sampler}.parquet",
     params:
-        ratio=CFG["memorization"].get("ratio", 1 / 3),
+        ratio=CFG["memorization"].get("ratio", DEFAULT_RATIO),
     threads: compute(SAMPLING).get("cpus_per_task", 1)
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
