@@ -296,8 +296,9 @@ def models_of(cfg: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def model_dir(cfg: Mapping[str, Any], model: str) -> str:
-    kind = models_of(cfg)[model]
+def model_dir(cfg: Mapping[str, Any], model: str, models: Mapping[str, str] | None = None) -> str:
+    """A model's directory; `models` is models_of(cfg) when the caller has it (the DAG asks per job)."""
+    kind = (models if models is not None else models_of(cfg))[model]
     if kind == "snapshots":
         base, step = model.split(SNAPSHOT_SEP)
         return f"results/snapshots/{base}/step-{step}"

@@ -191,7 +191,7 @@ def refine_teacher_files(wc):
 
 
 def model_files(model):
-    d = pconfig.model_dir(CFG, model)
+    d = pconfig.model_dir(CFG, model, MODELS)
     return {"weights": f"{d}/model.safetensors", "config": f"{d}/config.json", "stats": f"{d}/stats.json"}
 
 

@@ -19,7 +19,7 @@ rule distill:
         launch=lambda wc: accelerate_launch(STUDENTS[wc.student]),
         method=lambda wc: STUDENTS[wc.student]["method"],
         spec=lambda wc: as_json(distill_spec(STUDENTS[wc.student])),
-        teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc)),
+        teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc), MODELS),
         out=output_dir,
         gpus=lambda wc: gpus_required(STUDENTS[wc.student]),
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",
@@ -63,7 +63,7 @@ rule distill_lcm:
         launch=lambda wc: accelerate_launch(STUDENTS[wc.student]),
         spec=lambda wc: as_json({k: v for k, v in STUDENTS[wc.student].items()
                                  if k in ("train", "lcm", "snapshots", "gradient_checkpointing")}),
-        teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc)),
+        teacher_dir=lambda wc: pconfig.model_dir(CFG, student_teacher(wc), MODELS),
         out=output_dir,
         gpus=lambda wc: gpus_required(STUDENTS[wc.student]),
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",

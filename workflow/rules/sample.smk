@@ -14,7 +14,7 @@ rule sample_shard:
     output:
         "results/samples/{model}/{sampler}/shard-{shard}.parquet",
     params:
-        model_dir=lambda wc: pconfig.model_dir(CFG, wc.model),
+        model_dir=lambda wc: pconfig.model_dir(CFG, wc.model, MODELS),
         sampler=lambda wc: as_json(pconfig.sampler_spec(CFG, wc.sampler)),
         teacher=lambda wc, input: f"--teacher {os.path.dirname(input.teacher[0])}" if input.teacher else "",
         shard=lambda wc: int(wc.shard),

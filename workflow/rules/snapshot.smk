@@ -6,7 +6,7 @@
 
 rule snapshot:
     input:
-        lambda wc: f"{pconfig.model_dir(CFG, wc.run)}/snapshots",
+        lambda wc: f"{pconfig.model_dir(CFG, wc.run, MODELS)}/snapshots",
     output:
         weights="results/snapshots/{run}/step-{step}/model.safetensors",
         config="results/snapshots/{run}/step-{step}/config.json",
