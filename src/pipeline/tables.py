@@ -532,10 +532,12 @@ def refine_figure(table_csv: str | Path, out_png: str | Path) -> None:
         mem_ax, q_ax = axes[0][col], axes[1][col]
         students = list(dict.fromkeys(r["model"] for r in refined if r["subset"] == subset))
         lo = min(float(r["refine_sigma"]) for r in refined if r["subset"] == subset)
+        setting_color = {}
         for k, model in enumerate(students):
             pts = sorted((r for r in refined if r["model"] == model), key=lambda r: float(r["refine_sigma"]))
             x = [float(r["refine_sigma"]) for r in pts]
             color = colors[k % len(colors)]
+            setting_color.setdefault(pts[0]["setting"], color)
             for ax, key, scale in ((mem_ax, "mem", 100), (q_ax, "quality", 1)):
                 y, sd = _column(pts, key, scale), _column(pts, f"{key}_sd", scale)
                 ax.plot(x, y, "o-", color=color, label=f"{model} + refine")
@@ -547,8 +549,9 @@ def refine_figure(table_csv: str | Path, out_png: str | Path) -> None:
                             label=f"{model} unrefined ({raw[0]['sampler']})")
         for r in rows:
             if r["subset"] == subset and r["role"] == "teacher":
-                mem_ax.axhline(100 * float(r["mem"]), color="k", ls="--", lw=1, label=f"teacher {r['model']}")
-                q_ax.axhline(float(r["quality"]), color="k", ls="--", lw=1, label=f"teacher {r['model']}")
+                color = setting_color.get(r["setting"], "k")  # the teacher in its students' colour
+                mem_ax.axhline(100 * float(r["mem"]), color=color, ls="--", lw=1, label=f"teacher {r['model']}")
+                q_ax.axhline(float(r["quality"]), color=color, ls="--", lw=1, label=f"teacher {r['model']}")
             elif r["subset"] == subset and (parse_yardstick(r["model"]) or ("",))[0] == "real":
                 q_ax.axhline(float(r["quality"]), color="k", ls=":", lw=1, label=f"real held-out {qname}")
         mem_ax.set_title(subset)
