@@ -210,3 +210,19 @@ def test_replay_replicates_draw_afresh_and_held_out_yardsticks_have_none():
     for kind in ("real", "blur", "train"):
         with pytest.raises(ValueError, match="no replicates"):
             yardstick_rows(kind, subset, reserve, 30, seed=0, replicate=1)
+
+
+def test_wide_evidence_config_changes_only_the_moderate_regime():
+    """config/embedded-evidence-wide.yaml: the evidence config with its moderate regime on 160 digits and a
+    wider net; budgets, samplers, replicates and the severe regime are the evidence config's."""
+    base = pconfig.load(ROOT / "config" / "embedded-evidence.yaml")
+    wide = pconfig.load(ROOT / "config" / "embedded-evidence-wide.yaml")
+    assert wide["teachers"]["teacher-48"] == base["teachers"]["teacher-48"]
+    assert wide["students"]["cd-48"] == base["students"]["cd-48"]
+    assert wide["teachers"]["teacher-160"]["net"] == "unet-wide" and wide["subsets"]["digits-160"]["n"] == 160
+    assert wide["nets"]["unet-wide"]["block_out_channels"] == [32, 64]
+    assert {k: v for k, v in wide["teachers"]["teacher-160"].items() if k not in ("net", "subset")} == \
+        {k: v for k, v in base["teachers"]["teacher-112"].items() if k not in ("net", "subset")}
+    assert wide["students"]["cd-160"] == dict(base["students"]["cd-112"], teacher="teacher-160")
+    for key in ("replicates", "convergence", "samplers", "sampling", "memorization", "quality"):
+        assert wide[key] == base[key], key
