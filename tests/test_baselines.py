@@ -11,7 +11,8 @@ import torch
 from gaussian import F64, MU, S, SIGMA_MAX, SIGMA_MIN, exact_denoiser
 from pipeline.diffusion import edm_sample, euler_sample, euler_step, karras_sigmas, refine_sample
 from pipeline.distill.distances import l2
-from pipeline.distill.pd import grid_sigma, inverted_target, pd_loss, stage_plan, truncated_snr
+from pipeline.diffusion.karras import karras_curve
+from pipeline.distill.pd import inverted_target, pd_loss, stage_plan, truncated_snr
 
 
 class LookupStudent:
@@ -20,8 +21,8 @@ class LookupStudent:
 
     def __init__(self, teacher, n):
         self.teacher, self.n = teacher, n
-        self.levels = [grid_sigma(torch.tensor(i / n, dtype=F64), SIGMA_MIN, SIGMA_MAX, 7.0) for i in range(n + 1)]
-        self.mids = [grid_sigma(torch.tensor((i + 0.5) / n, dtype=F64), SIGMA_MIN, SIGMA_MAX, 7.0) for i in range(n)]
+        self.levels = [karras_curve(torch.tensor(i / n, dtype=F64), SIGMA_MIN, SIGMA_MAX, 7.0) for i in range(n + 1)]
+        self.mids = [karras_curve(torch.tensor((i + 0.5) / n, dtype=F64), SIGMA_MIN, SIGMA_MAX, 7.0) for i in range(n)]
 
     def __call__(self, x, sigma):
         out = torch.empty_like(x)

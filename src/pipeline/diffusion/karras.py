@@ -13,6 +13,11 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     """
     if n < 2:
         raise ValueError(f"a Karras grid needs at least 2 levels, got {n}")
-    ramp = torch.linspace(0, 1, n, dtype=dtype)
+    return karras_curve(torch.linspace(0, 1, n, dtype=dtype), sigma_min, sigma_max, rho)
+
+
+def karras_curve(u: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """The curve the grid samples, at u in [0, 1]: sigma_max at 0, sigma_min at 1, linear in sigma^(1/rho).
+    Progressive distillation reads it between grid points (its teacher's half steps)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    return (hi + u * (lo - hi)) ** rho

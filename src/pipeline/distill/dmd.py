@@ -92,6 +92,7 @@ class DistributionMatching:
         self.sigma_max = float(cfg["sigma_max"])
         self.sigma_data = float(generator.sigma_data)
         self.grid = karras_sigmas(GRID_LEVELS, cfg["sigma_min"], cfg["sigma_max"], cfg.get("rho", 7.0)).flip(0).float()
+        self.grid = self.grid.to(accelerator.device)  # once, not per loss call
         self.min_step = int(cfg.get("min_step_percent", 0.02) * GRID_LEVELS)
         self.max_step = int(cfg.get("max_step_percent", 0.98) * GRID_LEVELS)
         self.fake_updates = int(cfg.get("fake_updates", 5))
@@ -105,7 +106,7 @@ class DistributionMatching:
         self.regression_weight = float(cfg.get("regression", {}).get("weight", 0.0))
 
     def _sigmas(self, noise: BatchNoise, lo: int, hi: int) -> torch.Tensor:
-        return self.grid.to(noise.device)[lo + noise.randint(hi - lo)]
+        return self.grid[lo + noise.randint(hi - lo)]
 
     def loss(self, model, y, noise, labels=None):
         """The generator's loss; the batch y only sets the batch size (and the regression pairs' rows)."""
@@ -144,7 +145,6 @@ class DistributionMatching:
             if self.fake_grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.fake_grad_clip)
             self.fake_opt.step()
-        self.fake_loss = float(loss.detach())
 
     def extra_modules(self):
         return {"fake": self.fake, "fake_opt": self.fake_opt}

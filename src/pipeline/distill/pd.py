@@ -38,6 +38,7 @@ from accelerate.utils import set_seed
 
 from ..data import read_subset
 from ..diffusion import EDMDenoiser, conditioned, euler_step
+from ..diffusion.karras import karras_curve
 from ..diffusion.noise import BatchNoise
 from ..io import atomic_output, images_to_unit
 from ..modelio import load_model, model_meta, save_model
@@ -47,12 +48,6 @@ from .distances import get_distance
 from .run import load_edm_teacher, run_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def grid_sigma(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """The Karras curve at u in [0, 1]: sigma_max at 0, sigma_min at 1 (karras_sigmas samples it at i/(n-1))."""
-    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (hi + u * (lo - hi)) ** rho
 
 
 def inverted_target(x_t: torch.Tensor, t: torch.Tensor, x_t3: torch.Tensor, t3: torch.Tensor) -> torch.Tensor:
@@ -74,7 +69,7 @@ def pd_loss(student, teacher, x: torch.Tensor, num_steps: int, sigma_min: float,
     student, teacher = conditioned(student, labels), conditioned(teacher, labels)
     noise = BatchNoise.of(noise, x.shape[0], x.device)
     i = noise.randint(num_steps).to(x.dtype)
-    t, t2, t3 = (grid_sigma((i + k) / num_steps, sigma_min, sigma_max, rho) for k in (0.0, 0.5, 1.0))
+    t, t2, t3 = (karras_curve((i + k) / num_steps, sigma_min, sigma_max, rho) for k in (0.0, 0.5, 1.0))
     z = noise.randn(x.shape[1:], dtype=x.dtype)
     x_t = x + t.reshape(-1, *([1] * (x.ndim - 1))) * z
     with torch.no_grad():
