@@ -2,6 +2,7 @@
 #
 # Stages (one rule file each, data flowing one way through files):
 #   fetch -> subset -> train_teacher -> distill -> sample -> search -> metrics -> tables
+#   theory_analysis -> theory_report (Section 5's random-feature model, CPU only, beside the rest)
 # With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
 # the paper grid is --configfile config/config.yaml (no profile sets it: profiles say where jobs run).
 import os
@@ -34,9 +35,11 @@ include: "workflow/rules/metrics.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/audit.smk"
 include: "workflow/rules/cluster.smk"
+include: "workflow/rules/theory.smk"
 
 
 rule all:
     input:
         all_targets(),
+        THEORY_FILES if THEORY else [],
     default_target: True

@@ -49,6 +49,15 @@ def test_shipped_configs_load_and_validate(path):
     assert again == cfg and again is not cfg
 
 
+def test_a_sampler_sets_its_own_shard_size_which_the_sample_command_never_sees():
+    """One-step sample sets are one job in the paper grid; a teacher's are ten."""
+    cfg = pconfig.load(PAPER)
+    assert pconfig.shard_size(cfg, "1-step") == 50000 and pconfig.shard_size(cfg, "pd-1") == 50000
+    assert pconfig.shard_size(cfg, "heun-18") == cfg["sampling"]["shard_size"] == 5000
+    assert "shard_size" not in pconfig.sampler_spec(cfg, "1-step")
+    assert pconfig.sampler_spec(cfg, "refine-pd-10")["base_spec"] == {"kind": "euler", "steps": 1}
+
+
 def test_paper_config_is_table1_grid():
     cfg = pconfig.load(PAPER)
     assert {f"teacher-{n}" for n in (3000, 4000, 5000, 6000)} | {"teacher-localized"} <= set(cfg["teachers"])

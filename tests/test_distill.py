@@ -456,7 +456,7 @@ def test_random_student_inherits_nothing_and_is_seeded():
     a, _, counts = build_student(teacher, TINY_UNET, {"init": "random"}, 8, 1, 0.5, SIGMA_MIN)
     torch.manual_seed(5)
     b, _, _ = build_student(teacher, TINY_UNET, {"init": "random"}, 8, 1, 0.5, SIGMA_MIN)
-    assert counts["inherited_parameters"] == 0 and counts["inherited_tensors"] == 0
+    assert counts["init"] == "random" and counts["inherited_parameters"] == 0 and counts["inherited_tensors"] == 0
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.net.unet.conv_in.weight, teacher.net.unet.conv_in.weight)
     with pytest.raises(ValueError, match="initialisation"):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evidence(**top) -> dict:
-    """The evidence config (16x16 digits, 48 and 112 images, student snapshots at 400/800/1200), replicated as asked."""
+    """The evidence config (16x16 digits, 48 and 160 images, student snapshots at 500/1000/1500), replicated as asked."""
     cfg = yaml.safe_load((ROOT / "config" / "embedded-evidence.yaml").read_text())
     cfg.pop("replicates"), cfg.pop("convergence")
     return {**cfg, **top}
@@ -52,8 +52,8 @@ def test_schema_reserves_the_replicate_suffix():
 
 def test_expansion_derives_seeds_and_pairs_each_student_with_its_teachers_replicate():
     cfg = pconfig.validate(evidence(replicates=3))
-    assert [t for t in cfg["teachers"]] == ["teacher-48", "teacher-112", "teacher-48.r1", "teacher-48.r2",
-                                            "teacher-112.r1", "teacher-112.r2"]
+    assert [t for t in cfg["teachers"]] == ["teacher-48", "teacher-160", "teacher-48.r1", "teacher-48.r2",
+                                            "teacher-160.r1", "teacher-160.r2"]
     assert cfg["students"]["cd-48.r2"]["teacher"] == "teacher-48.r2"
     seeds = [cfg["teachers"][t]["train"]["seed"] for t in replicates.of("teacher-48", 3)]
     assert seeds[0] == 0 and len(set(seeds)) == 3
@@ -62,13 +62,13 @@ def test_expansion_derives_seeds_and_pairs_each_student_with_its_teachers_replic
     a, b = copy.deepcopy(cfg["teachers"]["teacher-48"]), copy.deepcopy(cfg["teachers"]["teacher-48.r1"])
     del a["train"]["seed"], b["train"]["seed"]
     assert a == b
-    assert pconfig.models_of(cfg)["cd-48.r1@400"] == "snapshots"
-    assert pconfig.model_dir(cfg, "cd-48.r1@400") == "results/snapshots/cd-48.r1/step-400"
+    assert pconfig.models_of(cfg)["cd-48.r1@500"] == "snapshots"
+    assert pconfig.model_dir(cfg, "cd-48.r1@500") == "results/snapshots/cd-48.r1/step-500"
     assert pconfig.sampling_seed(cfg, "teacher-48") == 0
-    assert pconfig.sampling_seed(cfg, "cd-48.r1@400") == pconfig.sampling_seed(cfg, "teacher-48.r1") != 0
-    assert pconfig.subset_of(cfg, "real~digits-112.r2") == "digits-112"
+    assert pconfig.sampling_seed(cfg, "cd-48.r1@500") == pconfig.sampling_seed(cfg, "teacher-48.r1") != 0
+    assert pconfig.subset_of(cfg, "real~digits-160.r2") == "digits-160"
     # one replicate (the default) changes nothing
-    assert pconfig.validate(evidence())["teachers"].keys() == {"teacher-48", "teacher-112"}
+    assert pconfig.validate(evidence())["teachers"].keys() == {"teacher-48", "teacher-160"}
 
 
 def test_table_rows_list_replicates_and_the_convergence_window():
@@ -76,15 +76,15 @@ def test_table_rows_list_replicates_and_the_convergence_window():
     rows = {(r["model"], r["sampler"]): r for r in pconfig.table_rows(cfg, "demo")}
     student = rows[("cd-48", "1-step")]
     assert student["replicates"] == ["cd-48", "cd-48.r1"]
-    assert student["window"] == [["cd-48@800", "cd-48.r1@800"], ["cd-48@1200", "cd-48.r1@1200"]]
+    assert student["window"] == [["cd-48@1000", "cd-48.r1@1000"], ["cd-48@1500", "cd-48.r1@1500"]]
     assert rows[("teacher-48", "heun-18")]["window"] == []  # teachers are not judged by it
     assert rows[("replay~digits-48", "data")]["replicates"] == ["replay~digits-48", "replay~digits-48.r1"]
     for kind in ("real", "blur", "train"):  # one fixed set each (yardsticks.REPLICATED)
         assert rows[(f"{kind}~digits-48", "data")]["replicates"] == [f"{kind}~digits-48"]
     order = pconfig.table_metrics(list(rows.values()))
     assert order[:2] == [("teacher-48", "heun-18"), ("teacher-48.r1", "heun-18")]
-    assert order[2:8] == [("cd-48", "1-step"), ("cd-48.r1", "1-step"), ("cd-48@800", "1-step"),
-                          ("cd-48.r1@800", "1-step"), ("cd-48@1200", "1-step"), ("cd-48.r1@1200", "1-step")]
+    assert order[2:8] == [("cd-48", "1-step"), ("cd-48.r1", "1-step"), ("cd-48@1000", "1-step"),
+                          ("cd-48.r1@1000", "1-step"), ("cd-48@1500", "1-step"), ("cd-48.r1@1500", "1-step")]
 
 
 def test_dry_run_plans_one_model_per_replicate_and_one_table_reads_them_all(tmp_path):
@@ -212,17 +212,19 @@ def test_replay_replicates_draw_afresh_and_held_out_yardsticks_have_none():
             yardstick_rows(kind, subset, reserve, 30, seed=0, replicate=1)
 
 
-def test_wide_evidence_config_changes_only_the_moderate_regime():
-    """config/embedded-evidence-wide.yaml: the evidence config with its moderate regime on 160 digits and a
-    wider net; budgets, samplers, replicates and the severe regime are the evidence config's."""
-    base = pconfig.load(ROOT / "config" / "embedded-evidence.yaml")
-    wide = pconfig.load(ROOT / "config" / "embedded-evidence-wide.yaml")
-    assert wide["teachers"]["teacher-48"] == base["teachers"]["teacher-48"]
-    assert wide["students"]["cd-48"] == base["students"]["cd-48"]
-    assert wide["teachers"]["teacher-160"]["net"] == "unet-wide" and wide["subsets"]["digits-160"]["n"] == 160
-    assert wide["nets"]["unet-wide"]["block_out_channels"] == [32, 64]
-    assert {k: v for k, v in wide["teachers"]["teacher-160"].items() if k not in ("net", "subset")} == \
-        {k: v for k, v in base["teachers"]["teacher-112"].items() if k not in ("net", "subset")}
-    assert wide["students"]["cd-160"] == dict(base["students"]["cd-112"], teacher="teacher-160")
-    for key in ("replicates", "convergence", "samplers", "sampling", "memorization", "quality"):
-        assert wide[key] == base[key], key
+def test_evidence_config_regimes_share_every_budget_and_differ_in_data_net_and_precision():
+    """config/embedded-evidence.yaml: the severe regime (unet-tiny, 48 digits, fp32) and the moderate one
+    (unet-wide, 160 digits, bf16 autocast) train and distil with the same budgets and protocol."""
+    cfg = pconfig.load(ROOT / "config" / "embedded-evidence.yaml")
+    severe, moderate = cfg["teachers"]["teacher-48"], cfg["teachers"]["teacher-160"]
+    assert (severe["net"], moderate["net"]) == ("unet-tiny", "unet-wide")
+    assert cfg["nets"]["unet-wide"]["block_out_channels"] == [32, 64] and cfg["subsets"]["digits-160"]["n"] == 160
+    assert "mixed_precision" not in severe["compute"] and moderate["compute"]["mixed_precision"] == "bf16"
+
+    def protocol(entry):
+        return {k: v for k, v in entry.items() if k not in ("net", "subset", "teacher", "compute")}
+
+    assert protocol(severe) == protocol(moderate)
+    assert protocol(cfg["students"]["cd-48"]) == protocol(cfg["students"]["cd-160"])
+    assert cfg["students"]["cd-48"]["train"]["steps"] == 2000 and cfg["students"]["cd-48"]["snapshots"] == [500, 1000, 1500]
+    assert cfg["students"]["cd-160"]["compute"]["mixed_precision"] == "bf16" and cfg["replicates"] == 3

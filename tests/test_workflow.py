@@ -90,7 +90,8 @@ def results_files(workdir: Path) -> list[Path]:
 
 def test_paper_config_dry_run(tmp_path):
     proc = check(snakemake(tmp_path, "-n", configfile=PAPER))
-    stats = job_stats(output_of(proc))
+    out = output_of(proc)
+    stats = job_stats(out)
     # Table 1 (4 teachers, 4 students), Table 2 (3 ImageNet teachers and students), Table 4 (the localized
     # teacher and student on CIFAR-10 and on ImageNet), Table 6 (stochastic teachers, 2-step students),
     # Table 7 (N = 40, 80), App. D.2 (narrow, wide and shallow teachers with their students), Figure 1 (5
@@ -120,8 +121,14 @@ def test_paper_config_dry_run(tmp_path):
     figure_only = 3
     sets = pairs + 4 + 2 + 10 + figure_only
     assert stats["sample_manifest"] == sets and stats["neighbour_figure"] == pairs
-    # 50000 samples in shards of 5000 per sample set
-    assert stats["sample_shard"] == 10 * sets
+    # 50000 samples per sample set, in shards of 5000, or in one for a sampler with shard_size 50000
+    # (the one-step and two-step students')
+    cfg = pconfig.load(PAPER)
+    samplers = [m.group(1) for m in {m.group(0): m for m in re.finditer(
+        r"results/samples/[^/\s]+/([^/\s]+)/manifest\.json", out)}.values() if m.group(1) in cfg["samplers"]]
+    single = [s for s in samplers if pconfig.shard_size(cfg, s) == 50000]
+    assert len(samplers) == sets and set(single) == {"1-step", "2-step", "pd-1", "dmd-1"}
+    assert stats["sample_shard"] == 10 * (sets - len(single)) + len(single)
     # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 13 training subsets
     assert stats["yardstick"] == 52
     measured = sets - figure_only
@@ -365,7 +372,7 @@ def test_embedded_explicit_configfile_dry_run(tmp_path):
     expected = {
         "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 2, "sample_shard": 6, "sample_manifest": 6,
         "yardstick": 8, "search": 14, "metrics": 14, "neighbour_figure": 6, "table": 2, "curve_figure": 1,
-        "train_feature_net": 1, "reference_stats": 1,
+        "train_feature_net": 1, "reference_stats": 1, "theory_analysis": 3, "theory_report": 1,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     assert "fetch_cifar10" not in stats and "fetch_inception" not in stats
@@ -477,6 +484,7 @@ def tiny_config() -> dict:
     cfg["memorization"]["sscd"] = {"weights": "sscd-tiny.torchscript.pt", "preprocessing": "dcr", "threshold": 0.5}
     cfg["quality"]["classifier_epochs"] = 2
     cfg["replicates"] = 2  # every model twice, with seeds derived from the replicate: tables show a spread
+    cfg["theory"].update(d=12, cd_samples=1000, seeds=[0, 1])  # the random-feature branch, shortened
     cfg["tables"] = {TINY_TABLE: {"title": "tiny", "figure": "curve", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
         {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
@@ -503,6 +511,17 @@ def tiny_run(tmp_path_factory):
     print(f"\ntiny end-to-end snakemake run: {elapsed:.1f} s")
     check(proc)
     return workdir, config, elapsed
+
+
+def test_tiny_run_theory_branch(tiny_run):
+    """Section 5's random-feature analysis runs in the same DAG: one model per seed, then its figures and table."""
+    workdir, _, _ = tiny_run
+    theory = workdir / "results" / "theory"
+    assert sorted(p.name for p in (theory / "analysis").iterdir()) == ["seed-0.npz", "seed-1.npz"]
+    for name in ("spectra.png", "modes.png", "ridge.png"):
+        assert (theory / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in (theory / "gen-share.md").read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[2].strip() for row in rows] == ["12", "12"]  # d, one row per seed
 
 
 def test_tiny_run_table(tiny_run):
@@ -555,7 +574,7 @@ def test_tiny_run_rows_aggregate_their_replicates(tiny_run):
 # Rules whose jobs need none of torch (nor diffusers): each job is a fresh process, and torch alone
 # costs about 3 s to import. Every job logs the heavy modules it loaded (pipeline.cli).
 TORCH_FREE_RULES = ("subset", "yardstick", "sample_manifest", "search", "similarity", "snapshot", "table",
-                    "curve_figure", "neighbour_figure", "metrics", "reference_stats")
+                    "curve_figure", "neighbour_figure", "metrics", "reference_stats", "theory_analysis", "theory_report")
 
 
 def test_tiny_run_rules_import_only_what_they_use(tiny_run):

@@ -302,6 +302,20 @@ def cmd_figure(a):
     neighbour_figure(a.manifest, a.neighbours, a.subset, a.out, count=a.count, sscd_path=a.sscd)
 
 
+def cmd_theory_analysis(a):
+    from .theory.analysis import write_analysis
+
+    result = write_analysis(a.spec, a.seed, a.out)
+    print(f"seed {a.seed}: {int(result['p'])} features, {int(result['n'])} points, chosen ridge {float(result['ridge']):g}, "
+          f"Gen share {float(result['gen_share']):.4f}")
+
+
+def cmd_theory_report(a):
+    from .theory.report import write_report
+
+    write_report(a.analyses, a.out_dir, a.tolerance)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.fetch import SD15_REPO, SD15_REVISION
 
@@ -388,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         labels={"required": True, "nargs": "+"}, count={"type": int, "default": 16}, out=req)
     add("curve", cmd_curve, table=req, out=req,
         kind={"choices": ["curve", "refine"], "default": "curve", "help": "the table's `figure`"})
+    add("theory-analysis", cmd_theory_analysis, spec=js, seed={"type": int, "required": True}, out=req)
+    add("theory-report", cmd_theory_report, analyses={"required": True, "nargs": "+"}, out_dir=req,
+        tolerance={"type": float, "required": True})
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},
         sscd={"help": "the SSCD most-similar search of the same samples, for the captions"})
     return p

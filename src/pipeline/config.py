@@ -356,11 +356,18 @@ def teacher_of(cfg: Mapping[str, Any], model: str) -> str:
 
 
 def sampler_spec(cfg: Mapping[str, Any], name: str) -> dict:
-    """A sampler's config as the sample command gets it: a refine sampler carries its base inline."""
-    spec = dict(cfg["samplers"][name])
+    """A sampler's config as the sample command gets it: a refine sampler carries its base inline.
+    `shard_size` is left out: it says how the samples are split into jobs, not how they are drawn."""
+    spec = {k: v for k, v in cfg["samplers"][name].items() if k != "shard_size"}
     if spec["kind"] == "refine":
-        spec["base_spec"] = dict(cfg["samplers"][spec["base"]])
+        spec["base_spec"] = {k: v for k, v in cfg["samplers"][spec["base"]].items() if k != "shard_size"}
     return spec
+
+
+def shard_size(cfg: Mapping[str, Any], sampler: str) -> int:
+    """Samples per shard job of a sampler: its own `shard_size`, else `sampling.shard_size`. A one-step
+    sampler's whole sample set is minutes of one GPU, where ten jobs would each pay start-up and queueing."""
+    return int(cfg["samplers"].get(sampler, {}).get("shard_size", cfg["sampling"]["shard_size"]))
 
 
 def net_of(cfg: Mapping[str, Any], model: str) -> dict:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import EDM_SAMPLERS
-from .diffusion import conditioned, consistency_sample, edm_sample, euler_sample, karras_sigmas, refine_sample
+from .diffusion import RHO, conditioned, consistency_sample, edm_sample, euler_sample, karras_sigmas, refine_sample
 from .diffusion.solvers import heun_nfe
 from .io import unit_to_images, write_image_table
 from .shards import shard_range
@@ -78,7 +78,7 @@ def consistency_ts(sampler: Mapping[str, Any], sigma_min: float, sigma_max: floa
     """
     if "ts" in sampler:
         return [float(t) for t in sampler["ts"]]
-    grid = karras_sigmas(sampler["grid_steps"], sigma_min, sigma_max, sampler.get("rho", 7.0))
+    grid = karras_sigmas(sampler["grid_steps"], sigma_min, sigma_max, sampler.get("rho", RHO))
     return [float(grid[i]) for i in sampler["ts_index"]]
 
 
@@ -121,7 +121,7 @@ def generate(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], seeds: 
         x0 = _sample(conditioned(model, labels), meta, sampler["base_spec"], noise)
         t_model, t_meta = teacher
         x = refine_sample(conditioned(t_model, labels), x0.clamp(-1, 1), noise(), sampler["sigma"], sampler["steps"],
-                          t_meta["sigma_min"], sampler.get("rho", 7.0))
+                          t_meta["sigma_min"], sampler.get("rho", RHO))
     else:
         x = _sample(conditioned(model, labels), meta, sampler, noise)
     return unit_to_images(x.float().cpu().numpy())
@@ -133,7 +133,7 @@ def _sample(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], noise: "
         if meta["kind"] != "edm":
             raise ValueError(f"the {kind} sampler needs an EDM denoiser, got a {meta['kind']} model")
         churn = {k: sampler[k] for k in ("S_churn", "S_min", "S_max", "S_noise") if k in sampler} if kind == "stochastic" else {}
-        x = edm_sample(model, noise(), sampler["steps"], meta["sigma_min"], meta["sigma_max"], sampler.get("rho", 7.0),
+        x = edm_sample(model, noise(), sampler["steps"], meta["sigma_min"], meta["sigma_max"], sampler.get("rho", RHO),
                        churn_noise=noise, **churn)
     elif kind == "consistency":
         if meta["kind"] != "consistency":
@@ -143,7 +143,7 @@ def _sample(model, meta: Mapping[str, Any], sampler: Mapping[str, Any], noise: "
     elif kind == "euler":
         if meta["kind"] != "edm":
             raise ValueError(f"the euler sampler needs an EDM denoiser, got a {meta['kind']} model")
-        x = euler_sample(model, noise(), sampler["steps"], meta["sigma_min"], meta["sigma_max"], sampler.get("rho", 7.0),
+        x = euler_sample(model, noise(), sampler["steps"], meta["sigma_min"], meta["sigma_max"], sampler.get("rho", RHO),
                          sampler.get("denoise", False))
     else:
         raise ValueError(f"unknown sampler kind {kind!r}")

@@ -16,7 +16,7 @@ rule audit:
         weights=lambda wc, input: (f"--sscd-weights {input.weights} --preprocessing {sscd_preprocessing()}"
                                    if input.weights else ""),
         ratio=CFG["memorization"].get("ratio", DEFAULT_RATIO),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,

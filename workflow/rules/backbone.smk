@@ -15,7 +15,8 @@ rule build_backbone:
         spec=lambda wc: as_json({k: v for k, v in BACKBONES[wc.ldm].items() if k not in ("kind", "dataset", "compute")}),
         out=lambda wc, output: os.path.dirname(output[0]),
         work=lambda wc: f"checkpoints/backbones/{wc.ldm}",
-    threads: lambda wc: compute(BACKBONES[wc.ldm]).get("cpus_per_task", 2)
+    threads: lambda wc: cpus_per_task(BACKBONES[wc.ldm])
+    priority: TEACHER_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(BACKBONES[wc.ldm])["gpu"],
         runtime=lambda wc: gpu_resources(BACKBONES[wc.ldm])["runtime"],
@@ -42,12 +43,12 @@ rule cache_latents:
         "results/latents/{subset}/{ldm}.safetensors",
     params:
         backbone_dir=lambda wc, input: os.path.dirname(input.backbone),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=gpu_resources(SAMPLING)["runtime"],
         mem_mb=gpu_resources(SAMPLING)["mem_mb"],
-        cpus_per_task=gpu_resources(SAMPLING)["cpus_per_task"],
+        cpus_per_task=SAMPLING_CPUS,
     log:
         "logs/cache_latents/{subset}/{ldm}.log",
     benchmark:

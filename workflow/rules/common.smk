@@ -116,7 +116,19 @@ def accelerate_launch(spec):
     return " ".join(args) + " -m pipeline"
 
 
-def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1):
+# Training starts before the sampling and measuring that is ready beside it: it is the long work, and
+# everything after it waits on it (in the evidence run, a teacher scheduled behind sampling jobs and
+# its student then ran alone for the last quarter of an hour). Teachers first: students wait on them.
+TEACHER_PRIORITY, STUDENT_PRIORITY = 2, 1
+
+
+def cpus_per_task(spec, default=2):
+    """A job's CPU threads, which is also what the scheduler is asked for: `compute.cpus_per_task`,
+    by default 2 for a training rule and 1 for the sampling stages (SAMPLING_CPUS)."""
+    return compute(spec).get("cpus_per_task", default)
+
+
+def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1, cpus=2):
     """A rule's scheduler request from its config entry's `compute`. A retry (attempt 2, 3, ...) asks
     for `attempt` times the runtime and half as much memory again per attempt: a job that ran out of
     time resumes from its checkpoint with more of it."""
@@ -125,7 +137,7 @@ def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1):
         gpu=c.get("gpus", 0),
         runtime=c.get("runtime", runtime) * attempt,
         mem_mb=int(c.get("mem_mb", mem_mb) * (1 + (attempt - 1) / 2)),
-        cpus_per_task=c.get("cpus_per_task", 2),
+        cpus_per_task=cpus_per_task(spec, cpus),
     )
 
 
@@ -345,7 +357,7 @@ def dataset_spec(dataset_cfg):
 
 
 SAMPLING = CFG["sampling"]
-NUM_SHARDS = num_shards(SAMPLING["num_samples"], SAMPLING["shard_size"])
+SAMPLING_CPUS = cpus_per_task(SAMPLING, 1)
 
 
 def on_sampling_gpus(command):
@@ -354,7 +366,8 @@ def on_sampling_gpus(command):
 
 
 def shard_files(model, sampler):
-    return [f"results/samples/{model}/{sampler}/shard-{k:05d}.parquet" for k in range(NUM_SHARDS)]
+    count = num_shards(SAMPLING["num_samples"], pconfig.shard_size(CFG, sampler))
+    return [f"results/samples/{model}/{sampler}/shard-{k:05d}.parquet" for k in range(count)]
 
 
 def table_files(table):

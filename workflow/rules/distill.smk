@@ -23,7 +23,8 @@ rule distill:
         out=output_dir,
         gpus=lambda wc: gpus_required(STUDENTS[wc.student]),
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",
-    threads: lambda wc: compute(STUDENTS[wc.student]).get("cpus_per_task", 2)
+    threads: lambda wc: cpus_per_task(STUDENTS[wc.student])
+    priority: STUDENT_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(STUDENTS[wc.student])["gpu"],
         runtime=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["runtime"],
@@ -67,7 +68,8 @@ rule distill_lcm:
         out=output_dir,
         gpus=lambda wc: gpus_required(STUDENTS[wc.student]),
         ckpt=lambda wc: f"checkpoints/students/{wc.student}",
-    threads: lambda wc: compute(STUDENTS[wc.student]).get("cpus_per_task", 2)
+    threads: lambda wc: cpus_per_task(STUDENTS[wc.student])
+    priority: STUDENT_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(STUDENTS[wc.student])["gpu"],
         runtime=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["runtime"],

@@ -17,7 +17,7 @@ rule embed_samples:
         manifest="results/embeddings/{espace}/{model}/{sampler}.json",
     params:
         options=lambda wc: embedding_options(wc.espace),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=120,
@@ -43,7 +43,7 @@ rule embed_subset:
         manifest=f"results/embeddings/{SIM}/subsets/{{subset}}.json",
     params:
         options=embedding_options(SIM),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=120,
@@ -68,7 +68,7 @@ rule similarity:
         manifest="results/samples/{model}/{sampler}/manifest.json",
     output:
         f"results/neighbours/{SIM}/{{model}}/{{sampler}}.parquet",
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,

@@ -34,7 +34,7 @@ rule reference_stats:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
         dataset=lambda wc: as_json(dataset_spec(CFG["datasets"][wc.refdata])),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=120,
@@ -60,7 +60,7 @@ rule subset_reference_stats:
     params:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,
@@ -97,7 +97,7 @@ rule metrics:
         clip=lambda wc, input: f"--clip-images {input.clip[0]} --clip-texts {input.clip[1]}" if input.clip else "",
         prompt_class=lambda wc: (f"--prompt-classifier {DIGITS_CLASSIFIER}"
                                  if QUALITY.get("prompt_class") and prompt_conditioned(wc.model) else ""),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,

@@ -18,16 +18,16 @@ rule sample_shard:
         sampler=lambda wc: as_json(pconfig.sampler_spec(CFG, wc.sampler)),
         teacher=lambda wc, input: f"--teacher {os.path.dirname(input.teacher[0])}" if input.teacher else "",
         shard=lambda wc: int(wc.shard),
-        shard_size=SAMPLING["shard_size"],
+        shard_size=lambda wc: pconfig.shard_size(CFG, wc.sampler),
         num_samples=SAMPLING["num_samples"],
         batch_size=SAMPLING.get("batch_size", 256),
         seed=lambda wc: pconfig.sampling_seed(CFG, wc.model),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=gpu_resources(SAMPLING, runtime=120)["runtime"],
         mem_mb=gpu_resources(SAMPLING)["mem_mb"],
-        cpus_per_task=gpu_resources(SAMPLING)["cpus_per_task"],
+        cpus_per_task=SAMPLING_CPUS,
     log:
         "logs/sample_shard/{model}/{sampler}/shard-{shard}.log",
     benchmark:
@@ -52,7 +52,7 @@ rule sample_manifest:
     output:
         "results/samples/{model}/{sampler}/manifest.json",
     params:
-        shard_size=SAMPLING["shard_size"],
+        shard_size=lambda wc: pconfig.shard_size(CFG, wc.sampler),
         num_samples=SAMPLING["num_samples"],
     log:
         "logs/sample_manifest/{model}/{sampler}.log",

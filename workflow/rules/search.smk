@@ -9,7 +9,7 @@ rule search:
         "results/neighbours/{space}/{model}/{sampler}.parquet",
     params:
         ratio=CFG["memorization"].get("ratio", DEFAULT_RATIO),
-    threads: compute(SAMPLING).get("cpus_per_task", 1)
+    threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,

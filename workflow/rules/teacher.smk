@@ -19,7 +19,8 @@ rule train_teacher:
         out=output_dir,
         gpus=lambda wc: gpus_required(CFG["teachers"][wc.teacher]),
         ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
-    threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)
+    threads: lambda wc: cpus_per_task(CFG["teachers"][wc.teacher])
+    priority: TEACHER_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
         runtime=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["runtime"],
@@ -61,7 +62,8 @@ rule finetune_teacher:
         out=output_dir,
         gpus=lambda wc: gpus_required(CFG["teachers"][wc.teacher]),
         ckpt=lambda wc: f"checkpoints/teachers/{wc.teacher}",
-    threads: lambda wc: compute(CFG["teachers"][wc.teacher]).get("cpus_per_task", 2)
+    threads: lambda wc: cpus_per_task(CFG["teachers"][wc.teacher])
+    priority: TEACHER_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
         runtime=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["runtime"],

@@ -29,4 +29,10 @@ class EDMLoss:
         sigma = (rnd * self.p_std + self.p_mean).exp()
         n = noise.randn(y.shape[1:], dtype=y.dtype) * sigma.reshape(-1, 1, 1, 1)
         d = conditioned(denoiser, class_labels)(y + n, sigma)
+        # Mean over pixels where NVlabs/edm sums (training/loss.py returns the per-pixel loss and
+        # training/training_loop.py backpropagates loss.sum() / batch): the gradient is smaller by
+        # C x H x W, which Adam's update ignores except through eps (1e-8; EDM's CIFAR-10 gradients
+        # are orders of magnitude above it), so the Adam teachers train as EDM's do, and one
+        # learning rate and loss scale read the same across resolutions. A non-adaptive optimizer's
+        # learning rate, or a gradient-norm clip, would need multiplying by C x H x W to match EDM's.
         return (self.weight(sigma).reshape(-1, 1, 1, 1) * (d - y) ** 2).flatten(1).mean(1)

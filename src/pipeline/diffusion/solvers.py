@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .karras import karras_sigmas
+from .karras import RHO, karras_sigmas
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,7 +43,7 @@ NoiseSource = Callable[[], torch.Tensor]
 
 @torch.no_grad()
 def edm_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 18, sigma_min: float = 0.002,
-               sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+               sigma_max: float = 80.0, rho: float = RHO, S_churn: float = 0.0, S_min: float = 0.0,
                S_max: float = float("inf"), S_noise: float = 1.0,
                churn_noise: NoiseSource | None = None) -> torch.Tensor:
     """EDM's sampler (NVlabs/edm generate.py `edm_sampler`; Karras et al. 2022, Algorithm 2).
@@ -73,14 +73,14 @@ def edm_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 18, sigma_m
 
 
 def heun_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 18, sigma_min: float = 0.002,
-                sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+                sigma_max: float = 80.0, rho: float = RHO) -> torch.Tensor:
     """EDM's deterministic sampler (Algorithm 1): `steps` levels then sigma = 0, 2*steps - 1 evaluations."""
     return edm_sample(denoiser, noise, steps, sigma_min, sigma_max, rho)
 
 
 @torch.no_grad()
 def euler_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, rho: float = 7.0, denoise: bool = False) -> torch.Tensor:
+                 sigma_max: float = 80.0, rho: float = RHO, denoise: bool = False) -> torch.Tensor:
     """`steps` Euler steps of the PF-ODE on the Karras grid of steps + 1 levels: `steps` evaluations.
 
     How a progressively distilled student samples (consistency_models_cifar10 jcm/sampling.py
@@ -102,7 +102,7 @@ def euler_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, sigma_min:
 
 @torch.no_grad()
 def refine_sample(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: float, steps: int = 18,
-                  sigma_min: float = 0.002, rho: float = 7.0) -> torch.Tensor:
+                  sigma_min: float = 0.002, rho: float = RHO) -> torch.Tensor:
     """"+refine" (the study's App. A.1): perturb a sample x0 to level sigma, x0 + sigma z, and solve the
     teacher's PF-ODE back with EDM's Heun sampler on a `steps`-level Karras grid from sigma.
 

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..data import read_subset
-from ..diffusion import ConsistencyFunction, conditioned, euler_step, heun_step, karras_sigmas
+from ..diffusion import RHO, ConsistencyFunction, conditioned, euler_step, heun_step, karras_sigmas
 from ..diffusion.noise import BatchNoise
 from ..io import images_to_unit
 from ..modelio import model_meta
@@ -127,7 +127,8 @@ def student_net_config(teacher_net: Mapping[str, Any], student_net: Mapping[str,
 def build_student(teacher, teacher_net: Mapping[str, Any], spec: Mapping[str, Any], resolution: int, channels: int,
                   sigma_data: float, sigma_min: float) -> tuple[ConsistencyFunction, dict, dict]:
     """The student consistency function, initialised from the teacher (every parameter of matching name
-    and shape) or at random (App. D.3); returns (student, its net config, inheritance counts)."""
+    and shape) or at random (App. D.3); returns (student, its net config, the initialisation with its
+    inheritance counts)."""
     net_cfg = student_net_config(teacher_net, spec.get("net_config"), spec.get("dropout", 0.0))
     if num_classes(net_cfg) != num_classes(teacher_net):
         raise ValueError(f"the student net is conditioned on {num_classes(net_cfg)} classes, its teacher on "
@@ -142,7 +143,7 @@ def build_student(teacher, teacher_net: Mapping[str, Any], spec: Mapping[str, An
                   "tensors": len(net.state_dict())}
     else:
         raise ValueError(f"unknown student initialisation {init!r}; available: teacher, random")
-    return ConsistencyFunction(net, sigma_data, sigma_min).requires_grad_(True).train(), net_cfg, counts
+    return ConsistencyFunction(net, sigma_data, sigma_min).requires_grad_(True).train(), net_cfg, {"init": init, **counts}
 
 
 def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: Mapping[str, Any],
@@ -156,7 +157,7 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     sigma_min, sigma_max = tmeta["sigma_min"], tmeta["sigma_max"]
     student, net_cfg, counts = build_student(teacher, tmeta["net"], cfg, tmeta["resolution"], tmeta["channels"],
                                              tmeta["sigma_data"], sigma_min)
-    sigmas = karras_sigmas(cfg["num_scales"], sigma_min, sigma_max, cfg.get("rho", 7.0)).flip(0).to(torch.float32)
+    sigmas = karras_sigmas(cfg["num_scales"], sigma_min, sigma_max, cfg.get("rho", RHO)).flip(0).to(torch.float32)
     metric = cfg.get("metric", "l2")
     distance = get_distance(metric, cfg.get("lpips"))
     if isinstance(distance, torch.nn.Module):
@@ -170,12 +171,12 @@ def distill_cd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
              "(shared masks: %s), %d parameters", cfg["num_scales"], solver, metric, objective.mu,
              net_cfg["dropout"], objective.shared_dropout, count_parameters(student))
     log.info("student initialisation %s: inherited %d of %d parameters (%d of %d tensors) from the teacher",
-             cfg.get("init", "teacher"), counts["inherited_parameters"], counts["parameters"],
+             counts["init"], counts["inherited_parameters"], counts["parameters"],
              counts["inherited_tensors"], counts["tensors"])
     meta = model_meta("consistency", net_cfg, tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       sigma_min, sigma_max, teacher=str(teacher_dir))
     stats = train_student(objective, images, subset.expanded_indices(), tcfg, accelerator, cfg, subset_path, teacher_dir,
                           out_dir, meta, "cd", checkpoint_dir, metrics_log, labels, num_classes=num_classes(net_cfg),
                           num_scales=cfg["num_scales"], metric=metric, solver=solver, target_ema=objective.mu,
-                          student_dropout=net_cfg["dropout"], init=cfg.get("init", "teacher"), **counts)
+                          student_dropout=net_cfg["dropout"], **counts)
     return stats

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..data import read_subset
-from ..diffusion import conditioned
+from ..diffusion import RHO, conditioned
 from ..diffusion.noise import BatchNoise
 from ..io import images_to_unit
 from ..modelio import model_meta
@@ -83,7 +83,7 @@ def distill_cd_continuous(subset_path: str | Path, teacher_dir: str | Path, out_
     student, net_cfg, counts = build_student(teacher, tmeta["net"], cfg, tmeta["resolution"], tmeta["channels"],
                                              tmeta["sigma_data"], sigma_min)
     stopgrad = bool(cfg.get("stopgrad", False))
-    objective = ContinuousConsistencyDistillation(student, teacher, sigma_min, sigma_max, cfg.get("rho", 7.0), stopgrad)
+    objective = ContinuousConsistencyDistillation(student, teacher, sigma_min, sigma_max, cfg.get("rho", RHO), stopgrad)
     subset = read_subset(subset_path)
     images = torch.from_numpy(images_to_unit(subset.images))
     labels = class_labels(net_cfg, subset.labels, str(subset_path))
@@ -94,5 +94,5 @@ def distill_cd_continuous(subset_path: str | Path, teacher_dir: str | Path, out_
     stats = train_student(objective, images, subset.expanded_indices(), tcfg, accelerator, cfg, subset_path, teacher_dir,
                           out_dir, meta, "cd-continuous", checkpoint_dir, metrics_log, labels,
                           num_classes=num_classes(net_cfg), stopgrad=stopgrad, student_dropout=net_cfg["dropout"],
-                          init=cfg.get("init", "teacher"), **counts)
+                          **counts)
     return stats

@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..data import read_subset
-from ..diffusion import EDMDenoiser, edm_sample, karras_sigmas
+from ..diffusion import RHO, EDMDenoiser, edm_sample, karras_sigmas
 from ..diffusion.noise import BatchNoise, step_seed
 from ..io import images_to_unit
 from ..modelio import model_meta
@@ -91,7 +91,7 @@ class DistributionMatching:
         self.accelerator = accelerator
         self.sigma_max = float(cfg["sigma_max"])
         self.sigma_data = float(generator.sigma_data)
-        self.grid = karras_sigmas(GRID_LEVELS, cfg["sigma_min"], cfg["sigma_max"], cfg.get("rho", 7.0)).flip(0).float()
+        self.grid = karras_sigmas(GRID_LEVELS, cfg["sigma_min"], cfg["sigma_max"], cfg.get("rho", RHO)).flip(0).float()
         self.grid = self.grid.to(accelerator.device)  # once, not per loss call
         self.min_step = int(cfg.get("min_step_percent", 0.02) * GRID_LEVELS)
         self.max_step = int(cfg.get("max_step_percent", 0.98) * GRID_LEVELS)

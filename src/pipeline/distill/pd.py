@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 
 from ..data import read_subset
 from ..diffusion import EDMDenoiser, conditioned, euler_step
-from ..diffusion.karras import karras_curve
+from ..diffusion.karras import RHO, karras_curve
 from ..diffusion.noise import BatchNoise
 from ..io import atomic_output, images_to_unit
 from ..modelio import load_model, model_meta, save_model
@@ -117,7 +117,7 @@ def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     accelerator = Accelerator()
     teacher, tmeta = load_edm_teacher(teacher_dir, accelerator.device, "progressive distillation")
     sigma_min, sigma_max = tmeta["sigma_min"], tmeta["sigma_max"]
-    rho = float(cfg.get("rho", 7.0))
+    rho = float(cfg.get("rho", RHO))
     pd = cfg["pd"]
     plan = stage_plan(pd["start_scales"], pd["stage_steps"], pd.get("final_stage_steps"))
     metric = cfg.get("metric", "l2")

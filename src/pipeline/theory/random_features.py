@@ -1,0 +1,264 @@
+"""The random-feature model of the study's Section 5, simulated directly (numpy only).
+
+The study's text lost most formulas in extraction; below is every formula used, where it comes
+from, and which parts are our reconstruction ("ours").
+
+Data and noise: n training points x_nu in R^d, x ~ N(0, Sigma) with Sigma = I (the study's App. B.3)
+or Bonnaire et al.'s two-delta spectrum, half the eigenvalues lambda1 and half lambda2
+(tbonnair/Why-Diffusion-Models-Don-t-Memorize, Theory/src/plot_spectrum_U.py l.89). The OU forward
+process at a fixed time t: x_t = e^{-t} x + sqrt(Delta_t) eta, Delta_t = 1 - e^{-2t}
+(Theory/src/Training_random_features.py l.46-47, 71).
+
+Features: W in R^{p x d} with i.i.d. N(0, 1) entries, phi(x) = tanh(W x / sqrt(d)) (same file, l.59, 66).
+
+Teacher: s_A(x) = A phi(x) / sqrt(p), A in R^{d x p}, trained by denoising score matching at time t,
+  L(A) = 1/(n d) sum_nu E_eta || sqrt(Delta_t) s_A(x_nu^t) + eta ||^2            (same file, l.72)
+       = 1/d [ Delta_t/p tr(A U A^T) + 2 sqrt(Delta_t/p) tr(A V) + E||eta||^2 ],
+  U = 1/n sum_nu E_eta[phi phi^T] (p x p),   V = 1/n sum_nu E_eta[phi eta^T] (p x d).
+U is the teacher curvature: the Hessian of L in each row of A is 2 Delta_t / (p d) U. L is quadratic,
+so gradient flow from A = 0 converges to (Lemma 5.2, the study's Eq. 5.5)
+  A* = -sqrt(p / Delta_t) V^T U^{-1}.
+E_eta is taken over `noise_draws` fixed draws per training point: A* is then the exact minimiser of
+the loss on those draws, which is what the gradient-descent check trains.
+
+One teacher step: the OU probability-flow ODE dx/dt = -x - grad log p_t(x), one Euler step of size h
+from t towards t - h with the teacher's score, x' = x_t + h (x_t + s_A(x_t)); the teacher-induced
+perturbation is eps = x' - x_t.
+
+Student and CD curvature: the student consistency map on the same features, f_B(x) = B phi(x)/sqrt(p);
+the one-step CD loss (Eq. 5.1) E || f_B(x') - f_B(x_t) ||^2 / d = tr(B C B^T) / (p d), with
+  C = E[dphi dphi^T],  dphi = phi(x') - phi(x_t)                                       (Eq. 5.3),
+over training points and fresh noise (CD draws x from the training set: Song et al. 2023, Alg. 2).
+
+Lemma 5.1 (ours, from the steps of App. C.2): per feature i, with delta_i = w_i . eps / sqrt(d), the L2
+projection kappa = E[dphi_i delta_i] / E[delta_i^2] and the residual variance
+rho = E[dphi_i^2] - kappa^2 E[delta_i^2]; under Gaussian equivalence the cross terms vanish and
+  C ~ kappa^2 W Sigma_eps W^T / d + rho I,     Sigma_eps = E[eps eps^T].
+
+Theorem 5.3 (ours, following App. C.3 for Sigma = I, where every pre-activation has unit variance at
+every t): Stein's lemma gives V ~ sqrt(Delta_t) mu1 W / sqrt(d) and E[phi x_t^T] ~ mu1 W / sqrt(d),
+mu1 = E[tanh'(g)], g ~ N(0, 1); with E[phi phi^T] = U, Sigma_eps / h^2 ~ I - mu1^2 W^T U^{-1} W / d, so
+with the random-feature metric P = W W^T / d
+  C ~ rho I + kappa^2 h^2 (P - mu1^2 P (U + gamma I)^{-1} P),
+gamma = 0 in the theorem and the ridge of App. B.3.1 otherwise. The structured part lies in range(W),
+of dimension d: C has the eigenvalue rho with multiplicity at least p - d (the study's atom, Fig. 2b).
+
+Per-mode response (Eqs. 5.9-5.10; the names are ours): along an eigenpair (lambda_k, u_k) of U, the
+visibility v_k = u_k^T P u_k, the resolvent subtraction r_k = mu1^2 u_k^T P (U + gamma I)^{-1} P u_k, and
+the signed response s_k = v_k - r_k, the non-isotropic part of u_k^T C u_k over kappa^2 h^2
+(s_k > 0: net retention, s_k < 0: suppression).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GAUSS_HERMITE_POINTS = 80  # E[f(g)], g ~ N(0, 1), exact to far below the Monte-Carlo noise of every estimate here
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One random-feature model: sizes, diffusion time t, Euler step h, data covariance, seed."""
+    d: int
+    p: int
+    n: int
+    t: float
+    h: float
+    covariance: tuple[float, float] = (1.0, 1.0)  # (lambda1, lambda2): the two-delta spectrum; (1, 1) is Sigma = I
+    noise_draws: int = 32
+    seed: int = 0
+
+    @property
+    def delta(self) -> float:
+        return 1.0 - np.exp(-2.0 * self.t)
+
+
+@dataclass
+class Model:
+    """A drawn instance: features W, training set X (n x d), the noise draws of the teacher's loss, U, V."""
+    setup: Setup
+    W: np.ndarray
+    X: np.ndarray
+    eta: np.ndarray  # (noise_draws, n, d)
+    U: np.ndarray
+    V: np.ndarray
+
+    @property
+    def metric(self) -> np.ndarray:
+        """P = W W^T / d, the random-feature metric."""
+        return self.W @ self.W.T / self.setup.d
+
+
+def covariance_spectrum(d: int, covariance: tuple[float, float]) -> np.ndarray:
+    lam1, lam2 = covariance
+    return np.array([lam1] * (d // 2) + [lam2] * (d - d // 2), dtype=np.float64)
+
+
+def features(W: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """phi(x) = tanh(W x / sqrt(d)) for the rows of x: shape (..., p)."""
+    return np.tanh(x @ W.T / np.sqrt(W.shape[1]))
+
+
+def noisy(setup: Setup, x: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    return np.exp(-setup.t) * x + np.sqrt(setup.delta) * eta
+
+
+def draw(setup: Setup) -> Model:
+    """Draw W, the training set and the teacher's noise; U and V over those draws."""
+    rng = np.random.default_rng(setup.seed)
+    W = rng.standard_normal((setup.p, setup.d))
+    X = rng.standard_normal((setup.n, setup.d)) * np.sqrt(covariance_spectrum(setup.d, setup.covariance))
+    eta = rng.standard_normal((setup.noise_draws, setup.n, setup.d))
+    phi = features(W, noisy(setup, X[None], eta)).reshape(-1, setup.p)
+    count = phi.shape[0]
+    return Model(setup, W, X, eta, U=phi.T @ phi / count, V=phi.T @ eta.reshape(-1, setup.d) / count)
+
+
+def dsm_loss(model: Model, A: np.ndarray) -> float:
+    """L(A) on the model's noise draws, the normalisation of Training_random_features.py l.72."""
+    s = model.setup
+    phi = features(model.W, noisy(s, model.X[None], model.eta))
+    residual = np.sqrt(s.delta) * phi @ A.T / np.sqrt(s.p) + model.eta
+    return float(np.sum(residual ** 2) / (s.noise_draws * s.n * s.d))
+
+
+def dsm_gradient(model: Model, A: np.ndarray) -> np.ndarray:
+    s = model.setup
+    return 2.0 / s.d * (s.delta / s.p * A @ model.U + np.sqrt(s.delta / s.p) * model.V.T)
+
+
+def teacher_curvature_scale(setup: Setup) -> float:
+    """The Hessian of L in one row of A is this times U."""
+    return 2.0 * setup.delta / (setup.p * setup.d)
+
+
+def closed_form_teacher(model: Model) -> np.ndarray:
+    """A* = -sqrt(p / Delta_t) V^T U^+ (Lemma 5.2), the limit of gradient flow from A = 0."""
+    s = model.setup
+    return -np.sqrt(s.p / s.delta) * model.V.T @ np.linalg.pinv(model.U, hermitian=True)
+
+
+def gradient_descent_teacher(model: Model, steps: int, lr: float | None = None) -> np.ndarray:
+    """Full-batch gradient descent from A = 0 on the same loss (the check of the closed form); the
+    default step is 1 / (largest Hessian eigenvalue), which converges without overshoot."""
+    hessian_top = teacher_curvature_scale(model.setup) * np.linalg.eigvalsh(model.U)[-1]
+    lr = 1.0 / hessian_top if lr is None else lr
+    A = np.zeros((model.setup.d, model.setup.p))
+    for _ in range(steps):
+        A -= lr * dsm_gradient(model, A)
+    return A
+
+
+def score(model: Model, A: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return features(model.W, x) @ A.T / np.sqrt(model.setup.p)
+
+
+def euler_step(model: Model, A: np.ndarray, x_t: np.ndarray) -> np.ndarray:
+    """One Euler step of the OU probability-flow ODE from t towards t - h with the teacher's score."""
+    return x_t + model.setup.h * (x_t + score(model, A, x_t))
+
+
+@dataclass
+class CDCurvature:
+    """C = E[dphi dphi^T] from samples, with Lemma 5.1's kappa and rho and the teacher perturbations' E[eps eps^T]."""
+    C: np.ndarray
+    kappa: float
+    rho: float
+    sigma_eps: np.ndarray
+
+
+def cd_curvature(model: Model, A: np.ndarray, samples: int, seed: int = 1) -> CDCurvature:
+    """C of the one-step CD loss, over `samples` noisy training points (fresh noise, uniform points)."""
+    s = model.setup
+    rng = np.random.default_rng(seed)
+    x = model.X[rng.integers(0, s.n, samples)]
+    x_t = noisy(s, x, rng.standard_normal(x.shape))
+    eps = euler_step(model, A, x_t) - x_t
+    dphi = features(model.W, x_t + eps) - features(model.W, x_t)
+    delta = eps @ model.W.T / np.sqrt(s.d)
+    kappa = float(np.sum(dphi * delta) / np.sum(delta ** 2))
+    rho = float(np.mean(dphi ** 2) - kappa ** 2 * np.mean(delta ** 2))
+    return CDCurvature(C=dphi.T @ dphi / samples, kappa=kappa, rho=rho, sigma_eps=eps.T @ eps / samples)
+
+
+def gaussian_mean(f) -> float:
+    """E[f(g)], g ~ N(0, 1), by Gauss-Hermite quadrature."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_POINTS)
+    return float(np.sum(weights * f(nodes)) / np.sqrt(2.0 * np.pi))
+
+
+def mu1() -> float:
+    """mu1 = E[tanh'(g)], g ~ N(0, 1): the linear Gaussian-equivalent coefficient of tanh at unit variance."""
+    return gaussian_mean(lambda g: 1.0 - np.tanh(g) ** 2)
+
+
+def lemma_curvature(model: Model, cd: CDCurvature) -> np.ndarray:
+    """Lemma 5.1's form of C: kappa^2 W Sigma_eps W^T / d + rho I, from the simulated teacher's perturbations."""
+    return cd.kappa ** 2 * model.W @ cd.sigma_eps @ model.W.T / model.setup.d + cd.rho * np.eye(model.setup.p)
+
+
+def theorem_curvature(model: Model, kappa: float, rho: float, ridge: float = 0.0) -> np.ndarray:
+    """Theorem 5.3's form of C (Sigma = I): rho I + kappa^2 h^2 (P - mu1^2 P (U + ridge I)^{-1} P)."""
+    s = model.setup
+    P = model.metric
+    structured = P - mu1() ** 2 * P @ np.linalg.solve(model.U + ridge * np.eye(s.p), P)
+    return rho * np.eye(s.p) + kappa ** 2 * s.h ** 2 * (structured + structured.T) / 2.0
+
+
+@dataclass
+class ModeResponse:
+    """Per teacher eigenmode (ascending eigenvalue): visibility, resolvent subtraction, signed response."""
+    eigenvalues: np.ndarray
+    visibility: np.ndarray
+    resolvent: np.ndarray
+
+    @property
+    def signed(self) -> np.ndarray:
+        return self.visibility - self.resolvent
+
+
+def mode_response(model: Model, ridge: float) -> ModeResponse:
+    """Eqs. 5.9-5.10 along the eigenmodes of U."""
+    lam, modes = np.linalg.eigh(model.U)
+    Pu = model.metric @ modes
+    visibility = np.einsum("ik,ik->k", modes, Pu)
+    # u_k^T P (U + ridge)^{-1} P u_k in U's eigenbasis: sum_j (u_j^T P u_k)^2 / (lambda_j + ridge)
+    coupling = modes.T @ Pu
+    resolvent = mu1() ** 2 * np.sum(coupling ** 2 / (lam + ridge)[:, None], axis=0)
+    return ModeResponse(lam, visibility, resolvent)
+
+
+def gen_share(response: ModeResponse, threshold: float) -> float:
+    """The share of positive signed response carried by Gen modes (eigenvalue >= threshold)."""
+    positive = np.clip(response.signed, 0.0, None)
+    total = positive.sum()
+    return float(positive[response.eigenvalues >= threshold].sum() / total) if total > 0 else float("nan")
+
+
+def mem_gen_threshold(eigenvalues: np.ndarray) -> float:
+    """The Mem/Gen threshold (ours: the study's definition was lost in extraction): the geometric middle
+    of the widest gap between consecutive eigenvalues of U on a log scale. At the study's ratios that
+    gap separates the d-dimensional population bulk (Gen) from the sample bulk and the noise floor (Mem)."""
+    lam = np.sort(np.asarray(eigenvalues))
+    lam = lam[lam > 0]
+    i = int(np.argmax(np.diff(np.log(lam))))
+    return float(np.sqrt(lam[i] * lam[i + 1]))
+
+
+def mem_leakage(model: Model, ridge: float, threshold: float) -> np.ndarray:
+    """Per teacher mode k, the share of its inverse-curvature response energy
+    u_k^T P (U + ridge)^{-1} P u_k = sum_j (u_j^T P u_k)^2 / (lambda_j + ridge) that comes from Mem modes j
+    (App. B.3.1, Eq. B.15 as we read it)."""
+    lam, modes = np.linalg.eigh(model.U)
+    energy = (modes.T @ model.metric @ modes) ** 2 / (lam + ridge)[:, None]
+    return energy[lam < threshold].sum(axis=0) / energy.sum(axis=0)
+
+
+def select_ridge(model: Model, ridges, tolerance: float, threshold: float) -> tuple[float, list[float]]:
+    """The smallest ridge whose median Mem leakage over Gen modes is at most `tolerance` (Eq. B.17), or
+    None when no ridge of the sweep gets there; and the median leakage at every ridge (Fig. 6)."""
+    lam = np.linalg.eigvalsh(model.U)
+    medians = [float(np.median(mem_leakage(model, r, threshold)[lam >= threshold])) for r in ridges]
+    chosen = next((r for r, m in zip(ridges, medians) if m <= tolerance), None)
+    return chosen, medians
