@@ -772,7 +772,8 @@ def test_tiny_run_logs(tiny_run):
         ]
     expected.append("snapshot/cd-48/step-10.log")
     expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur", "train")]
-    expected += ["embed_subset/sscd/digits-48.log"]
+    expected += ["embed_subset/sscd/digits-48.log", "theory_analysis/seed-0.log", "theory_analysis/seed-1.log",
+                 "theory_report/report.log"]
     for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur", "train")]:
         expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"similarity/sscd/{model}/{sampler}.log"]
     missing = [p for p in expected if not (logs / p).is_file()]

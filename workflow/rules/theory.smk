@@ -32,9 +32,9 @@ rule theory_report:
     params:
         tolerance=lambda wc: THEORY["leakage_tolerance"],
     log:
-        "logs/theory_report.log",
+        "logs/theory_report/report.log",
     benchmark:
-        "results/benchmarks/theory_report.tsv"
+        "results/benchmarks/theory_report/report.tsv"
     conda:
         "../envs/report.yaml"
     shell:
