@@ -128,7 +128,7 @@ def cpus_per_task(spec, default=2):
     return compute(spec).get("cpus_per_task", default)
 
 
-def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1, cpus=2):
+def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1):
     """A rule's scheduler request from its config entry's `compute`. A retry (attempt 2, 3, ...) asks
     for `attempt` times the runtime and half as much memory again per attempt: a job that ran out of
     time resumes from its checkpoint with more of it."""
@@ -137,7 +137,7 @@ def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1, cpus=2):
         gpu=c.get("gpus", 0),
         runtime=c.get("runtime", runtime) * attempt,
         mem_mb=int(c.get("mem_mb", mem_mb) * (1 + (attempt - 1) / 2)),
-        cpus_per_task=cpus_per_task(spec, cpus),
+        cpus_per_task=cpus_per_task(spec),
     )
 
 

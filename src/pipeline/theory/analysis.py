@@ -26,7 +26,7 @@ def analyse(spec: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
     setup = setup_of(spec, seed)
     model = rf.draw(setup)
     teacher = rf.closed_form_teacher(model)
-    eigenvalues = np.linalg.eigvalsh(model.U)
+    eigenvalues = model.modes[0]
     threshold = rf.mem_gen_threshold(eigenvalues)
     ridges = [float(r) for r in spec["ridges"]]
     ridge, medians = rf.select_ridge(model, ridges, float(spec["leakage_tolerance"]), threshold)

@@ -51,6 +51,7 @@ the signed response s_k = v_k - r_k, the non-isotropic part of u_k^T C u_k over 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -84,10 +85,27 @@ class Model:
     U: np.ndarray
     V: np.ndarray
 
-    @property
+    @cached_property
     def metric(self) -> np.ndarray:
         """P = W W^T / d, the random-feature metric."""
         return self.W @ self.W.T / self.setup.d
+
+    @cached_property
+    def modes(self) -> tuple[np.ndarray, np.ndarray]:
+        """U's eigenvalues (ascending) and eigenvectors, computed once for every per-mode quantity."""
+        return np.linalg.eigh(self.U)
+
+    @cached_property
+    def coupling(self) -> np.ndarray:
+        """u_j^T P u_k for every pair of teacher modes: what the ridge sweep reweights by 1 / (lambda_j + ridge)."""
+        modes = self.modes[1]
+        return modes.T @ self.metric @ modes
+
+    @property
+    def preactivation_variance(self) -> float:
+        """Var(w . x_t / sqrt(d)) = e^{-2t} tr(Sigma) / d + Delta_t: 1 for Sigma = I at every t."""
+        s = self.setup
+        return float(np.exp(-2.0 * s.t) * covariance_spectrum(s.d, s.covariance).mean() + s.delta)
 
 
 def covariance_spectrum(d: int, covariance: tuple[float, float]) -> np.ndarray:
@@ -142,7 +160,7 @@ def closed_form_teacher(model: Model) -> np.ndarray:
 def gradient_descent_teacher(model: Model, steps: int, lr: float | None = None) -> np.ndarray:
     """Full-batch gradient descent from A = 0 on the same loss (the check of the closed form); the
     default step is 1 / (largest Hessian eigenvalue), which converges without overshoot."""
-    hessian_top = teacher_curvature_scale(model.setup) * np.linalg.eigvalsh(model.U)[-1]
+    hessian_top = teacher_curvature_scale(model.setup) * model.modes[0][-1]
     lr = 1.0 / hessian_top if lr is None else lr
     A = np.zeros((model.setup.d, model.setup.p))
     for _ in range(steps):
@@ -188,9 +206,10 @@ def gaussian_mean(f) -> float:
     return float(np.sum(weights * f(nodes)) / np.sqrt(2.0 * np.pi))
 
 
-def mu1() -> float:
-    """mu1 = E[tanh'(g)], g ~ N(0, 1): the linear Gaussian-equivalent coefficient of tanh at unit variance."""
-    return gaussian_mean(lambda g: 1.0 - np.tanh(g) ** 2)
+def mu1(variance: float = 1.0) -> float:
+    """mu1 = E[tanh'(g)], g ~ N(0, variance): the linear Gaussian-equivalent coefficient of tanh (Stein's
+    lemma) for pre-activations of that variance; 1 for Sigma = I."""
+    return gaussian_mean(lambda g: 1.0 - np.tanh(np.sqrt(variance) * g) ** 2)
 
 
 def lemma_curvature(model: Model, cd: CDCurvature) -> np.ndarray:
@@ -202,7 +221,7 @@ def theorem_curvature(model: Model, kappa: float, rho: float, ridge: float = 0.0
     """Theorem 5.3's form of C (Sigma = I): rho I + kappa^2 h^2 (P - mu1^2 P (U + ridge I)^{-1} P)."""
     s = model.setup
     P = model.metric
-    structured = P - mu1() ** 2 * P @ np.linalg.solve(model.U + ridge * np.eye(s.p), P)
+    structured = P - mu1(model.preactivation_variance) ** 2 * P @ np.linalg.solve(model.U + ridge * np.eye(s.p), P)
     return rho * np.eye(s.p) + kappa ** 2 * s.h ** 2 * (structured + structured.T) / 2.0
 
 
@@ -220,13 +239,10 @@ class ModeResponse:
 
 def mode_response(model: Model, ridge: float) -> ModeResponse:
     """Eqs. 5.9-5.10 along the eigenmodes of U."""
-    lam, modes = np.linalg.eigh(model.U)
-    Pu = model.metric @ modes
-    visibility = np.einsum("ik,ik->k", modes, Pu)
+    lam, coupling = model.modes[0], model.coupling
     # u_k^T P (U + ridge)^{-1} P u_k in U's eigenbasis: sum_j (u_j^T P u_k)^2 / (lambda_j + ridge)
-    coupling = modes.T @ Pu
-    resolvent = mu1() ** 2 * np.sum(coupling ** 2 / (lam + ridge)[:, None], axis=0)
-    return ModeResponse(lam, visibility, resolvent)
+    resolvent = mu1(model.preactivation_variance) ** 2 * np.sum(coupling ** 2 / (lam + ridge)[:, None], axis=0)
+    return ModeResponse(lam, np.diag(coupling).copy(), resolvent)
 
 
 def gen_share(response: ModeResponse, threshold: float) -> float:
@@ -250,15 +266,15 @@ def mem_leakage(model: Model, ridge: float, threshold: float) -> np.ndarray:
     """Per teacher mode k, the share of its inverse-curvature response energy
     u_k^T P (U + ridge)^{-1} P u_k = sum_j (u_j^T P u_k)^2 / (lambda_j + ridge) that comes from Mem modes j
     (App. B.3.1, Eq. B.15 as we read it)."""
-    lam, modes = np.linalg.eigh(model.U)
-    energy = (modes.T @ model.metric @ modes) ** 2 / (lam + ridge)[:, None]
+    lam = model.modes[0]
+    energy = model.coupling ** 2 / (lam + ridge)[:, None]
     return energy[lam < threshold].sum(axis=0) / energy.sum(axis=0)
 
 
 def select_ridge(model: Model, ridges, tolerance: float, threshold: float) -> tuple[float, list[float]]:
     """The smallest ridge whose median Mem leakage over Gen modes is at most `tolerance` (Eq. B.17), or
     None when no ridge of the sweep gets there; and the median leakage at every ridge (Fig. 6)."""
-    lam = np.linalg.eigvalsh(model.U)
+    lam = model.modes[0]
     medians = [float(np.median(mem_leakage(model, r, threshold)[lam >= threshold])) for r in ridges]
     chosen = next((r for r, m in zip(ridges, medians) if m <= tolerance), None)
     return chosen, medians

@@ -20,16 +20,21 @@ STUDY_STATEMENT = ("nearly all positive non-isotropic updates are assigned to ge
                    "directions (Sec. 5.4 (III); the number itself was lost in the text's extraction)")
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, imported when a figure is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def _figure(path: Path, fig) -> None:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def spectra_figure(runs: Sequence[dict], out: str | Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     run = runs[0]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     lam = run["u_eigenvalues"]
@@ -54,10 +59,7 @@ def spectra_figure(runs: Sequence[dict], out: str | Path) -> None:
 
 
 def modes_figure(runs: Sequence[dict], out: str | Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     run = runs[0]
     lam = run["mode_eigenvalues"]
     gen = lam >= run["threshold"]
@@ -76,10 +78,7 @@ def modes_figure(runs: Sequence[dict], out: str | Path) -> None:
 
 
 def ridge_figure(runs: Sequence[dict], out: str | Path, tolerance: float) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         ridges = run["ridges"]
