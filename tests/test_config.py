@@ -53,7 +53,8 @@ def test_a_sampler_sets_its_own_shard_size_which_the_sample_command_never_sees()
     """One-step sample sets are one job in the paper grid; a teacher's are ten."""
     cfg = pconfig.load(PAPER)
     assert pconfig.shard_size(cfg, "1-step") == 50000 and pconfig.shard_size(cfg, "pd-1") == 50000
-    assert pconfig.shard_size(cfg, "heun-18") == cfg["sampling"]["shard_size"] == 5000
+    assert pconfig.shard_size(cfg, "heun-18") == cfg["sampling"]["shard_size"] == 25000
+    assert pconfig.shard_size(cfg, "stochastic-imagenet64") == 5000
     assert "shard_size" not in pconfig.sampler_spec(cfg, "1-step")
     assert pconfig.sampler_spec(cfg, "refine-pd-10")["base_spec"] == {"kind": "euler", "steps": 1}
 
@@ -284,8 +285,8 @@ def test_paper_config_names_the_study_variants():
     cfg = pconfig.load(PAPER)
     kinds = {s["kind"] for s in cfg["samplers"].values()}
     assert kinds == {"heun", "stochastic", "consistency", "euler", "refine", "diffusion", "lcm"}
-    assert cfg["samplers"]["stochastic-imagenet64"] == {"kind": "stochastic", "steps": 256, "S_churn": 40,
-                                                        "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+    assert pconfig.sampler_spec(cfg, "stochastic-imagenet64") == {"kind": "stochastic", "steps": 256, "S_churn": 40,
+                                                                  "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
     assert {"table1", "table5", "table6", "table7", "figure8", "figure1"} <= set(cfg["tables"])
     assert sorted(s["num_scales"] for s in cfg["students"].values() if s["teacher"] == "teacher-5000"
                   and s.get("net") is None and s["init"] == "teacher") == [18, 40, 80]

@@ -21,7 +21,7 @@ SLURM = ROOT / "profiles" / "slurm" / "config.yaml"
 LOCAL = ROOT / "profiles" / "local" / "config.yaml"
 ENVS = ROOT / "workflow" / "envs"
 ENV_NAMES = ("data", "torch", "search", "report")
-GPU_RULES = ("train_teacher", "distill", "sample_shard", "search")
+GPU_RULES = ("train_teacher", "distill", "sample_shard", "sample_set", "search")
 
 
 def load(path: Path):
@@ -104,10 +104,17 @@ def test_gpu_rules_only_get_a_partition(slurm):
 
 def rule_blocks() -> dict[str, str]:
     """Rule name -> its source text, from workflow/rules/*.smk (may be empty)."""
-    blocks = {}
+    blocks, derived = {}, {}
     for f in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        parts = re.split(r"^(?:rule|checkpoint)\s+(\w+)\s*:", f.read_text(), flags=re.M)
-        blocks.update(zip(parts[1::2], parts[2::2]))
+        parts = re.split(r"^(?:rule|checkpoint|use rule)\s+(\w+(?:\s+as\s+\w+\s+with)?)\s*:", f.read_text(), flags=re.M)
+        for head, text in zip(parts[1::2], parts[2::2]):
+            base, _, name = head.partition(" as ")
+            if name:
+                derived[name.split()[0]] = (base, text)
+            else:
+                blocks[head] = text
+    # `use rule A as B with:` is rule A's text with B's overrides
+    blocks.update({name: blocks[base] + text for name, (base, text) in derived.items()})
     return blocks
 
 

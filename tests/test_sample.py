@@ -174,3 +174,24 @@ def test_manifest_rejects_shards_out_of_order(models, tmp_path):
     with pytest.raises(CorruptFileError, match="do not continue"):
         write_manifest(paths[::-1], tmp_path / "manifest.json", 4, 8)
     json.dumps(write_manifest(paths, tmp_path / "manifest.json", 4, 8))
+
+
+def test_sample_command_writes_a_one_shard_sets_manifest(models, tmp_path):
+    """`sample --manifest` (the sample_set rule) writes the manifest the manifest command would, and
+    refuses a set of more than one shard before drawing anything."""
+    from pipeline.cli import main
+
+    args = ["sample", "--model", str(models["edm"]), "--model-id", "m", "--sampler-name", "s",
+            "--sampler", json.dumps({"kind": "heun", "steps": 2}), "--shard", "0", "--seed", "3", "--batch-size", "4"]
+    one = tmp_path / "one"
+    assert main(args + ["--shard-size", "6", "--num-samples", "6", "--out", str(one / "shard-00000.parquet"),
+                        "--manifest", str(one / "manifest.json")]) == 0
+    written = json.loads((one / "manifest.json").read_text())
+    assert written == write_manifest([one / "shard-00000.parquet"], tmp_path / "expected.json", 6, 6)
+    assert written["shards"][0]["rows"] == 6 and read_samples(one / "manifest.json")[0].shape[0] == 6
+
+    two = tmp_path / "two"
+    with pytest.raises(SystemExit, match="one shard"):
+        main(args + ["--shard-size", "3", "--num-samples", "6", "--out", str(two / "shard-00000.parquet"),
+                     "--manifest", str(two / "manifest.json")])
+    assert not two.exists()

@@ -95,7 +95,7 @@ def derived_profile(workdir: Path) -> Path:
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     assert profile["slurm-status-command"] == "squeue"
     profile.update({"slurm-init-seconds-before-status-checks": 1, "latency-wait": 5, "verbose": True})
-    for rule in ("train_teacher", "sample_shard"):
+    for rule in ("train_teacher", "sample_set"):
         profile["set-resources"][rule]["gpu"] = 1
     (workdir / "profile").mkdir()
     (workdir / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))

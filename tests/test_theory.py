@@ -95,16 +95,16 @@ def test_mode_response_is_the_structured_curvature_along_each_teacher_mode(model
 
 
 def test_at_the_studys_ratios_ridge_selection_leaves_positive_response_to_gen_modes():
-    """psi_p = 8, psi_n = 4 at d = 40: the widest log-gap of U sets d Gen modes apart; without a ridge the
+    """psi_p = 8, psi_n = 4 at d = 40: the d Gen modes sit above the widest log-gap of U; without a ridge the
     inverse curvature leaks almost all of a Gen mode's response energy into Mem modes, and every ridge
     past the chosen one (median leakage <= 0.1) keeps Mem modes near zero and gives positive response
     almost only to Gen modes (the study's Sec. 5.4 statement; measured at d = 100: Gen share 0.995)."""
     setup = rf.Setup(d=40, p=320, n=160, t=0.01, h=0.001, noise_draws=16, seed=0)
     m = rf.draw(setup)
-    threshold = rf.mem_gen_threshold(np.linalg.eigvalsh(m.U))
+    threshold = rf.mem_gen_threshold(np.linalg.eigvalsh(m.U), setup.d)
     response = rf.mode_response(m, 0.0)
     gen = response.eigenvalues >= threshold
-    assert gen.sum() == setup.d
+    assert gen.sum() == setup.d == rf.widest_gap_modes(response.eigenvalues)
     assert response.visibility[gen].min() > 10 * response.visibility[~gen].max()
     ridges = [0.0, 0.01, 0.1, 0.3, 1.0, 3.0]
     chosen, medians = rf.select_ridge(m, ridges, tolerance=0.1, threshold=threshold)
@@ -113,3 +113,43 @@ def test_at_the_studys_ratios_ridge_selection_leaves_positive_response_to_gen_mo
     tuned = rf.mode_response(m, chosen)
     assert rf.gen_share(tuned, threshold) > 0.95
     assert np.abs(tuned.signed[~gen]).max() < 0.1 * np.abs(tuned.signed[gen]).max()
+
+
+def test_psi_n_sweep_fewer_points_close_the_gap_and_suppress_more_gen_modes():
+    """App. D.4 at d = 20 (p = 160), psi_n = 1 and 6, at one common ridge: with fewer training points
+    (the more severely memorizing teacher) the gap between U's Gen and Mem modes is narrower and more
+    Gen modes respond negatively (Fig. 10's statement); each psi_n's own Eq. B.17 ridge is larger at
+    psi_n = 1, where it is not met within the sweep."""
+    from pipeline.theory.analysis import psi_n_sweep
+
+    spec = {"d": 20, "psi_p": 8, "psi_n": 4, "psi_n_sweep": [1, 6], "t": 0.01, "h": 0.001, "noise_draws": 16,
+            "ridges": [0, 0.01, 0.1, 0.3, 1, 3], "leakage_tolerance": 0.1}
+    for seed in (0, 1):
+        sweep = psi_n_sweep(spec, seed, ridge=1.0)
+        assert sweep["sweep_eigenvalues"].shape == (2, 160) and list(sweep["sweep_n"]) == [20, 120]
+        assert list(sweep["sweep_gen_modes"]) == [20, 20]
+        assert sweep["sweep_gap"][0] + 0.3 < sweep["sweep_gap"][1]
+        assert sweep["sweep_gen_positive"][0] + 0.3 < sweep["sweep_gen_positive"][1]
+        assert list(sweep["sweep_own_ridge"]) == [3, 1] and list(sweep["sweep_own_tolerance_met"]) == [0, 1]
+
+
+def test_saddle_point_density_is_a_density_and_the_simulated_u_approaches_it():
+    """The saddle-point equations (pipeline.theory.spectrum) give a density of mass 1, and the
+    simulated U's Stieltjes transform at z = lambda (1 + 0.2i), that is its spectrum smoothed at 20% of
+    each eigenvalue, approaches it as d doubles at fixed ratios, across the noise floor (1e-3), the
+    sample bulk (1e-2, 1e-1) and the population bulk (1)."""
+    from pipeline.theory import spectrum
+
+    setup = lambda d: rf.Setup(d=d, p=8 * d, n=4 * d, t=0.01, h=0.001, noise_draws=16, seed=0)  # noqa: E731
+    grid = np.geomspace(10 ** -4.5, 10 ** 1.5, 400)
+    assert np.trapezoid(spectrum.density(setup(20), grid), grid) == pytest.approx(1.0, abs=0.01)
+    z = np.array([1e-3, 1e-2, 1e-1, 1.0]) * (1 + 0.2j)
+    errors = []
+    for d in (10, 20, 40):
+        eigenvalues = np.linalg.eigvalsh(rf.draw(setup(d)).U)
+        simulated = np.mean(1.0 / (eigenvalues[None, :] - z[:, None]), axis=1)
+        theory = spectrum.stieltjes(setup(d), z)
+        errors.append(np.abs(simulated - theory) / np.abs(theory))
+    errors = np.array(errors)
+    assert np.all(errors[1:] < errors[:-1] + 0.01)  # no point gets worse
+    assert errors[-1].mean() < 0.6 * errors[0].mean() and errors[-1][1:].max() < 0.15

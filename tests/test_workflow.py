@@ -23,6 +23,7 @@ import yaml
 
 from pipeline import config as pconfig
 from pipeline import replicates
+from pipeline.shards import num_shards
 
 pytestmark = pytest.mark.workflow
 
@@ -120,15 +121,17 @@ def test_paper_config_dry_run(tmp_path):
     # students, which no table measures
     figure_only = 3
     sets = pairs + 4 + 2 + 10 + figure_only
-    assert stats["sample_manifest"] == sets and stats["neighbour_figure"] == pairs
-    # 50000 samples per sample set, in shards of 5000, or in one for a sampler with shard_size 50000
-    # (the one-step and two-step students')
+    assert stats["sample_manifest"] + stats["sample_set"] == sets and stats["neighbour_figure"] == pairs
+    # 50000 samples per sample set: the one- and two-step students' in one sample_set job (shard_size
+    # 50000), every other set in sample_shard jobs of its sampler's shard size and a manifest job
     cfg = pconfig.load(PAPER)
     samplers = [m.group(1) for m in {m.group(0): m for m in re.finditer(
         r"results/samples/[^/\s]+/([^/\s]+)/manifest\.json", out)}.values() if m.group(1) in cfg["samplers"]]
     single = [s for s in samplers if pconfig.shard_size(cfg, s) == 50000]
     assert len(samplers) == sets and set(single) == {"1-step", "2-step", "pd-1", "dmd-1"}
-    assert stats["sample_shard"] == 10 * (sets - len(single)) + len(single)
+    assert stats["sample_set"] == len(single) and stats["sample_manifest"] == sets - len(single)
+    assert stats["sample_shard"] == sum(num_shards(50000, pconfig.shard_size(cfg, s)) for s in samplers
+                                        if s not in single)
     # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 13 training subsets
     assert stats["yardstick"] == 52
     measured = sets - figure_only
@@ -152,7 +155,8 @@ def test_paper_config_wires_the_study_variants(tmp_path):
     assert "results/snapshots/cd-3000/step-100000/model.safetensors" in out
     assert "results/samples/cd-3000@100000/1-step/shard-00000.parquet" in out
     assert "results/students/cd-3000/snapshots" in out
-    assert "results/samples/teacher-5000/stochastic-cifar10/shard-00009.parquet" in out
+    assert "results/samples/teacher-5000/stochastic-cifar10/shard-00001.parquet" in out
+    assert "results/samples/teacher-5000/stochastic-cifar10/shard-00002.parquet" not in out
     assert '"S_churn": 30' in out
     assert '"num_scales": 80' in out and '"num_scales": 40' in out
     assert "data/weights/vgg16-397923af.pth" in out and '"metric": "lpips"' in out
@@ -370,11 +374,13 @@ def test_embedded_explicit_configfile_dry_run(tmp_path):
     # Two regimes (48 and 96 digits), each with 3 (model, sampler) pairs: teacher heun-18, student
     # 1-step, 1 snapshot; 4 yardsticks (real held-out, replay, blurred, train vs train) per subset
     expected = {
-        "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 2, "sample_shard": 6, "sample_manifest": 6,
+        "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 2, "sample_set": 6,
         "yardstick": 8, "search": 14, "metrics": 14, "neighbour_figure": 6, "table": 2, "curve_figure": 1,
         "train_feature_net": 1, "reference_stats": 1, "theory_analysis": 3, "theory_report": 1,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
+    # 512 samples per set: each set is one sample_set job that writes its manifest too
+    assert "sample_shard" not in stats and "sample_manifest" not in stats
     assert "fetch_cifar10" not in stats and "fetch_inception" not in stats
 
 
@@ -388,7 +394,7 @@ def test_embedded_grid_adds_the_sampler_comparison_without_training(tmp_path):
     assert grid["train_teacher"] == base["train_teacher"] and grid["distill"] == base["distill"]
     # stochastic teacher and 2-step student samples for both regimes, and each student's last snapshot in
     # 2 steps for the convergence criterion
-    assert grid["sample_manifest"] == base["sample_manifest"] + 4 + 2
+    assert grid["sample_set"] == base["sample_set"] + 4 + 2
 
 
 # --------------------------------------------------------------------------- bad config
@@ -439,7 +445,7 @@ def test_teacher_only_table_plans_no_student_jobs(tmp_path, two_tables):
     stats = job_stats(out)
     assert "distill" not in stats, stats
     assert stats["train_teacher"] == 1
-    assert stats["sample_shard"] == 1 and stats["sample_manifest"] == 1 and stats["metrics"] == 1 + 4
+    assert stats["sample_set"] == 1 and stats["metrics"] == 1 + 4
     assert stats["yardstick"] == 4
     assert stats["table"] == 1
     # the default target's figures are not requested
@@ -454,7 +460,7 @@ def test_student_table_plans_student_jobs(tmp_path, two_tables):
     stats = job_stats(out)
     assert stats["distill"] == 1 and stats["train_teacher"] == 1
     # teacher, student, and the student's last snapshot (step 400) for the convergence criterion
-    assert stats["sample_shard"] == 3 and stats["sample_manifest"] == 3 and stats["metrics"] == 3 + 4
+    assert stats["sample_set"] == 3 and stats["metrics"] == 3 + 4
     assert stats["snapshot"] == 1
     assert "results/samples/cd-48/1-step/shard-00000.parquet" in out
     assert "teach.md" not in out
@@ -478,13 +484,15 @@ def tiny_config() -> dict:
     cfg["teachers"]["teacher-48"]["train"].update(steps=40, batch_size=16, log_every=10)
     cfg["students"]["cd-48"]["train"].update(steps=20, batch_size=16, log_every=10)
     cfg["students"]["cd-48"]["snapshots"] = [10]
-    cfg["samplers"] = {"heun-4": {"kind": "heun", "steps": 4}, "1-step": {"kind": "consistency", "ts": [80.0]}}
+    # the teacher's samples in three shard jobs and a manifest job; the one-step sets in one job each
+    cfg["samplers"] = {"heun-4": {"kind": "heun", "steps": 4},
+                       "1-step": {"kind": "consistency", "ts": [80.0], "shard_size": 24}}
     cfg["sampling"].update(num_samples=24, shard_size=10, batch_size=16)
     cfg["memorization"]["figure_samples"] = 8
     cfg["memorization"]["sscd"] = {"weights": "sscd-tiny.torchscript.pt", "preprocessing": "dcr", "threshold": 0.5}
     cfg["quality"]["classifier_epochs"] = 2
     cfg["replicates"] = 2  # every model twice, with seeds derived from the replicate: tables show a spread
-    cfg["theory"].update(d=12, cd_samples=1000, seeds=[0, 1])  # the random-feature branch, shortened
+    cfg["theory"].update(d=12, cd_samples=1000, seeds=[0, 1], psi_n_sweep=[2, 6])  # the random-feature branch, shortened
     cfg["tables"] = {TINY_TABLE: {"title": "tiny", "figure": "curve", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
         {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
@@ -518,10 +526,13 @@ def test_tiny_run_theory_branch(tiny_run):
     workdir, _, _ = tiny_run
     theory = workdir / "results" / "theory"
     assert sorted(p.name for p in (theory / "analysis").iterdir()) == ["seed-0.npz", "seed-1.npz"]
-    for name in ("spectra.png", "modes.png", "ridge.png"):
+    for name in ("spectra.png", "modes.png", "ridge.png", "psi-sweep-response.png", "psi-sweep-spectra.png"):
         assert (theory / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [line for line in (theory / "gen-share.md").read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[2].strip() for row in rows] == ["12", "12"]  # d, one row per seed
+    # App. D.4's sweep: one row per psi_n, n = psi_n d
+    rows = [line for line in (theory / "psi-sweep.md").read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[2].strip() for row in rows] == ["24", "72"]
 
 
 def test_tiny_run_table(tiny_run):
@@ -588,7 +599,7 @@ def test_tiny_run_rules_import_only_what_they_use(tiny_run):
     assert set(TORCH_FREE_RULES) <= set(seen), sorted(seen)
     for rule in TORCH_FREE_RULES:
         assert not seen[rule] & {"torch", "diffusers", "transformers", "accelerate", "cleanfid"}, (rule, seen[rule])
-    assert "torch" in seen["train_teacher"] and "torch" in seen["sample_shard"]
+    assert "torch" in seen["train_teacher"] and "torch" in seen["sample_shard"] and "torch" in seen["sample_set"]
 
 
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)
@@ -620,8 +631,9 @@ def test_tiny_run_shards_and_manifest(tiny_run, model, sampler, kind):
 
     workdir, _, _ = tiny_run
     manifest = json.loads((workdir / "results" / "samples" / model / sampler / "manifest.json").read_text())
-    assert manifest["num_samples"] == 24 and manifest["shard_size"] == 10
-    assert [s["rows"] for s in manifest["shards"]] == [10, 10, 4]
+    rows = [10, 10, 4] if kind == "teachers" else [24]  # 1-step: one shard, written with its manifest
+    assert manifest["num_samples"] == 24 and manifest["shard_size"] == rows[0]
+    assert [s["rows"] for s in manifest["shards"]] == rows
     for k, entry in enumerate(manifest["shards"]):
         path = workdir / entry["path"]
         assert path.name == f"shard-{k:05d}.parquet"
@@ -741,11 +753,17 @@ def test_tiny_run_snapshot_is_a_model_of_its_own(tiny_run):
     assert (workdir / "logs" / "snapshot" / "cd-48" / "step-10.log").is_file()
 
 
-def sample_shard_file(base: Path, model: str, sampler: str, shard: int, ext: str) -> Path:
-    """The log or benchmark file of one sample_shard job."""
-    path = base / "sample_shard" / model / sampler / f"shard-{shard:05d}.{ext}"
-    assert path.exists(), path
-    return path
+def sample_job_files(base: Path, model: str, sampler: str, ext: str) -> list[Path]:
+    """The log or benchmark files of a sample set's jobs: three sample_shard jobs and the manifest's
+    for the teacher's heun-4, one sample_set job for a one-step set."""
+    if sampler == "1-step":
+        paths = [base / "sample_set" / model / f"{sampler}.{ext}"]
+    else:
+        paths = [base / "sample_shard" / model / sampler / f"shard-{k:05d}.{ext}" for k in range(3)]
+        paths += [base / "sample_manifest" / model / f"{sampler}.{ext}"]
+    for path in paths:
+        assert path.exists(), path
+    return paths
 
 
 def test_tiny_run_logs(tiny_run):
@@ -761,16 +779,13 @@ def test_tiny_run_logs(tiny_run):
         f"curve_figure/{TINY_TABLE}.log",
     ]
     for model, sampler, _ in PAIRS:
+        expected += [p.relative_to(logs).as_posix() for p in sample_job_files(logs, model, sampler, "log")]
         expected += [
-            sample_shard_file(logs, model, sampler, k, "log").relative_to(logs).as_posix() for k in range(3)
-        ]
-        expected += [
-            f"sample_manifest/{model}/{sampler}.log",
             f"search/pixels/{model}/{sampler}.log",
             f"metrics/{model}/{sampler}.log",
             f"neighbour_figure/{model}/{sampler}.log",
         ]
-    expected.append("snapshot/cd-48/step-10.log")
+    expected += ["snapshot/cd-48/step-10.log", f"sample_set/{SNAPSHOT[0]}/{SNAPSHOT[1]}.log"]
     expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur", "train")]
     expected += ["embed_subset/sscd/digits-48.log", "theory_analysis/seed-0.log", "theory_analysis/seed-1.log",
                  "theory_report/report.log"]
@@ -794,7 +809,7 @@ def test_tiny_run_benchmarks(tiny_run):
     bench = workdir / "results" / "benchmarks"
     paths = [bench / "train_teacher" / "teacher-48.tsv", bench / "distill" / "cd-48.tsv"]
     for model, sampler, _ in PAIRS:
-        paths += [sample_shard_file(bench, model, sampler, k, "tsv") for k in range(3)]
+        paths += sample_job_files(bench, model, sampler, "tsv")
     for path in paths:
         lines = path.read_text().strip().splitlines()
         assert len(lines) == 2 and lines[0].split("\t")[0] == "s", path

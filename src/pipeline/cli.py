@@ -187,8 +187,15 @@ def cmd_snapshot(a):
 def cmd_sample(a):
     from .sample import write_shard
 
+    from .shards import num_shards, write_manifest
+
+    if a.manifest and num_shards(a.num_samples, a.shard_size) != 1:
+        raise SystemExit(f"--manifest is for a sample set of one shard; {a.num_samples} samples in shards of "
+                         f"{a.shard_size} are {num_shards(a.num_samples, a.shard_size)}: use the manifest command")
     write_shard(a.model, a.out, a.sampler_name, a.sampler, a.shard, a.shard_size, a.num_samples, a.seed,
                 a.model_id, a.batch_size, teacher_dir=a.teacher)
+    if a.manifest:
+        write_manifest([a.out], a.manifest, a.shard_size, a.num_samples)
 
 
 def cmd_manifest(a):
@@ -368,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("sample", cmd_sample, model=req, model_id=req, sampler_name=req, sampler=js, shard={"required": True, "type": int},
         shard_size={"required": True, "type": int}, num_samples={"required": True, "type": int},
         seed={"required": True, "type": int}, batch_size={"type": int, "default": 256}, out=req,
-        teacher={"help": "refine samplers: the student's teacher directory, whose Heun solver refines the samples"})
+        teacher={"help": "refine samplers: the student's teacher directory, whose Heun solver refines the samples"},
+        manifest={"help": "a set of one shard: also write its manifest here (saves the set a manifest job)"})
     add("select-teacher", cmd_select_teacher, candidates={"required": True, "nargs": "+"},
         model_dirs={"required": True, "nargs": "+"}, metrics={"required": True, "nargs": "+"},
         threshold={"required": True, "type": float}, out=req)

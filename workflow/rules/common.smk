@@ -370,6 +370,12 @@ def shard_files(model, sampler):
     return [f"results/samples/{model}/{sampler}/shard-{k:05d}.parquet" for k in range(count)]
 
 
+# A sampler whose sets fit one shard writes shard and manifest in one job (sample_set); the others one
+# job per shard and a manifest job. The split is by sampler name, so the rules' wildcards never overlap.
+ONE_SHARD_SAMPLERS = [s for s in CFG["samplers"] if len(shard_files("", s)) == 1]
+SHARDED_SAMPLERS = [s for s in CFG["samplers"] if s not in ONE_SHARD_SAMPLERS]
+
+
 def table_files(table):
     return [f"results/tables/{table}.{ext}" for ext in ("csv", "md", "html")]
 

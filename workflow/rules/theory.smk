@@ -2,7 +2,8 @@
 # simulated once per seed, then its figures and table from those files.
 
 THEORY = CFG.get("theory")
-THEORY_FILES = [f"results/theory/{name}" for name in ("spectra.png", "modes.png", "ridge.png", "gen-share.md")]
+THEORY_FILES = [f"results/theory/{name}" for name in ("spectra.png", "modes.png", "ridge.png", "gen-share.md",
+                                                       "psi-sweep-response.png", "psi-sweep-spectra.png", "psi-sweep.md")]
 
 
 rule theory_analysis:

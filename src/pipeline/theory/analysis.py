@@ -9,6 +9,7 @@ import numpy as np
 
 from ..io import atomic_output
 from . import random_features as rf
+from . import spectrum
 
 
 def setup_of(spec: Mapping[str, Any], seed: int) -> rf.Setup:
@@ -20,14 +21,14 @@ def setup_of(spec: Mapping[str, Any], seed: int) -> rf.Setup:
 
 
 def analyse(spec: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
-    """U's spectrum, the Mem/Gen threshold, the ridge sweep and the chosen ridge (Eq. B.17), the
-    per-mode response at that ridge, and the spectrum of Theorem 5.3's C with Lemma 5.1's constants
-    measured on the simulated teacher."""
+    """U's spectrum and its saddle-point density, the Mem/Gen threshold, the ridge sweep and the chosen ridge (Eq. B.17), the
+    per-mode response at that ridge, the spectrum of Theorem 5.3's C with Lemma 5.1's constants
+    measured on the simulated teacher, and App. D.4's psi_n sweep at that ridge."""
     setup = setup_of(spec, seed)
     model = rf.draw(setup)
     teacher = rf.closed_form_teacher(model)
     eigenvalues = model.modes[0]
-    threshold = rf.mem_gen_threshold(eigenvalues)
+    threshold = rf.mem_gen_threshold(eigenvalues, setup.d)
     ridges = [float(r) for r in spec["ridges"]]
     ridge, medians = rf.select_ridge(model, ridges, float(spec["leakage_tolerance"]), threshold)
     tolerance_met = ridge is not None
@@ -35,9 +36,13 @@ def analyse(spec: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
     response = rf.mode_response(model, ridge)
     cd = rf.cd_curvature(model, teacher, int(spec["cd_samples"]), seed=seed + 1)
     curvature = np.linalg.eigvalsh(rf.theorem_curvature(model, cd.kappa, cd.rho, ridge))
+    positive = eigenvalues[eigenvalues > 0]
+    bins = np.geomspace(positive.min() / 1.2, positive.max() * 1.2, 61)
     return {
         "d": np.array(setup.d), "p": np.array(setup.p), "n": np.array(setup.n), "seed": np.array(seed),
         "u_eigenvalues": eigenvalues, "threshold": np.array(threshold),
+        "widest_gap_modes": np.array(rf.widest_gap_modes(eigenvalues)),
+        "u_bins": bins, "u_saddle_point_modes": spectrum.expected_modes(setup, bins, points_per_bin=8),
         "ridges": np.array(ridges), "median_gen_leakage": np.array(medians), "ridge": np.array(ridge),
         "tolerance_met": np.array(tolerance_met),
         "mode_eigenvalues": response.eigenvalues, "visibility": response.visibility,
@@ -45,7 +50,44 @@ def analyse(spec: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         "gen_share": np.array(rf.gen_share(response, threshold)),
         "c_eigenvalues": curvature, "kappa": np.array(cd.kappa), "rho": np.array(cd.rho),
         "c_simulated_eigenvalues": np.linalg.eigvalsh(cd.C),
+        **psi_n_sweep(spec, seed, ridge),
     }
+
+
+def spectral_gap(eigenvalues: np.ndarray, threshold: float) -> float:
+    """Decades between the highest Mem and the lowest Gen eigenvalue of U (Fig. 10's separation)."""
+    lam = np.asarray(eigenvalues)
+    gen, mem = lam[lam >= threshold], lam[(lam < threshold) & (lam > 0)]
+    return float(np.log10(gen.min() / mem.max())) if len(gen) and len(mem) else float("nan")
+
+
+def psi_n_sweep(spec: Mapping[str, Any], seed: int, ridge: float) -> dict[str, np.ndarray]:
+    """App. D.4 (Figs. 9, 10): at the config's d and psi_p, one model per psi_n of `psi_n_sweep` (fewer
+    training points per feature: a more severely memorizing teacher). Per psi_n: U's spectrum and its
+    gap, and the signed response per mode at `ridge` (the one Eq. B.17 chose at the config's psi_n, so
+    every psi_n is compared at the same regularisation), with the share of Gen modes responding
+    positively and the Gen share of positive response; the same two at the psi_n's own Eq. B.17 ridge,
+    which grows as psi_n falls (the study does not say which it used)."""
+    ridges, tolerance = [float(r) for r in spec["ridges"]], float(spec["leakage_tolerance"])
+    rows = []
+    for psi_n in spec["psi_n_sweep"]:
+        model = rf.draw(setup_of({**spec, "psi_n": psi_n}, seed))
+        lam = model.modes[0]
+        threshold = rf.mem_gen_threshold(lam, model.setup.d)
+        gen = lam >= threshold
+        own, _ = rf.select_ridge(model, ridges, tolerance, threshold)
+        row = {"psi_n": psi_n, "n": model.setup.n, "eigenvalues": lam, "threshold": threshold,
+               "gen_modes": int(gen.sum()), "gap": spectral_gap(lam, threshold),
+               "widest_gap_modes": rf.widest_gap_modes(lam), "own_ridge": max(ridges) if own is None else own,
+               "own_tolerance_met": own is not None}
+        for prefix, r in (("", ridge), ("own_", row["own_ridge"])):
+            response = rf.mode_response(model, r)
+            if not prefix:
+                row["signed"] = response.signed
+            row[prefix + "gen_positive"] = float(np.mean(response.signed[gen] > 0))
+            row[prefix + "gen_share"] = rf.gen_share(response, threshold)
+        rows.append(row)
+    return {f"sweep_{key}": np.array([r[key] for r in rows], dtype=float) for key in rows[0]}
 
 
 def write_analysis(spec: Mapping[str, Any], seed: int, out: str | Path) -> dict[str, np.ndarray]:

@@ -252,14 +252,25 @@ def gen_share(response: ModeResponse, threshold: float) -> float:
     return float(positive[response.eigenvalues >= threshold].sum() / total) if total > 0 else float("nan")
 
 
-def mem_gen_threshold(eigenvalues: np.ndarray) -> float:
+def mem_gen_threshold(eigenvalues: np.ndarray, gen_modes: int) -> float:
     """The Mem/Gen threshold (ours: the study's definition was lost in extraction): the geometric middle
-    of the widest gap between consecutive eigenvalues of U on a log scale. At the study's ratios that
-    gap separates the d-dimensional population bulk (Gen) from the sample bulk and the noise floor (Mem)."""
-    lam = np.sort(np.asarray(eigenvalues))
+    of the `gen_modes`-th and the next eigenvalue of U, counted from the top, with `gen_modes` = d. Why
+    d: the population part of U, e^{-2t} mu1^2 W Sigma W^T / d (Stein's lemma on E_eta[phi]), has rank
+    d, and its modes form the upper bulk; the sample-specific part (one direction per training point
+    beyond the d the data span) and the noise floor lie below. At psi_p = 8, psi_n >= 4 this split is
+    also the widest gap of the spectrum on a log scale (`widest_gap_modes`); at psi_n <= 2 the gap
+    between the sample bulk and the floor is as wide, and a widest-gap rule flips between the two from
+    seed to seed."""
+    lam = np.sort(np.asarray(eigenvalues))[::-1]
+    return float(np.sqrt(lam[gen_modes - 1] * lam[gen_modes]))
+
+
+def widest_gap_modes(eigenvalues: np.ndarray) -> int:
+    """How many eigenvalues lie above the widest gap between consecutive positive eigenvalues of U on a
+    log scale: the diagnostic beside `mem_gen_threshold`'s count."""
+    lam = np.sort(np.asarray(eigenvalues))[::-1]
     lam = lam[lam > 0]
-    i = int(np.argmax(np.diff(np.log(lam))))
-    return float(np.sqrt(lam[i] * lam[i + 1]))
+    return int(np.argmax(-np.diff(np.log(lam)))) + 1
 
 
 def mem_leakage(model: Model, ridge: float, threshold: float) -> np.ndarray:
