@@ -2,7 +2,8 @@
 #
 # Stages (one rule file each, data flowing one way through files):
 #   fetch -> subset -> train_teacher -> distill -> sample -> search -> metrics -> tables
-#   theory_analysis -> theory_report (Section 5's random-feature model, CPU only, beside the rest)
+#   theory_analysis -> theory_report (Section 5's random-feature model, CPU only, beside the rest);
+#   train_teacher + search -> theory_bridge (the same analysis on a trained teacher's features)
 # With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
 # the paper grid is --configfile config/config.yaml (no profile sets it: profiles say where jobs run).
 import os
@@ -41,5 +42,5 @@ include: "workflow/rules/theory.smk"
 rule all:
     input:
         all_targets(),
-        THEORY_FILES if THEORY else [],
+        THEORY_FILES + BRIDGE_FILES if THEORY else [],
     default_target: True

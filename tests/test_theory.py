@@ -54,13 +54,16 @@ def test_the_euler_step_moves_noisy_points_towards_the_data_by_the_teachers_scor
 
 
 def test_theorem_curvature_has_the_isotropic_atom_with_multiplicity_at_least_p_minus_d(model):
-    """The structured part of Theorem 5.3's C lies in range(W): rho is an eigenvalue at least p - d times."""
+    """The structured part of Theorem 5.3's C lies in range(W): rho is an eigenvalue at least p - d times,
+    so at least p - n times whenever n >= d (the study's statement for p > n)."""
     A = rf.closed_form_teacher(model)
     cd = rf.cd_curvature(model, A, samples=4000)
     assert cd.rho > 0 and 0 < cd.kappa < 1
+    assert SMALL.p > SMALL.n >= SMALL.d
     for ridge in (0.0, 0.1):
         eig = np.linalg.eigvalsh(rf.theorem_curvature(model, cd.kappa, cd.rho, ridge))
-        assert np.sum(np.isclose(eig, cd.rho, rtol=1e-8, atol=0)) >= SMALL.p - SMALL.d
+        multiplicity = np.sum(np.isclose(eig, cd.rho, rtol=1e-8, atol=0))
+        assert multiplicity >= SMALL.p - SMALL.d >= SMALL.p - SMALL.n
 
 
 def test_lemma_decomposition_approaches_the_simulated_curvature_as_sizes_grow():
@@ -153,3 +156,77 @@ def test_saddle_point_density_is_a_density_and_the_simulated_u_approaches_it():
     errors = np.array(errors)
     assert np.all(errors[1:] < errors[:-1] + 0.01)  # no point gets worse
     assert errors[-1].mean() < 0.6 * errors[0].mean() and errors[-1][1:].max() < 0.15
+
+
+def test_bridge_modes_equal_us_eigenmodes_and_the_copy_statistics_see_a_planted_relation():
+    """The bridge's thin-SVD modes are U's nonzero eigenpairs whether there are fewer feature vectors
+    than features or more; with copy counts that rise with an image's Mem share, Spearman is 1 and the
+    AUC 1, both outside their shuffled ranges; with copy counts unrelated to it, both stay inside."""
+    from pipeline.theory.bridge import analyse_features
+
+    rng = np.random.default_rng(0)
+    for n, draws, p in ((6, 3, 40), (30, 4, 20)):
+        phi = rng.standard_normal((n * draws, p)) @ rng.standard_normal((p, p))
+        dphi = 0.01 * rng.standard_normal(phi.shape)
+        owner = np.tile(np.arange(n), draws)
+        result = analyse_features(phi, dphi, owner, data_dim=4, copies=np.zeros(n, int))
+        U = phi.T @ phi / len(phi)
+        expected = np.sort(np.linalg.eigvalsh(U))[::-1][:min(n * draws, p)]
+        np.testing.assert_allclose(result.eigenvalues, expected, rtol=1e-8)
+        assert result.gen_modes == 4 and np.all((result.mem_share > 0) & (result.mem_share < 1))
+    rank = np.argsort(np.argsort(result.mem_share))
+    planted = analyse_features(phi, dphi, owner, data_dim=4, copies=np.where(rank >= n // 2, rank, 0))
+    assert planted.spearman > planted.null_range[1] and planted.null_range[1] < 0.5
+    assert planted.auc == 1.0 and planted.auc_null_range[1] < 1.0
+    unrelated = analyse_features(phi, dphi, owner, data_dim=4, copies=rng.permutation(np.arange(n) % 3))
+    assert unrelated.null_range[0] < unrelated.spearman < unrelated.null_range[1]
+
+
+def test_bridge_runs_on_a_teachers_penultimate_features(tmp_path):
+    """run_bridge on a random-weight tiny UNet teacher: the features are conv_out's input (TINY_UNET's
+    8 channels at 8x8: p = 512), 12 images x 8 draws give 96 nonzero modes of which d = 64 are Gen,
+    the copy counts come from the memorized rows only, and the table and figure are written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.data import build_subset, load_source, write_subset
+    from pipeline.diffusion import EDMDenoiser
+    from pipeline.modelio import model_meta, save_model
+    from pipeline.nets import build_net
+    from pipeline.theory.bridge import run_bridge
+    from tiny import TINY_UNET
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "teacher", EDMDenoiser(build_net(TINY_UNET, 8, 1)), model_meta("edm", TINY_UNET, 8, 1, 0.5, 0.002, 80.0),
+               {"steps": 0})
+    images, labels = load_source({"source": "digits", "resolution": 8})
+    write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 12, "seed": 0}), {})
+    copies = [0, 0, 3, 0, 1, 0, 0, 0, 2, 0, 0, 0]
+    nn1 = [i for i, c in enumerate(copies) for _ in range(c)] + [5, 6]
+    pq.write_table(pa.table({"nn1_index": nn1, "memorized": [True] * 6 + [False, False]}), tmp_path / "nb.parquet")
+    spec = {"sigma": 0.1, "noise_draws": 8, "step": 0.01, "seed": 0}
+    result = run_bridge(tmp_path / "teacher", tmp_path / "s.parquet", tmp_path / "nb.parquet", spec, "tiny",
+                        tmp_path / "b.md", tmp_path / "b.png")
+    assert list(result.copies) == copies and result.gen_modes == 64 and len(result.eigenvalues) == 96
+    assert "| Gen modes (top d) | 64 |" in (tmp_path / "b.md").read_text() and "p = 512" in (tmp_path / "b.md").read_text()
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mem_gen_split_and_gen_share_are_stable_across_three_seeds_at_the_studys_sizes():
+    """d = 100, psi_p = 8, psi_n = 4 (p = 800, n = 400), seeds 0-2: the top d modes sit above U's widest
+    gap in every seed, Eq. B.17 picks the same ridge, and the Gen share agrees to 0.002 (> 0.99)."""
+    from pipeline.theory.analysis import setup_of
+
+    spec = {"d": 100, "psi_p": 8, "psi_n": 4, "t": 0.01, "h": 0.001, "noise_draws": 16}
+    ridges = [0.0, 0.01, 0.1, 0.3, 1.0, 3.0]
+    chosen, shares = set(), []
+    for seed in (0, 1, 2):
+        model = rf.draw(setup_of(spec, seed))
+        lam = model.modes[0]
+        assert rf.widest_gap_modes(lam) == 100
+        threshold = rf.mem_gen_threshold(lam, 100)
+        ridge, _ = rf.select_ridge(model, ridges, tolerance=0.1, threshold=threshold)
+        chosen.add(ridge)
+        shares.append(rf.gen_share(rf.mode_response(model, ridge), threshold))
+    assert len(chosen) == 1 and min(shares) > 0.99 and max(shares) - min(shares) < 0.002

@@ -376,7 +376,7 @@ def test_embedded_explicit_configfile_dry_run(tmp_path):
     expected = {
         "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 2, "sample_set": 6,
         "yardstick": 8, "search": 14, "metrics": 14, "neighbour_figure": 6, "table": 2, "curve_figure": 1,
-        "train_feature_net": 1, "reference_stats": 1, "theory_analysis": 3, "theory_report": 1,
+        "train_feature_net": 1, "reference_stats": 1, "theory_analysis": 3, "theory_report": 1, "theory_bridge": 2,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     # 512 samples per set: each set is one sample_set job that writes its manifest too
@@ -493,6 +493,7 @@ def tiny_config() -> dict:
     cfg["quality"]["classifier_epochs"] = 2
     cfg["replicates"] = 2  # every model twice, with seeds derived from the replicate: tables show a spread
     cfg["theory"].update(d=12, cd_samples=1000, seeds=[0, 1], psi_n_sweep=[2, 6])  # the random-feature branch, shortened
+    cfg["theory"]["bridge"].update(rows=[{"model": "teacher-48", "sampler": "heun-4"}], noise_draws=8)
     cfg["tables"] = {TINY_TABLE: {"title": "tiny", "figure": "curve", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
         {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
@@ -533,6 +534,12 @@ def test_tiny_run_theory_branch(tiny_run):
     # App. D.4's sweep: one row per psi_n, n = psi_n d
     rows = [line for line in (theory / "psi-sweep.md").read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[2].strip() for row in rows] == ["24", "72"]
+    # the bridge on each replicate of the trained teacher: 16 unique training images x 8 draws of unet-tiny's 16 x 8 x 8 features
+    bridge = (theory / "bridge" / "teacher-48.md").read_text()
+    assert "(128 feature vectors of p = 1024)" in bridge and "| Gen modes (top d) | 64 |" in bridge
+    assert (theory / "bridge" / "teacher-48.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (theory / "bridge").iterdir()) == [
+        "teacher-48.md", "teacher-48.png", "teacher-48.r1.md", "teacher-48.r1.png"]
 
 
 def test_tiny_run_table(tiny_run):
@@ -788,7 +795,7 @@ def test_tiny_run_logs(tiny_run):
     expected += ["snapshot/cd-48/step-10.log", f"sample_set/{SNAPSHOT[0]}/{SNAPSHOT[1]}.log"]
     expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur", "train")]
     expected += ["embed_subset/sscd/digits-48.log", "theory_analysis/seed-0.log", "theory_analysis/seed-1.log",
-                 "theory_report/report.log"]
+                 "theory_report/report.log", "theory_bridge/teacher-48.log", "theory_bridge/teacher-48.r1.log"]
     for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur", "train")]:
         expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"similarity/sscd/{model}/{sampler}.log"]
     missing = [p for p in expected if not (logs / p).is_file()]

@@ -317,6 +317,14 @@ def cmd_theory_analysis(a):
           f"Gen share {float(result['gen_share']):.4f}")
 
 
+def cmd_theory_bridge(a):
+    from .theory.bridge import run_bridge
+
+    result = run_bridge(a.model, a.subset, a.neighbours, a.spec, a.model_id, a.out_md, a.out_png)
+    logging.info("Gen share %.3f; Spearman(Mem share, copies) %.3f (shuffled 95%%: %.3f to %.3f)", result.gen_share,
+                 result.spearman, *result.null_range)
+
+
 def cmd_theory_report(a):
     from .theory.report import write_report
 
@@ -411,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("curve", cmd_curve, table=req, out=req,
         kind={"choices": ["curve", "refine"], "default": "curve", "help": "the table's `figure`"})
     add("theory-analysis", cmd_theory_analysis, spec=js, seed={"type": int, "required": True}, out=req)
+    add("theory-bridge", cmd_theory_bridge, model=req, model_id=req, subset=req, neighbours=req, spec=js, out_md=req,
+        out_png=req)
     add("theory-report", cmd_theory_report, analyses={"required": True, "nargs": "+"}, out_dir=req,
         tolerance={"type": float, "required": True})
     add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},

@@ -135,6 +135,13 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
                             "(the candidates the selection picks from)")
         if cfg["samplers"].get(sel["sampler"], {}).get("kind") not in (None, *EDM_SAMPLERS):
             problems.append(f"  teacher_selections.{name}.sampler: measure a teacher with a heun or stochastic sampler")
+    for k, row in enumerate(cfg.get("theory", {}).get("bridge", {}).get("rows", [])):
+        need("teachers", row["model"], f"theory.bridge.rows[{k}].model")
+        need("samplers", row["sampler"], f"theory.bridge.rows[{k}].sampler")
+        teacher = cfg["teachers"].get(row["model"], {})
+        if "backbone" in teacher or num_classes(cfg.get("nets", {}).get(teacher.get("net"), {})) is not None:
+            problems.append(f"  theory.bridge.rows[{k}].model: the bridge reads an unconditional EDM teacher's "
+                            f"penultimate features; {row['model']!r} is text- or class-conditional")
     for name, s in cfg.get("students", {}).items():
         if s["teacher"] not in selections:
             need("teachers", s["teacher"], f"students.{name}.teacher")
