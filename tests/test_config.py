@@ -572,14 +572,10 @@ def test_copy_threshold_is_fixed_or_calibrated_on_real_held_out_images(cfg):
         pconfig.validate(cfg)
 
 
-def test_bridge_rows_name_unconditional_edm_teachers():
+def test_bridge_rows_name_edm_teachers_and_samplers():
     cfg = pconfig.load(ROOT / "config" / "embedded.yaml")
     assert [r["model"] for r in cfg["theory"]["bridge"]["rows"]] == ["teacher-48", "teacher-96"]
     bad = copy.deepcopy(cfg)
     bad["theory"]["bridge"]["rows"] = [{"model": "cd-48", "sampler": "heun-18"}, {"model": "teacher-48", "sampler": "nope"}]
     with pytest.raises(pconfig.ConfigError, match=r"rows\[0\].model.*'cd-48'.*teachers(.|\n)*rows\[1\].sampler"):
         pconfig.validate(bad)
-    conditional = copy.deepcopy(cfg)
-    conditional["nets"]["unet-tiny"]["num_class_embeds"] = 10
-    with pytest.raises(pconfig.ConfigError, match="unconditional EDM teacher"):
-        pconfig._check_references(conditional, "test")

@@ -182,10 +182,12 @@ def test_bridge_modes_equal_us_eigenmodes_and_the_copy_statistics_see_a_planted_
     assert unrelated.null_range[0] < unrelated.spearman < unrelated.null_range[1]
 
 
-def test_bridge_runs_on_a_teachers_penultimate_features(tmp_path):
+@pytest.mark.parametrize("classes", [None, 10])
+def test_bridge_runs_on_a_teachers_penultimate_features(tmp_path, classes):
     """run_bridge on a random-weight tiny UNet teacher: the features are conv_out's input (TINY_UNET's
     8 channels at 8x8: p = 512), 12 images x 8 draws give 96 nonzero modes of which d = 64 are Gen,
-    the copy counts come from the memorized rows only, and the table and figure are written."""
+    the copy counts come from the memorized rows only, and the table and figure are written; a
+    class-conditional teacher sees each training image's class."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -198,7 +200,8 @@ def test_bridge_runs_on_a_teachers_penultimate_features(tmp_path):
     from tiny import TINY_UNET
 
     torch.manual_seed(0)
-    save_model(tmp_path / "teacher", EDMDenoiser(build_net(TINY_UNET, 8, 1)), model_meta("edm", TINY_UNET, 8, 1, 0.5, 0.002, 80.0),
+    net = {**TINY_UNET, "num_class_embeds": classes} if classes else TINY_UNET
+    save_model(tmp_path / "teacher", EDMDenoiser(build_net(net, 8, 1)), model_meta("edm", net, 8, 1, 0.5, 0.002, 80.0),
                {"steps": 0})
     images, labels = load_source({"source": "digits", "resolution": 8})
     write_subset(tmp_path / "s.parquet", build_subset(images, labels, {"kind": "uniform", "n": 12, "seed": 0}), {})

@@ -138,10 +138,9 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
     for k, row in enumerate(cfg.get("theory", {}).get("bridge", {}).get("rows", [])):
         need("teachers", row["model"], f"theory.bridge.rows[{k}].model")
         need("samplers", row["sampler"], f"theory.bridge.rows[{k}].sampler")
-        teacher = cfg["teachers"].get(row["model"], {})
-        if "backbone" in teacher or num_classes(cfg.get("nets", {}).get(teacher.get("net"), {})) is not None:
-            problems.append(f"  theory.bridge.rows[{k}].model: the bridge reads an unconditional EDM teacher's "
-                            f"penultimate features; {row['model']!r} is text- or class-conditional")
+        if "backbone" in cfg["teachers"].get(row["model"], {}):
+            problems.append(f"  theory.bridge.rows[{k}].model: {row['model']!r} is a text-to-image teacher; the "
+                            "bridge reads an EDM UNet's penultimate features")
     for name, s in cfg.get("students", {}).items():
         if s["teacher"] not in selections:
             need("teachers", s["teacher"], f"students.{name}.teacher")

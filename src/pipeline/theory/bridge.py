@@ -3,7 +3,8 @@ on a trained digits teacher, its penultimate features standing for the random fe
 
 - Features: the input of the UNet's `conv_out` (channels x H x W, flattened to p), the layer the
   denoiser is linear in, at one noise level sigma, phi(x + sigma eta) over the unique training images
-  and `noise_draws` draws each (N = n m feature vectors).
+  and `noise_draws` draws each (N = n m feature vectors); a class-conditional teacher sees each
+  image's own class.
 - U = E[phi phi^T]: the curvature of the denoising loss in the last layer's weights, as in the model.
   Its modes come from the thin SVD of the N x p feature matrix (U has rank at most N, far below p).
 - Gen modes: U's top d, d = the pixels of an image, as `random_features.mem_gen_threshold` counts
@@ -45,20 +46,22 @@ class BridgeResult:
     auc_null_range: tuple[float, float]
 
 
-def penultimate_features(model, x, sigma: float):
-    """The denoiser's output and the input of its UNet's conv_out at noise level sigma, flattened."""
+def penultimate_features(model, x, sigma: float, labels=None):
+    """The denoiser's output and the input of its UNet's conv_out at noise level sigma, flattened;
+    `labels`: each image's class for a class-conditional teacher."""
     import torch
 
     captured = {}
     hook = model.net.unet.conv_out.register_forward_pre_hook(lambda module, args: captured.__setitem__("h", args[0]))
     try:
-        denoised = model(x, torch.full((len(x),), float(sigma)))
+        denoised = model(x, torch.full((len(x),), float(sigma)), labels)
     finally:
         hook.remove()
     return denoised, captured["h"].flatten(1)
 
 
-def feature_moments(model, images: np.ndarray, sigma: float, noise_draws: int, step: float, seed: int):
+def feature_moments(model, images: np.ndarray, sigma: float, noise_draws: int, step: float, seed: int,
+                    labels=None):
     """phi and dphi (N x p, float64) over `noise_draws` noisy copies of every image, and each row's image."""
     import torch
 
@@ -70,9 +73,9 @@ def feature_moments(model, images: np.ndarray, sigma: float, noise_draws: int, s
     with torch.no_grad():
         for _ in range(noise_draws):
             x_t = x + sigma * torch.randn(x.shape, generator=generator)
-            denoised, phi = penultimate_features(model, x_t, sigma)
+            denoised, phi = penultimate_features(model, x_t, sigma, labels)
             x_next = x_t - step * (x_t - denoised)  # Euler from sigma to sigma (1 - step): dx/dsigma = (x - D) / sigma
-            _, phi_next = penultimate_features(model, x_next, sigma)
+            _, phi_next = penultimate_features(model, x_next, sigma, labels)
             phis.append(phi.double())
             dphis.append((phi_next - phi).double())
     owner = np.tile(np.arange(len(images)), noise_draws)
@@ -142,11 +145,13 @@ def run_bridge(model_dir: str | Path, subset_path: str | Path, neighbours_path: 
                model_id: str, out_md: str | Path, out_png: str | Path) -> BridgeResult:
     from ..data import read_subset
     from ..modelio import load_model
+    from ..nets import class_labels
 
-    model, _ = load_model(model_dir)
+    model, meta = load_model(model_dir)
     subset = read_subset(subset_path)
+    labels = class_labels(meta["net"], subset.labels)  # None for an unconditional teacher
     phi, dphi, owner = feature_moments(model, subset.images, float(spec["sigma"]), int(spec["noise_draws"]),
-                                       float(spec["step"]), int(spec["seed"]))
+                                       float(spec["step"]), int(spec["seed"]), labels)
     result = analyse_features(phi, dphi, owner, int(np.prod(subset.images.shape[1:])),
                               copy_counts(neighbours_path, len(subset.images)), seed=int(spec["seed"]))
     write_bridge_table(result, model_id, phi.shape, spec, out_md)
