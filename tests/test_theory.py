@@ -212,7 +212,9 @@ def test_bridge_runs_on_a_teachers_penultimate_features(tmp_path, classes):
     result = run_bridge(tmp_path / "teacher", tmp_path / "s.parquet", tmp_path / "nb.parquet", spec, "tiny",
                         tmp_path / "b.md", tmp_path / "b.png")
     assert list(result.copies) == copies and result.gen_modes == 64 and len(result.eigenvalues) == 96
-    assert "| Gen modes (top d) | 64 |" in (tmp_path / "b.md").read_text() and "p = 512" in (tmp_path / "b.md").read_text()
+    table = (tmp_path / "b.md").read_text()
+    assert "| Gen modes (top d) | 64 |" in table and "p = 512" in table and "without the top mode" in table
+    assert 0.0 <= result.gen_share_without_top <= 1.0 and 0.0 <= result.top_mean_cosine <= 1.0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 

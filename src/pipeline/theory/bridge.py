@@ -13,7 +13,8 @@ on a trained digits teacher, its penultimate features standing for the random fe
   sigma (1 - step), both features at sigma: the model's fixed-time feature map.
 - Excess response per mode (ours): u_k^T C u_k - tr(C) / p. A trained net's C has no known isotropic
   part; its mean over all p directions stands in for it. The Gen share of positive excess is the
-  model's Gen share.
+  model's Gen share; it is also given without U's top mode, which for these features is their mean
+  direction (the model's odd tanh features have none).
 - Per training image, the share of its features' energy outside the Gen modes (its Mem share),
   against the number of the teacher's samples that copy it (`memorized` rows of the L2 search, by
   `nn1_index`): Spearman's rank correlation, beside the 95% range of the same correlation with the
@@ -38,6 +39,8 @@ class BridgeResult:
     gen_modes: int
     widest_gap_modes: int
     gen_share: float
+    gen_share_without_top: float  # the top mode is the features' mean direction (no such mode in the tanh model)
+    top_mean_cosine: float
     mem_share: np.ndarray  # per training image
     copies: np.ndarray  # per training image
     spearman: float
@@ -108,20 +111,29 @@ def analyse_features(phi: np.ndarray, dphi: np.ndarray, owner: np.ndarray, data_
     keep = singular > singular[0] * 1e-10
     eigenvalues, modes = singular[keep] ** 2, modes[keep]
     excess = np.sum((dphi @ modes.T) ** 2, axis=0) / count - np.sum(dphi ** 2) / count / p
-    gen = np.arange(len(eigenvalues)) < data_dim
+    order = np.arange(len(eigenvalues))
+    gen = order < data_dim
     positive = np.clip(excess, 0.0, None)
-    projected = phi @ modes[gen].T
-    outside = 1.0 - np.sum(projected ** 2, axis=1) / np.sum(phi ** 2, axis=1)
+
+    def gen_share(kept: np.ndarray) -> float:
+        total = positive[kept].sum()
+        return float(positive[kept & gen].sum() / total) if total > 0 else float("nan")
+
+    mean = phi.mean(axis=0)
+    top_mean_cosine = float(abs(modes[0] @ mean) / np.linalg.norm(mean)) if np.linalg.norm(mean) > 0 else 0.0
+    outside = 1.0 - np.sum((phi @ modes[gen].T) ** 2, axis=1) / np.sum(phi ** 2, axis=1)
     n = int(owner.max()) + 1
     mem_share = np.bincount(owner, weights=outside, minlength=n) / np.bincount(owner, minlength=n)
     rng = np.random.default_rng(seed)
     shuffled = [rng.permutation(copies) for _ in range(PERMUTATIONS)]
-    null_rho = [spearman(mem_share, c) for c in shuffled]
-    null_auc = [auc(mem_share, c > 0) for c in shuffled]
-    return BridgeResult(eigenvalues, excess, int(gen.sum()), int(np.argmax(-np.diff(np.log(eigenvalues)))) + 1,
-                        float(positive[gen].sum() / positive.sum()) if positive.sum() > 0 else float("nan"),
-                        mem_share, copies, spearman(mem_share, copies), _range(null_rho), auc(mem_share, copies > 0),
-                        _range(null_auc))
+    return BridgeResult(
+        eigenvalues=eigenvalues, excess=excess, gen_modes=int(gen.sum()),
+        widest_gap_modes=int(np.argmax(-np.diff(np.log(eigenvalues)))) + 1,
+        gen_share=gen_share(order >= 0), gen_share_without_top=gen_share(order > 0), top_mean_cosine=top_mean_cosine,
+        mem_share=mem_share, copies=copies, spearman=spearman(mem_share, copies),
+        null_range=_range([spearman(mem_share, c) for c in shuffled]),
+        auc=auc(mem_share, copies > 0), auc_null_range=_range([auc(mem_share, c > 0) for c in shuffled]),
+    )
 
 
 def _range(values) -> tuple[float, float]:
@@ -171,6 +183,8 @@ def write_bridge_table(r: BridgeResult, model_id: str, shape, spec: Mapping[str,
              f"| Gen modes (top d) | {r.gen_modes} | widest log gap after {r.widest_gap_modes} modes |",
              f"| Gen share of positive excess CD response | {r.gen_share:.3f} | "
              f"{r.gen_modes / len(r.eigenvalues):.3f} if spread evenly over the nonzero modes |",
+             f"| the same without the top mode (cosine {r.top_mean_cosine:.4f} with the features' mean) | "
+             f"{r.gen_share_without_top:.3f} | {(r.gen_modes - 1) / (len(r.eigenvalues) - 1):.3f} if spread evenly |",
              f"| training images copied by at least one sample | {int(copied.sum())} of {len(r.copies)} | |",
              f"| Mem share of an image's features, mean (range) | {r.mem_share.mean():.4f} "
              f"({r.mem_share.min():.4f}-{r.mem_share.max():.4f}) | |",
