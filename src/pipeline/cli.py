@@ -186,12 +186,12 @@ def cmd_snapshot(a):
 
 def cmd_sample(a):
     from .sample import write_shard
-
     from .shards import num_shards, write_manifest
 
-    if a.manifest and num_shards(a.num_samples, a.shard_size) != 1:
+    shards = num_shards(a.num_samples, a.shard_size)
+    if a.manifest and shards != 1:
         raise SystemExit(f"--manifest is for a sample set of one shard; {a.num_samples} samples in shards of "
-                         f"{a.shard_size} are {num_shards(a.num_samples, a.shard_size)}: use the manifest command")
+                         f"{a.shard_size} are {shards}: use the manifest command")
     write_shard(a.model, a.out, a.sampler_name, a.sampler, a.shard, a.shard_size, a.num_samples, a.seed,
                 a.model_id, a.batch_size, teacher_dir=a.teacher)
     if a.manifest:

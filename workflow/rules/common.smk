@@ -372,7 +372,7 @@ def shard_files(model, sampler):
 
 # A sampler whose sets fit one shard writes shard and manifest in one job (sample_set); the others one
 # job per shard and a manifest job. The split is by sampler name, so the rules' wildcards never overlap.
-ONE_SHARD_SAMPLERS = [s for s in CFG["samplers"] if len(shard_files("", s)) == 1]
+ONE_SHARD_SAMPLERS = [s for s in CFG["samplers"] if num_shards(SAMPLING["num_samples"], pconfig.shard_size(CFG, s)) == 1]
 SHARDED_SAMPLERS = [s for s in CFG["samplers"] if s not in ONE_SHARD_SAMPLERS]
 
 

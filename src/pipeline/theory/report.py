@@ -184,7 +184,10 @@ def sweep_table(runs: Sequence[dict], out: str | Path) -> None:
              "| Gen share, common ridge | own ridge | Gen modes > 0, own ridge | Gen share, own ridge |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for k, psi_n in enumerate(run["sweep_psi_n"]):
-        col = lambda key: np.array([r[key][k] for r in runs])  # noqa: E731 (one column over the seeds)
+        def col(key: str, k: int = k) -> np.ndarray:
+            """One column of the table: entry k of `key` in every seed."""
+            return np.array([r[key][k] for r in runs])
+
         n = int(run["sweep_n"][k])
         own = ", ".join(f"{x:g}{'' if met else ' (tolerance not met)'}"
                         for x, met in zip(col("sweep_own_ridge"), col("sweep_own_tolerance_met")))
