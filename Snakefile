@@ -4,6 +4,8 @@
 #   fetch -> subset -> train_teacher -> distill -> sample -> search -> metrics -> tables
 #   theory_analysis -> theory_report (Section 5's random-feature model, CPU only, beside the rest);
 #   train_teacher + search -> theory_bridge (the same analysis on a trained teacher's features)
+#   edge_lab -> edge_report (the edge-of-memorization laboratory of mixture denoisers, CPU only)
+#   sample -> pairing -> pairing_report (students against their teachers from the same noise)
 # With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
 # the paper grid is --configfile config/config.yaml (no profile sets it: profiles say where jobs run).
 import os
@@ -37,10 +39,14 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/audit.smk"
 include: "workflow/rules/cluster.smk"
 include: "workflow/rules/theory.smk"
+include: "workflow/rules/edge.smk"
+include: "workflow/rules/pairing.smk"
 
 
 rule all:
     input:
         all_targets(),
         THEORY_FILES + BRIDGE_FILES if THEORY else [],
+        EDGE_FILES,
+        PAIRING_FILES,
     default_target: True

@@ -76,14 +76,11 @@ def commands(work: Path) -> dict[str, list]:
         "sample_manifest": ["manifest", "--shards", work / "real" / "shard-00000.parquet", "--shard-size", 256,
                             "--num-samples", 256, "--out", work / "t-manifest.json"],
         "search": ["search", "--subset", work / "subset.parquet", "--manifest", work / "real" / "manifest.json",
-                   "--out", work / "t-neighbours.parquet"],
+                   "--out", work / "t-neighbours.parquet", "--figure", work / "t.png", "--figure-count", 8],
         "snapshot": ["snapshot", "--run-dir", work / "run" / "snapshots", "--step", 1, "--out", work / "t-snapshot"],
         "metrics": metrics_args(work)[:-1] + [work / "t-metrics.json"],
         "table": ["table", "--rows", rows, "--metrics", work / "metrics.json", "--csv", work / "t.csv",
                   "--md", work / "t.md"],
-        "neighbour_figure": ["figure", "--manifest", work / "real" / "manifest.json", "--neighbours",
-                             work / "neighbours.parquet", "--subset", work / "subset.parquet", "--count", 8,
-                             "--out", work / "t.png"],
     }
 
 

@@ -579,3 +579,27 @@ def test_bridge_rows_name_edm_teachers_and_samplers():
     bad["theory"]["bridge"]["rows"] = [{"model": "cd-48", "sampler": "heun-18"}, {"model": "teacher-48", "sampler": "nope"}]
     with pytest.raises(pconfig.ConfigError, match=r"rows\[0\].model.*'cd-48'.*teachers(.|\n)*rows\[1\].sampler"):
         pconfig.validate(bad)
+
+
+def test_edge_cases_and_time_grids_are_checked(cfg):
+    cfg["edge"]["times"] = {"min": 0.8, "max": 0.1, "num": 8}
+    cfg["edge"]["cases"]["digit-templates"]["d"] = 64
+    cfg["edge"]["cases"]["gaussian"].pop("d")
+    cfg["edge"]["cases"]["wrong-classes"] = {"data": "digit_templates", "k": 3, "n": 20, "sigma0": 1.0, "classes": [1, 2]}
+    message = error_of(cfg)
+    assert "edge.times: min 0.8 must be below max 0.1" in message
+    assert "edge.cases.digit-templates: `d` is for gaussian data" in message
+    assert "edge.cases.gaussian: `d` is for gaussian data" in message
+    assert "edge.cases.wrong-classes.classes: 2 classes for k = 3" in message
+
+
+def test_pairing_rows_are_checked(cfg):
+    cfg["pairing"] = {"teacher_sampler": "1-step", "rows": [
+        {"label": "a teacher without reference", "model": "teacher-48", "sampler": "heun-18"},
+        {"label": "unknown", "model": "cd-99", "sampler": "1-step"},
+        {"label": "bad reference", "model": "cd-48", "sampler": "1-step", "reference": "teacher-99"}]}
+    message = error_of(cfg)
+    assert "pairing.teacher_sampler: '1-step' is not a deterministic EDM sampler" in message
+    assert "pairing.rows[0].model: 'teacher-48' is not a student: name its `reference`" in message
+    assert "pairing.rows[1].model: 'cd-99' is not a configured model" in message
+    assert "pairing.rows[2].reference: 'teacher-99' is not a configured model" in message

@@ -121,7 +121,7 @@ def test_paper_config_dry_run(tmp_path):
     # students, which no table measures
     figure_only = 3
     sets = pairs + 4 + 2 + 10 + figure_only
-    assert stats["sample_manifest"] + stats["sample_set"] == sets and stats["neighbour_figure"] == pairs
+    assert stats["sample_manifest"] + stats["sample_set"] == sets
     # 50000 samples per sample set: the one- and two-step students' in one sample_set job (shard_size
     # 50000), every other set in sample_shard jobs of its sampler's shard size and a manifest job
     cfg = pconfig.load(PAPER)
@@ -135,11 +135,12 @@ def test_paper_config_dry_run(tmp_path):
     # four yardsticks (real held-out, replay, blurred, train vs train) for each of the 13 training subsets
     assert stats["yardstick"] == 52
     measured = sets - figure_only
+    # one search job per measured set: the L2 search, the SSCD search and the gallery
     assert stats["search"] == stats["metrics"] == measured + 52
-    # SSCD: every sample set and every subset embedded once, one similarity search per sample set; CLIP
-    # image and prompt embeddings for Table 3's rows and their yardsticks only
+    assert "similarity" not in stats and "neighbour_figure" not in stats
+    # SSCD: every sample set and every subset embedded once; CLIP image and prompt embeddings for
+    # Table 3's rows and their yardsticks only
     assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 13
-    assert stats["similarity"] == measured + 52
     assert stats["embed_samples"] == measured + 52 + 2 * (text_pairs + 12)
     # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
     # their training subset
@@ -192,7 +193,7 @@ def test_paper_config_table3_is_a_target(tmp_path):
     out = output_of(check(snakemake(tmp_path, "-n", "-p", "results/tables/table3.md", configfile=PAPER)))
     stats = job_stats(out)
     assert (stats["finetune_teacher"], stats["distill_lcm"], stats["cache_latents"], stats["subset"]) == (3, 3, 3, 3)
-    assert stats["yardstick"] == 12 and stats["similarity"] == 18 and stats["metrics"] == 18 and stats["table"] == 1
+    assert stats["yardstick"] == 12 and stats["search"] == 18 and stats["metrics"] == 18 and stats["table"] == 1
     assert stats["embed_samples"] == 18 * 3  # SSCD, CLIP image and CLIP prompt embeddings of every row
     assert "fetch_sd15" in stats and "fetch_clip" in stats and "fetch_coco_images" in stats
     # rows of image-prompt collections are judged against their training subset (COCO is never loaded whole)
@@ -375,7 +376,7 @@ def test_embedded_explicit_configfile_dry_run(tmp_path):
     # 1-step, 1 snapshot; 4 yardsticks (real held-out, replay, blurred, train vs train) per subset
     expected = {
         "subset": 2, "train_teacher": 2, "distill": 2, "snapshot": 2, "sample_set": 6,
-        "yardstick": 8, "search": 14, "metrics": 14, "neighbour_figure": 6, "table": 2, "curve_figure": 1,
+        "yardstick": 8, "search": 14, "metrics": 14, "table": 2, "curve_figure": 1,
         "train_feature_net": 1, "reference_stats": 1, "theory_analysis": 3, "theory_report": 1, "theory_bridge": 2,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
@@ -448,8 +449,8 @@ def test_teacher_only_table_plans_no_student_jobs(tmp_path, two_tables):
     assert stats["sample_set"] == 1 and stats["metrics"] == 1 + 4
     assert stats["yardstick"] == 4
     assert stats["table"] == 1
-    # the default target's figures are not requested
-    assert "neighbour_figure" not in stats and "all" not in stats
+    # the default target (and its galleries of the student's sets) is not requested
+    assert "all" not in stats and stats["search"] == 1 + 4
     assert "results/samples/cd-48" not in out and "results/students/" not in out
     assert "wildcards: model=cd-48" not in out
 
@@ -494,6 +495,9 @@ def tiny_config() -> dict:
     cfg["replicates"] = 2  # every model twice, with seeds derived from the replicate: tables show a spread
     cfg["theory"].update(d=12, cd_samples=1000, seeds=[0, 1], psi_n_sweep=[2, 6])  # the random-feature branch, shortened
     cfg["theory"]["bridge"].update(rows=[{"model": "teacher-48", "sampler": "heun-4"}], noise_draws=8)
+    # the edge-of-memorization lab, shortened: one case, two seeds, three sizes
+    cfg["edge"].update(cases={"gaussian": cfg["edge"]["cases"]["gaussian"]}, seeds=[0, 1], size_fractions=[0.5, 0.8, 1.0],
+                       noise_draws=8, samples=40, train={"steps": 40, "lr": 0.05, "noise_draws": 2})
     cfg["tables"] = {TINY_TABLE: {"title": "tiny", "figure": "curve", "rows": [
         {"setting": "16 digits", "label": "Teacher", "model": "teacher-48", "sampler": "heun-4"},
         {"setting": "16 digits", "label": "Student", "model": "cd-48", "sampler": "1-step"},
@@ -540,6 +544,18 @@ def test_tiny_run_theory_branch(tiny_run):
     assert (theory / "bridge" / "teacher-48.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (theory / "bridge").iterdir()) == [
         "teacher-48.md", "teacher-48.png", "teacher-48.r1.md", "teacher-48.r1.png"]
+
+
+def test_tiny_run_edge_branch(tiny_run):
+    """The edge-of-memorization lab runs in the same DAG: one job per case and seed, then its figure and
+    table with the predicted and the measured transition and the copy share's yardsticks."""
+    workdir, _, _ = tiny_run
+    edge_dir = workdir / "results" / "edge"
+    assert sorted(p.name for p in (edge_dir / "lab" / "gaussian").iterdir()) == ["seed-0.npz", "seed-1.npz"]
+    assert (edge_dir / "crossover.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (edge_dir / "crossover.md").read_text()
+    assert "| gaussian | 30 | 60 | 2 |" in md
+    assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| 0.")] == ["0.500", "0.800"]
 
 
 def test_tiny_run_table(tiny_run):
@@ -591,8 +607,8 @@ def test_tiny_run_rows_aggregate_their_replicates(tiny_run):
 
 # Rules whose jobs need none of torch (nor diffusers): each job is a fresh process, and torch alone
 # costs about 3 s to import. Every job logs the heavy modules it loaded (pipeline.cli).
-TORCH_FREE_RULES = ("subset", "yardstick", "sample_manifest", "search", "similarity", "snapshot", "table",
-                    "curve_figure", "neighbour_figure", "metrics", "reference_stats", "theory_analysis", "theory_report")
+TORCH_FREE_RULES = ("subset", "yardstick", "sample_manifest", "search", "snapshot", "table",
+                    "curve_figure", "metrics", "reference_stats", "theory_analysis", "theory_report", "edge_report")
 
 
 def test_tiny_run_rules_import_only_what_they_use(tiny_run):
@@ -650,7 +666,7 @@ def test_tiny_run_shards_and_manifest(tiny_run, model, sampler, kind):
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)
 def test_tiny_run_galleries(tiny_run, tmp_path, monkeypatch, model, sampler, kind):
     """The gallery shows the most-memorized samples first (smallest d1/d2), captioned with the SSCD
-    similarity from the SSCD search, and is what the rule drew."""
+    similarity from the SSCD search of the same job, and is what the rule drew."""
     import numpy as np
     import pyarrow.parquet as pq
     from PIL import Image
@@ -788,16 +804,16 @@ def test_tiny_run_logs(tiny_run):
     for model, sampler, _ in PAIRS:
         expected += [p.relative_to(logs).as_posix() for p in sample_job_files(logs, model, sampler, "log")]
         expected += [
-            f"search/pixels/{model}/{sampler}.log",
+            f"search/{model}/{sampler}.log",
             f"metrics/{model}/{sampler}.log",
-            f"neighbour_figure/{model}/{sampler}.log",
         ]
     expected += ["snapshot/cd-48/step-10.log", f"sample_set/{SNAPSHOT[0]}/{SNAPSHOT[1]}.log"]
     expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur", "train")]
     expected += ["embed_subset/sscd/digits-48.log", "theory_analysis/seed-0.log", "theory_analysis/seed-1.log",
-                 "theory_report/report.log", "theory_bridge/teacher-48.log", "theory_bridge/teacher-48.r1.log"]
+                 "theory_report/report.log", "theory_bridge/teacher-48.log", "theory_bridge/teacher-48.r1.log",
+                 "edge_lab/gaussian/seed-0.log", "edge_lab/gaussian/seed-1.log", "edge_report/report.log"]
     for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur", "train")]:
-        expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"similarity/sscd/{model}/{sampler}.log"]
+        expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"search/{model}/{sampler}.log"]
     missing = [p for p in expected if not (logs / p).is_file()]
     assert not missing, missing
     # every rule that ran (all but the `all` target) wrote a log directory
@@ -1034,7 +1050,8 @@ def test_baselines_miniature_plans_selection_pd_dmd_and_refine(tmp_path):
     stats = job_stats(out)
     assert (stats["select_teacher"], stats["distill"], stats["snapshot"], stats["curve_figure"]) == (2, 4, 3, 1)
     assert "--method pd" in out and "--method dmd" in out
-    assert "--teacher results/selected/teacher-mem10 --out results/samples/pd-mem10/refine-pd-10/shard-00000.parquet" in out
+    assert ("--teacher results/selected/teacher-mem10 --manifest results/samples/pd-mem10/refine-pd-10/manifest.json "
+            "--out results/samples/pd-mem10/refine-pd-10/shard-00000.parquet") in out
     assert re.search(r"select-teacher --candidates teacher-48@150 teacher-48@300 teacher-48@450 teacher-48 ", out)
 
 
@@ -1062,9 +1079,10 @@ def test_baselines_miniature_runs_end_to_end(tmp_path):
     cfg["sampling"].update(num_samples=64, shard_size=64, batch_size=64)
     cfg["quality"]["classifier_epochs"] = 2
     cfg["tables"] = {k: mini["tables"][k] for k in ("table5-miniature", "refine-sweep")}
+    cfg["pairing"]["rows"] = [row for row in mini["pairing"]["rows"] if row["model"] in ("cd-mem10", "pd-mem10", "dmd-mem30")]
     config = write_config(tmp_path / "mini.yaml", cfg)
-    proc = snakemake(tmp_path, "results/tables/table5-miniature.md", "results/figures/refine-sweep.png", "--cores", "2",
-                     "--show-failed-logs", configfile=config, timeout=900)
+    proc = snakemake(tmp_path, "results/tables/table5-miniature.md", "results/figures/refine-sweep.png",
+                     "results/pairing/pairing.md", "--cores", "2", "--show-failed-logs", configfile=config, timeout=900)
     check(proc)
     md = (tmp_path / "results/tables/table5-miniature.md").read_text()
     assert all(f"| {label} |" in md for label in ("PD", "PD+refine", "DMD", "DMD+refine", "CD"))
@@ -1079,3 +1097,8 @@ def test_baselines_miniature_runs_end_to_end(tmp_path):
         sigmas = sorted(float(r["refine_sigma"]) for r in csv.DictReader(f) if r["refine_sigma"])
     assert sigmas == [0.5, 0.5, 2.0, 2.0, 10.0, 10.0, 80.0, 80.0]
     assert (tmp_path / "results/figures/refine-sweep.png").stat().st_size > 10_000
+    # the pairing branch: each student's 64 samples against its own teacher's heun-18 set from the same noise
+    pairing = json.loads((tmp_path / "results/pairing/teacher-mem30/dmd-mem30/dmd-1.json").read_text())
+    assert pairing["n_pairs"] == 64 and pairing["dimension"] == 64 and 0 < pairing["pairing_ratio"] < 2
+    md = (tmp_path / "results/pairing/pairing.md").read_text()
+    assert all(f"| {row['label']} | {row['model']} (x1) |" in md for row in cfg["pairing"]["rows"])

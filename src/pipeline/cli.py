@@ -157,12 +157,6 @@ def cmd_fetch_clip(a):
     logging.info("CLIP model in %s", fetch_clip(a.dest, a.repo, a.revision))
 
 
-def cmd_similarity(a):
-    from .search import similarity_table
-
-    similarity_table(a.samples, a.train, a.subset, a.manifest, a.out, space=a.space)
-
-
 def cmd_audit(a):
     from .audit import run_audit
 
@@ -205,10 +199,22 @@ def cmd_manifest(a):
 
 
 def cmd_search(a):
-    from .search import search_samples
+    """Stage 5 for one sample set in one job: the L2 search, the descriptor search when its embeddings are
+    given, and the gallery of both (one job instead of three per set keeps the paper grid's DAG small)."""
+    from .search import search_samples, similarity_table
 
     summary = search_samples(a.subset, a.manifest, a.out, a.space, a.ratio)
     logging.info("memorized: %.2f%% of %d samples", 100 * summary["mem_ratio"], summary["n_samples"])
+    descriptor = (a.sscd_samples, a.sscd_train, a.sscd_out)
+    if any(descriptor) and not all(descriptor):
+        raise SystemExit("--sscd-samples, --sscd-train and --sscd-out go together")
+    if a.sscd_out:
+        similarity_table(a.sscd_samples, a.sscd_train, a.subset, a.manifest, a.sscd_out, space=a.sscd_space)
+        logging.info("%s most-similar search written to %s", a.sscd_space, a.sscd_out)
+    if a.figure:
+        from .tables import neighbour_figure
+
+        neighbour_figure(a.manifest, a.out, a.subset, a.figure, count=a.figure_count, sscd_path=a.sscd_out)
 
 
 def _heldout(a, num_images):
@@ -303,12 +309,6 @@ def cmd_curve(a):
     {"curve": curve_figure, "refine": refine_figure}[a.kind](a.table, a.out)
 
 
-def cmd_figure(a):
-    from .tables import neighbour_figure
-
-    neighbour_figure(a.manifest, a.neighbours, a.subset, a.out, count=a.count, sscd_path=a.sscd)
-
-
 def cmd_theory_analysis(a):
     from .theory.analysis import write_analysis
 
@@ -367,8 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
         preprocessing={"choices": ["official", "square_320", "dcr"], "default": "official"}, out=req)
     add("fetch-clip", cmd_fetch_clip, dest=req, repo={"default": "openai/clip-vit-large-patch14"},
         revision={"default": "32bd64288804d66eefd0ccbe215aa642df71cc41"})
-    add("similarity", cmd_similarity, samples=req, train=req, subset=req, manifest=req, out=req,
-        space={"choices": ["sscd", "digits"], "default": "sscd", "help": "the descriptor the embeddings are in"})
     add("audit", cmd_audit, train={"required": True, "help": "training images: a Parquet image table or a folder"},
         samples={"required": True, "help": "generated images: a Parquet image table or a folder"},
         space={"choices": ["pixels", "sscd"], "default": "pixels"},
@@ -390,7 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         threshold={"required": True, "type": float}, out=req)
     add("manifest", cmd_manifest, shards={"required": True, "nargs": "+"}, shard_size={"required": True, "type": int},
         num_samples={"required": True, "type": int}, out=req)
-    add("search", cmd_search, subset=req, manifest=req, space={"default": "pixels"}, ratio={"type": float}, out=req)
+    add("search", cmd_search, subset=req, manifest=req, space={"default": "pixels"}, ratio={"type": float}, out=req,
+        sscd_samples={"help": "the samples' descriptors (embed): also search the most similar training image"},
+        sscd_train={"help": "the training subset's descriptors, in the subset's order"},
+        sscd_space={"choices": ["sscd", "digits"], "default": "sscd", "help": "the descriptor the embeddings are in"},
+        sscd_out={"help": "the descriptor search's Parquet table"},
+        figure={"help": "also draw the set's gallery (most-memorized samples beside their nearest training images)"},
+        figure_count={"type": int, "default": 32})
     heldout = dict(exclude={"nargs": "*", "default": []}, reserve={"type": int, "required": True},
                    seed={"type": int, "default": 0})
     add("feature-net", cmd_feature_net, dataset=js, epochs={"type": int, "default": 30}, out=req, **heldout)
@@ -421,11 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     add("theory-analysis", cmd_theory_analysis, spec=js, seed={"type": int, "required": True}, out=req)
     add("theory-bridge", cmd_theory_bridge, model=req, model_id=req, subset=req, neighbours=req, spec=js, out_md=req,
         out_png=req)
+    add("pairing", cmd_pairing, student=req, teacher=req, out=req, max_matching={"type": int, "default": 1024})
+    add("pairing-report", cmd_pairing_report, rows=js, out_md=req, out_png=req, teacher_sampler=req)
+    add("edge-lab", cmd_edge_lab, case=js, spec=js, seed={"type": int, "required": True}, out=req)
+    add("edge-report", cmd_edge_report, labs={"required": True, "nargs": "+"}, out_png=req, out_md=req)
     add("theory-report", cmd_theory_report, analyses={"required": True, "nargs": "+"}, out_dir=req,
         tolerance={"type": float, "required": True})
-    add("figure", cmd_figure, manifest=req, neighbours=req, subset=req, out=req, count={"type": int, "default": 32},
-        sscd={"help": "the SSCD most-similar search of the same samples, for the captions"})
     return p
+
+
+def cmd_edge_lab(a):
+    from .theory.edge import write_lab
+
+    r = write_lab(a.case, a.spec, a.seed, a.out)
+    print(f"seed {a.seed}: predicted K*/n {r['mc_crossover']:.3f} (brute force), {r['formula_crossover']:.3f} "
+          f"(nearest-point formula), {r['upstream_crossover']:.3f} (upstream formula); measured transition "
+          f"{r['measured_transition']:.3f}")
+
+
+def cmd_edge_report(a):
+    from .theory.edge_report import write_edge_report
+
+    for row in write_edge_report(a.labs, a.out_png, a.out_md):
+        print(row["case"], "predicted", row["mc"], "measured", row["measured"])
+
+
+def cmd_pairing(a):
+    from .pairing import write_pairing
+
+    r = write_pairing(a.student, a.teacher, a.out, a.max_matching)
+    print(f"pairing ratio {r['pairing_ratio']:.4f}, inefficiency {r['pairing_inefficiency']:.4f} ({r['n_pairs']} pairs, d = {r['dimension']})")
+
+
+def cmd_pairing_report(a):
+    from .pairing import write_pairing_report
+
+    for e in write_pairing_report(a.rows, a.out_md, a.out_png, a.teacher_sampler):
+        print(e["label"], "pairing ratio", e["ratio"])
 
 
 def cmd_count_parameters(a):

@@ -141,6 +141,32 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
         if "backbone" in cfg["teachers"].get(row["model"], {}):
             problems.append(f"  theory.bridge.rows[{k}].model: {row['model']!r} is a text-to-image teacher; the "
                             "bridge reads an EDM UNet's penultimate features")
+    pairing = cfg.get("pairing", {})
+    if pairing:
+        need("samplers", pairing["teacher_sampler"], "pairing.teacher_sampler")
+        if cfg["samplers"].get(pairing["teacher_sampler"], {}).get("kind") not in (None, "heun", "euler"):
+            problems.append(f"  pairing.teacher_sampler: {pairing['teacher_sampler']!r} is not a deterministic EDM "
+                            "sampler (heun or euler): the teacher's pairing is its ODE's")
+    for k, row in enumerate(pairing.get("rows", [])):
+        where = f"pairing.rows[{k}]"
+        if row["model"] not in models_of(cfg):
+            problems.append(f"  {where}.model: {row['model']!r} is not a configured model")
+        elif "reference" not in row and base_model(row["model"]) not in cfg.get("students", {}):
+            problems.append(f"  {where}.model: {row['model']!r} is not a student: name its `reference`")
+        need("samplers", row["sampler"], f"{where}.sampler")
+        if "reference" in row and row["reference"] not in models_of(cfg):
+            problems.append(f"  {where}.reference: {row['reference']!r} is not a configured model")
+    edge = cfg.get("edge", {})
+    for key in ("times", "sample_times"):
+        if key in edge and edge[key]["min"] >= edge[key]["max"]:
+            problems.append(f"  edge.{key}: min {edge[key]['min']} must be below max {edge[key]['max']}")
+    for name, case in edge.get("cases", {}).items():
+        if (case["data"] == "gaussian") != ("d" in case):
+            problems.append(f"  edge.cases.{name}: `d` is for gaussian data (digit_templates are 64-dimensional)")
+        if case["data"] == "digit_templates" and case["k"] > 10:
+            problems.append(f"  edge.cases.{name}.k: {case['k']} modes, but the digits have 10 classes")
+        elif len(case.get("classes", range(case["k"]))) != case["k"]:
+            problems.append(f"  edge.cases.{name}.classes: {len(case['classes'])} classes for k = {case['k']}")
     for name, s in cfg.get("students", {}).items():
         if s["teacher"] not in selections:
             need("teachers", s["teacher"], f"students.{name}.teacher")

@@ -279,28 +279,10 @@ def clip_inputs(wc):
     return [f"results/embeddings/{s}/{wc.model}/{wc.sampler}.npy" for s in ("clip", "clip-text")]
 
 
-def sscd_neighbours_input(wc):
-    return [f"results/neighbours/{SIM}/{wc.model}/{wc.sampler}.parquet"] if SSCD is not None else []
-
-
 def sscd_calibration_input(wc):
     """The real held-out yardstick's similarities that set the copy threshold (`memorization.sscd.calibrate`)."""
     real = pconfig.calibration_yardstick(CFG, wc.model)
     return [f"results/neighbours/{SIM}/{real}/{YARDSTICK_SAMPLER}.parquet"] if real else []
-
-
-def sscd_threshold_args(wc, input):
-    if not input.sscd:
-        return ""
-    if input.sscd_calibration:
-        return (f"--sscd-neighbours {input.sscd} --sscd-calibration {input.sscd_calibration} "
-                f"--sscd-calibration-quantile {SSCD['calibrate']['quantile']}")
-    return f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', SSCD_THRESHOLD)}"
-
-
-def model_stats_input(wc):
-    """A trained model's stats.json; nothing for a yardstick."""
-    return [] if pconfig.parse_yardstick(wc.model) else model_files(wc.model)["stats"]
 
 
 # ImageNet cannot be fetched (each user obtains it under its licence): the configured local copy
@@ -472,3 +454,68 @@ def feature_net_input():
     if QUALITY["kind"] == "digits_fd":
         return f"{DIGITS_CLASSIFIER}/model.safetensors"
     return INCEPTION_WEIGHTS
+
+
+# Input and argument functions of the per-set rules (sample, search, metrics): one input function and
+# one params function per rule, because each callable costs Snakemake a signature inspection per job
+# and these rules are most of the paper grid's jobs.
+def search_inputs(wc):
+    """A sample set and its training subset, and their SSCD descriptors where configured."""
+    subset = pconfig.subset_of(CFG, wc.model)
+    files = {"subset": subset_file(subset), "manifest": f"results/samples/{wc.model}/{wc.sampler}/manifest.json"}
+    if SSCD is not None:
+        files["sscd_samples"] = f"results/embeddings/{SIM}/{wc.model}/{wc.sampler}.npy"
+        files["sscd_train"] = f"results/embeddings/{SIM}/subsets/{subset}.npy"
+    return files
+
+
+def metrics_inputs(wc):
+    """What a (model, sampler) is measured from."""
+    files = {"neighbours": f"results/neighbours/{SPACE}/{wc.model}/{wc.sampler}.parquet",
+             "manifest": f"results/samples/{wc.model}/{wc.sampler}/manifest.json",
+             "feature_net": feature_net_input(), "reference": reference_stats_input(wc)}
+    if not pconfig.parse_yardstick(wc.model):  # a trained model's stats.json; a yardstick has none
+        files["model_stats"] = model_files(wc.model)["stats"]
+    if SSCD is not None:
+        files["sscd"] = f"results/neighbours/{SIM}/{wc.model}/{wc.sampler}.parquet"
+        files.update(dict(zip(["sscd_calibration"], sscd_calibration_input(wc))))
+    files.update(dict(zip(("clip_images", "clip_texts"), clip_inputs(wc))))
+    return files
+
+
+def metrics_options(wc, input):
+    """The metrics command's optional flags, from the inputs metrics_inputs chose."""
+    names = set(input.keys())
+    flags = [f"--model-stats {input.model_stats}"] if "model_stats" in names else []
+    if "sscd_calibration" in names:
+        flags.append(f"--sscd-neighbours {input.sscd} --sscd-calibration {input.sscd_calibration} "
+                     f"--sscd-calibration-quantile {SSCD['calibrate']['quantile']}")
+    elif "sscd" in names:
+        flags.append(f"--sscd-neighbours {input.sscd} --sscd-threshold {SSCD.get('threshold', SSCD_THRESHOLD)}")
+    if "clip_images" in names:
+        flags.append(f"--clip-images {input.clip_images} --clip-texts {input.clip_texts}")
+    if QUALITY.get("prompt_class") and prompt_conditioned(wc.model):
+        flags.append(f"--prompt-classifier {DIGITS_CLASSIFIER}")
+    return " ".join(flags)
+
+
+def sample_inputs(wc):
+    """A sample job's inputs: the model, a text-to-image model's backbone, a refine sampler's teacher."""
+    files = dict(model_files(wc.model))
+    del files["stats"]
+    files.update(dict(zip(["backbone"], model_backbone_files(wc))))
+    teacher = refine_teacher_files(wc)
+    if teacher:
+        files["teacher_weights"], files["teacher_config"] = teacher
+    return files
+
+
+def sample_arguments(wc, input, output):
+    """The sample command's arguments for one job, quoted for the shell."""
+    teacher = f" --teacher {os.path.dirname(input.teacher_weights)}" if "teacher_weights" in input.keys() else ""
+    manifest = f" --manifest {output.manifest}" if "manifest" in output.keys() else ""
+    return (f"--model {pconfig.model_dir(CFG, wc.model, MODELS)} --model-id {wc.model} --sampler-name {wc.sampler} "
+            f"--sampler {shlex.quote(as_json(pconfig.sampler_spec(CFG, wc.sampler)))} "
+            f"--shard {int(wc.shard) if 'shard' in wc.keys() else 0} --shard-size {pconfig.shard_size(CFG, wc.sampler)} "
+            f"--num-samples {SAMPLING['num_samples']} --seed {pconfig.sampling_seed(CFG, wc.model)} "
+            f"--batch-size {SAMPLING.get('batch_size', 256)}{teacher}{manifest}")

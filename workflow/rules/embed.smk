@@ -1,6 +1,6 @@
 # Stage 5a: descriptor embeddings, cached once per sample set (and per training subset) with a
 # manifest: SSCD copy-detection descriptors (when `memorization.sscd` is configured; weights from
-# fetch_sscd), then the most-similar-training-image search in that space; CLIP image and prompt
+# fetch_sscd), which the search rule searches for each sample's most similar training image; CLIP image and prompt
 # embeddings (when `quality.clip` is configured; model from fetch_clip) for the CLIP score.
 
 
@@ -59,27 +59,3 @@ rule embed_subset:
             "{params.options} --out {output.vectors} > {log} 2>&1"
         )
 
-
-rule similarity:
-    input:
-        samples=f"results/embeddings/{SIM}/{{model}}/{{sampler}}.npy",
-        train=lambda wc: f"results/embeddings/{SIM}/subsets/{pconfig.subset_of(CFG, wc.model)}.npy",
-        subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
-        manifest="results/samples/{model}/{sampler}/manifest.json",
-    output:
-        f"results/neighbours/{SIM}/{{model}}/{{sampler}}.parquet",
-    threads: SAMPLING_CPUS
-    resources:
-        gpu=gpu_resources(SAMPLING)["gpu"],
-        runtime=60,
-    log:
-        f"logs/similarity/{SIM}/{{model}}/{{sampler}}.log",
-    benchmark:
-        f"results/benchmarks/similarity/{SIM}/{{model}}/{{sampler}}.tsv"
-    conda:
-        "../envs/search.yaml"
-    shell:
-        on_sampling_gpus(
-            "OMP_NUM_THREADS={threads} python -m pipeline similarity --samples {input.samples} --train {input.train} "
-            f"--subset {{input.subset}} --manifest {{input.manifest}} --space {SIM} --out {{output}} > {{log}} 2>&1"
-        )

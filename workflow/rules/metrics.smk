@@ -79,24 +79,13 @@ rule subset_reference_stats:
 
 rule metrics:
     input:
-        neighbours=f"results/neighbours/{SPACE}/{{model}}/{{sampler}}.parquet",
-        manifest="results/samples/{model}/{sampler}/manifest.json",
-        feature_net=feature_net_input(),
-        reference=reference_stats_input,
-        model_stats=model_stats_input,
-        sscd=sscd_neighbours_input,
-        sscd_calibration=sscd_calibration_input,
-        clip=clip_inputs,
+        unpack(metrics_inputs),
     output:
         "results/metrics/{model}/{sampler}.json",
     params:
         kind=QUALITY["kind"],
         feature_net=feature_net_arg,
-        model_stats=lambda wc, input: f"--model-stats {input.model_stats}" if input.model_stats else "",
-        sscd=sscd_threshold_args,
-        clip=lambda wc, input: f"--clip-images {input.clip[0]} --clip-texts {input.clip[1]}" if input.clip else "",
-        prompt_class=lambda wc: (f"--prompt-classifier {DIGITS_CLASSIFIER}"
-                                 if QUALITY.get("prompt_class") and prompt_conditioned(wc.model) else ""),
+        options=metrics_options,
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -111,6 +100,5 @@ rule metrics:
         on_sampling_gpus(
             "OMP_NUM_THREADS={threads} python -m pipeline metrics --model-id {wildcards.model} --sampler-name {wildcards.sampler} "
             "--neighbours {input.neighbours} --manifest {input.manifest} --quality-kind {params.kind} "
-            "--feature-net {params.feature_net} --reference-stats {input.reference} {params.model_stats} {params.sscd} {params.clip} {params.prompt_class} "
-            "--out {output} > {log} 2>&1"
+            "--feature-net {params.feature_net} --reference-stats {input.reference} {params.options} --out {output} > {log} 2>&1"
         )

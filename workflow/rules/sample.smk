@@ -8,22 +8,11 @@ rule sample_shard:
         model=_names(MODELS),
         sampler=_names(SHARDED_SAMPLERS),
     input:
-        weights=lambda wc: model_files(wc.model)["weights"],
-        config=lambda wc: model_files(wc.model)["config"],
-        backbone=model_backbone_files,
-        teacher=refine_teacher_files,
+        unpack(sample_inputs),
     output:
         shard="results/samples/{model}/{sampler}/shard-{shard}.parquet",
     params:
-        model_dir=lambda wc: pconfig.model_dir(CFG, wc.model, MODELS),
-        sampler=lambda wc: as_json(pconfig.sampler_spec(CFG, wc.sampler)),
-        teacher=lambda wc, input: f"--teacher {os.path.dirname(input.teacher[0])}" if input.teacher else "",
-        shard=lambda wc: int(wc.shard),
-        shard_size=lambda wc: pconfig.shard_size(CFG, wc.sampler),
-        num_samples=SAMPLING["num_samples"],
-        batch_size=SAMPLING.get("batch_size", 256),
-        seed=lambda wc: pconfig.sampling_seed(CFG, wc.model),
-        manifest="",
+        arguments=sample_arguments,
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
@@ -37,12 +26,7 @@ rule sample_shard:
     conda:
         "../envs/torch.yaml"
     shell:
-        on_sampling_gpus(
-            "OMP_NUM_THREADS={threads} python -m pipeline sample --model {params.model_dir} --model-id {wildcards.model} "
-            "--sampler-name {wildcards.sampler} --sampler {params.sampler:q} --shard {params.shard} "
-            "--shard-size {params.shard_size} --num-samples {params.num_samples} --seed {params.seed} "
-            "--batch-size {params.batch_size} {params.teacher} --out {output.shard} {params.manifest} > {log} 2>&1"
-        )
+        on_sampling_gpus("OMP_NUM_THREADS={threads} python -m pipeline sample {params.arguments} --out {output.shard} > {log} 2>&1")
 
 
 use rule sample_shard as sample_set with:
@@ -52,9 +36,6 @@ use rule sample_shard as sample_set with:
     output:
         shard="results/samples/{model}/{sampler}/shard-00000.parquet",
         manifest="results/samples/{model}/{sampler}/manifest.json",
-    params:
-        shard=0,
-        manifest=lambda wc, output: f"--manifest {output.manifest}",
     log:
         "logs/sample_set/{model}/{sampler}.log",
     benchmark:

@@ -1,26 +1,41 @@
-# Stage 5: exact FAISS nearest-neighbour search of every sample against the unique training images.
+# Stage 5: per sample set, one job: the exact FAISS nearest-neighbour search of every sample against the
+# unique training images (L2 ratio criterion), the descriptor (SSCD) most-similar search when
+# `memorization.sscd` is configured, and the set's gallery drawn from both. One job instead of three per
+# set: the searches share the subset and the sample set, and the paper grid's DAG is 296 jobs smaller.
+
+
+SEARCH_OUTPUTS = {"neighbours": f"results/neighbours/{SPACE}/{{model}}/{{sampler}}.parquet"}
+SEARCH_DESCRIPTOR = ""
+if SSCD is not None:
+    SEARCH_OUTPUTS["sscd"] = f"results/neighbours/{SIM}/{{model}}/{{sampler}}.parquet"
+    SEARCH_DESCRIPTOR = (f"--sscd-samples {{input.sscd_samples}} --sscd-train {{input.sscd_train}} --sscd-space {SIM} "
+                         "--sscd-out {output.sscd} ")
 
 
 rule search:
     input:
-        subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
-        manifest="results/samples/{model}/{sampler}/manifest.json",
+        unpack(search_inputs),
     output:
-        "results/neighbours/{space}/{model}/{sampler}.parquet",
+        **SEARCH_OUTPUTS,
+        gallery=report("results/figures/{model}/{sampler}-neighbours.png", caption="../report/gallery.rst",
+                       category="Galleries", subcategory=lambda wc: pconfig.subset_of(CFG, wc.model),
+                       labels={"model": "{model}", "sampler": "{sampler}"}),
     params:
         ratio=CFG["memorization"].get("ratio", DEFAULT_RATIO),
+        figure_samples=CFG["memorization"].get("figure_samples", 32),
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
         runtime=60,
     log:
-        "logs/search/{space}/{model}/{sampler}.log",
+        "logs/search/{model}/{sampler}.log",
     benchmark:
-        "results/benchmarks/search/{space}/{model}/{sampler}.tsv"
+        "results/benchmarks/search/{model}/{sampler}.tsv"
     conda:
         "../envs/search.yaml"
     shell:
         on_sampling_gpus(
-            "OMP_NUM_THREADS={threads} python -m pipeline search --subset {input.subset} --manifest {input.manifest} "
-            "--space {wildcards.space} --ratio {params.ratio} --out {output} > {log} 2>&1"
+            f"OMP_NUM_THREADS={{threads}} python -m pipeline search --subset {{input.subset}} --manifest {{input.manifest}} "
+            f"--space {SPACE} --ratio {{params.ratio}} --out {{output.neighbours}} {SEARCH_DESCRIPTOR}"
+            "--figure {output.gallery} --figure-count {params.figure_samples} > {log} 2>&1"
         )

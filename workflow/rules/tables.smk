@@ -1,4 +1,5 @@
-# Stage 6b: the study's tables (one row per configured model and sampler) and neighbour figures.
+# Stage 6b: the study's tables (one row per configured model and sampler) and figures (the neighbour
+# galleries are drawn by the search rule).
 
 
 rule table:
@@ -24,30 +25,6 @@ rule table:
     shell:
         "python -m pipeline table --title {params.title:q} --rows {params.rows:q} --metrics {input.metrics} {params.paper} "
         "--csv {output.csv} --md {output.md} --html {output.html} > {log} 2>&1"
-
-
-rule neighbour_figure:
-    input:
-        manifest="results/samples/{model}/{sampler}/manifest.json",
-        neighbours=f"results/neighbours/{SPACE}/{{model}}/{{sampler}}.parquet",
-        subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
-        sscd=sscd_neighbours_input,
-    output:
-        report("results/figures/{model}/{sampler}-neighbours.png", caption="../report/gallery.rst",
-               category="Galleries", subcategory=lambda wc: pconfig.subset_of(CFG, wc.model),
-               labels={"model": "{model}", "sampler": "{sampler}"}),
-    params:
-        figure_samples=CFG["memorization"].get("figure_samples", 32),
-        sscd=lambda wc, input: f"--sscd {input.sscd}" if input.sscd else "",
-    log:
-        "logs/neighbour_figure/{model}/{sampler}.log",
-    benchmark:
-        "results/benchmarks/neighbour_figure/{model}/{sampler}.tsv"
-    conda:
-        "../envs/report.yaml"
-    shell:
-        "python -m pipeline figure --manifest {input.manifest} --neighbours {input.neighbours} --subset {input.subset} "
-        "--count {params.figure_samples} {params.sscd} --out {output} > {log} 2>&1"
 
 
 rule curve_figure:

@@ -58,7 +58,7 @@ rule theory_bridge:
         weights=lambda wc: model_files(wc.model)["weights"],
         config=lambda wc: model_files(wc.model)["config"],
         subset=lambda wc: subset_file(pconfig.subset_of(CFG, wc.model)),
-        neighbours=lambda wc: f"results/neighbours/pixels/{wc.model}/{BRIDGE_ROWS[wc.model]}.parquet",
+        neighbours=lambda wc: f"results/neighbours/{SPACE}/{wc.model}/{BRIDGE_ROWS[wc.model]}.parquet",
     output:
         md="results/theory/bridge/{model}.md",
         png="results/theory/bridge/{model}.png",

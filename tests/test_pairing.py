@@ -1,0 +1,48 @@
+"""The pairing statistics (src/pipeline/pairing.py): invariant to rescaling and shifting the data, 0 for
+a student that is the teacher's own map, about 1 for a student whose pairing is a random re-pairing."""
+import numpy as np
+import pytest
+
+from pipeline import pairing
+
+
+@pytest.fixture
+def teacher():
+    return np.random.default_rng(0).standard_normal((300, 16)) + np.repeat(np.eye(16)[:3] * 4, 100, axis=0)
+
+
+def test_random_pair_cost_is_the_mean_over_off_diagonal_pairs(teacher):
+    student = teacher + np.random.default_rng(1).standard_normal(teacher.shape)
+    cost = ((student[:, None] - teacher[None]) ** 2).sum(-1)
+    off = cost[~np.eye(len(cost), dtype=bool)].mean()
+    assert pairing.mean_random_pair_cost(student, teacher) == pytest.approx(off, rel=1e-10)
+
+
+def test_the_teachers_own_pairing_scores_zero(teacher):
+    stats = pairing.pairing_stats(teacher, teacher.copy())
+    assert stats["pairing_ratio"] == 0 and stats["optimal"] == pytest.approx(0, abs=1e-9)
+    assert stats["pairing_inefficiency"] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_random_re_pairing_scores_about_one(teacher):
+    """The same set in a random order: the optimal matching recovers it (cost 0), the given pairing is
+    as good as chance."""
+    student = teacher[np.random.default_rng(2).permutation(len(teacher))]
+    stats = pairing.pairing_stats(student, teacher)
+    assert stats["pairing_ratio"] == pytest.approx(1, abs=0.1)
+    assert stats["pairing_inefficiency"] == pytest.approx(1, abs=0.1)
+    assert stats["optimal"] == pytest.approx(0, abs=1e-9)
+
+
+def test_invariant_to_rescaling_and_shifting(teacher):
+    student = teacher + 0.5 * np.random.default_rng(3).standard_normal(teacher.shape)
+    a = pairing.pairing_stats(student, teacher, max_matching=100)
+    b = pairing.pairing_stats(7.0 * student + 3.0, 7.0 * teacher + 3.0, max_matching=100)
+    for key in ("pairing_ratio", "pairing_inefficiency"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9)
+    assert 0.05 < a["pairing_ratio"] < 0.5  # a noisy copy of the teacher's map: between the two references
+
+
+def test_unequal_sets_are_refused(teacher):
+    with pytest.raises(ValueError, match="paired sets"):
+        pairing.pairing_stats(teacher[:10], teacher[:11])
