@@ -546,11 +546,15 @@ def test_all_pairs_order_follows_first_appearance(cfg):
     assert pconfig.all_pairs(cfg) == [("cd-48", "2-step"), ("teacher-48", "heun-18"), ("cd-48", "1-step")]
 
 
-def test_digits_fd_needs_one_resolution_for_every_digits_subset():
+def test_digits_fd_needs_the_classifiers_resolution_or_a_multiple_for_every_digits_subset():
     cfg = yaml.safe_load(EMBEDDED.read_text())
-    cfg["datasets"]["digits-16"] = {"source": "digits", "resolution": cfg["datasets"]["digits"].get("resolution", 16) * 2}
-    cfg["subsets"]["digits-48"]["dataset"] = "digits-16"
-    with pytest.raises(pconfig.ConfigError, match="subsets.digits-48: its dataset 'digits-16'"):
+    cfg["datasets"]["digits"]["resolution"] = 16
+    cfg["datasets"]["digits-32"] = {"source": "digits", "resolution": 32}
+    cfg["subsets"]["digits-48"]["dataset"] = "digits-32"
+    pconfig.validate(cfg)  # seen by the classifier as 2 x 2 block means
+    cfg["datasets"]["digits-odd"] = {"source": "digits", "resolution": 24}
+    cfg["subsets"]["digits-48"]["dataset"] = "digits-odd"
+    with pytest.raises(pconfig.ConfigError, match="subsets.digits-48: its dataset 'digits-odd' is 24 px"):
         pconfig.validate(cfg)
 
 
@@ -603,3 +607,18 @@ def test_pairing_rows_are_checked(cfg):
     assert "pairing.rows[0].model: 'teacher-48' is not a student: name its `reference`" in message
     assert "pairing.rows[1].model: 'cd-99' is not a configured model" in message
     assert "pairing.rows[2].reference: 'teacher-99' is not a configured model" in message
+
+
+def test_per_set_jobs_declare_memory_from_sizes():
+    """stage_mem_mb from the subset and set sizes: a CIFAR-10 search of 50,000 samples against 3,000
+    images holds 2 x float32 copies of 53,000 x 3,072 values (+ SSCD descriptors), an ImageNet-64 one
+    four times the values per image; small sets get the profile's 4 GB floor."""
+    cfg = pconfig.load(PAPER)
+    cifar = pconfig.stage_mem_mb(cfg, "real~cifar10-3000", "search", 50000, descriptors=True)
+    expected = 2048 + 1.5 * (8 * 3072 * 53000 + 4 * 512 * 53000) / 2 ** 20
+    assert cifar == int(expected)
+    assert pconfig.stage_mem_mb(cfg, "real~imagenet64-10000", "search", 50000) > 2 * cifar
+    assert pconfig.stage_mem_mb(cfg, "real~cifar10-3000", "embed", 100) == 4000
+    assert pconfig.stage_mem_mb(cfg, "subset:cifar10-3000", "embed", 0) == 4000
+    assert pconfig.subset_size(cfg, "cifar10-3000") == (3000, 3072)
+

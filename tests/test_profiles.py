@@ -21,7 +21,6 @@ SLURM = ROOT / "profiles" / "slurm" / "config.yaml"
 LOCAL = ROOT / "profiles" / "local" / "config.yaml"
 ENVS = ROOT / "workflow" / "envs"
 ENV_NAMES = ("data", "torch", "search", "report")
-GPU_RULES = ("train_teacher", "distill", "sample_shard", "sample_set", "search")
 
 
 def load(path: Path):
@@ -92,14 +91,10 @@ def test_default_resources_partition_and_account(slurm):
     assert isinstance(res["runtime"], int) and isinstance(res["mem_mb"], int)
 
 
-def test_gpu_rules_only_get_a_partition(slurm):
-    sets = slurm.get("set-resources", {})
-    for rule, res in sets.items():
-        assert set(res) <= {"slurm_partition", "gpu_model", "runtime", "mem_mb", "constraint", "slurm_extra"}, rule
-        # GPU counts come from the rules (config `compute.gpus`), never from the profile
-        assert "gpu" not in res and "gres" not in res, rule
-    for rule in GPU_RULES:
-        assert "GPU_PARTITION" in sets[rule]["slurm_partition"], rule
+def test_set_resources_never_set_gpus_or_partitions(slurm):
+    """GPU counts and partitions come from the rules (config `compute.gpus`), never from the profile."""
+    for rule, res in slurm.get("set-resources", {}).items():
+        assert set(res) <= {"gpu_model", "runtime", "mem_mb", "constraint", "slurm_extra"}, rule
 
 
 def rule_blocks() -> dict[str, str]:
@@ -125,12 +120,15 @@ def test_set_resources_name_existing_rules(slurm):
     assert not missing, f"set-resources for rules that do not exist: {sorted(missing)}"
 
 
-def test_every_gpu_rule_goes_to_the_gpu_partition(slurm):
-    gpu_rules = {name for name, text in rule_blocks().items() if re.search(r"^\s*gpu\s*=", text, re.M)}
-    assert {"train_teacher", "distill", "sample_shard"} <= gpu_rules
-    sets = slurm.get("set-resources", {})
-    routed = {r for r in sets if "GPU_PARTITION" in str(sets[r].get("slurm_partition", ""))}
-    assert gpu_rules <= routed, f"GPU rules left on the CPU partition: {sorted(gpu_rules - routed)}"
+def test_every_gpu_rule_routes_by_its_gpu_count():
+    """Every rule that declares a GPU count declares its partition from the same count."""
+    blocks = rule_blocks()
+    gpu_rules = {name for name, text in blocks.items() if re.search(r"^\s*gpu\s*=", text, re.M)}
+    assert {"train_teacher", "distill", "sample_shard", "sample_set", "search"} <= gpu_rules
+    for name in gpu_rules:
+        gpu = re.search(r"^\s*gpu\s*=\s*(?:lambda wc: )?(.+),$", blocks[name], re.M).group(1)
+        assert re.search(rf"^\s*slurm_partition\s*=\s*(?:lambda wc: )?partition_for\({re.escape(gpu)}\),$",
+                         blocks[name], re.M), name
 
 
 def test_configfiles(slurm, local):
@@ -202,6 +200,8 @@ def test_slurm_profile_dry_run_of_one_paper_table(tmp_path):
         assert word in teacher, word
     subset = jobs["subset"][0]
     assert "slurm_partition=all" in subset and "slurm_account=acct1" in subset and "gpu=" not in subset
+    # the per-set rules compute on the sampling GPUs (`sampling.compute.gpus: 1` in the paper config)
+    assert all("slurm_partition=gpu-a100" in job and "gpu=1" in job for job in jobs["search"])
 
 
 @pytest.mark.workflow
@@ -211,6 +211,9 @@ def test_slurm_profile_dry_run_of_the_embedded_table(tmp_path):
     assert len(jobs["train_teacher"]) == 2
     assert all("MEMDISTILL_GPUS=0 OMP_NUM_THREADS=1 ACCELERATE_USE_CPU=True" in t for t in jobs["train_teacher"])
     assert all("runtime=60" in t for t in jobs["train_teacher"])
+    # the embedded study computes on CPU (`compute.gpus: 0`): its GPU-capable rules queue on the CPU partition
+    for rule in ("train_teacher", "distill", "sample_set", "search", "metrics"):
+        assert all("slurm_partition=all" in job and "gpu-a100" not in job for job in jobs[rule]), rule
 
 
 def test_slurm_profile_needs_no_conda_and_says_so_when_asked_for_it(tmp_path):
@@ -270,3 +273,28 @@ def test_rules_point_at_existing_envs():
 def test_slurm_profile_dry_run_of_the_gpu_smoke_rule(tmp_path):
     (smoke,) = profile_dry_run(tmp_path, "gpu_smoke")["gpu_smoke"]
     assert "slurm_partition=gpu-a100" in smoke and "gpu=1" in smoke and "nvidia-smi -L" in smoke
+
+
+def test_state_checks_start_soon_after_a_submission(slurm):
+    """The plugin's 40 s default pause before (and after each productive) state check made a finished job
+    be noticed 20-45 s late; the profile shortens the first pause (it still grows while nothing finishes)."""
+    assert 5 <= slurm["slurm-init-seconds-before-status-checks"] <= 20
+
+
+def test_one_faiss_build_per_install():
+    """pyproject's core pulls no faiss; the `cpu` and `gpu` extras each bring one build (faiss-gpu with
+    DeepSpeed), and requirements.txt, the CPU/CI set, holds the core and the CPU extras."""
+    import tomllib
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!\[ ]", requirement, maxsplit=1)[0].lower()
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {name(r) for r in project["dependencies"]}
+    extras = {k: {name(r) for r in v} for k, v in project["optional-dependencies"].items()}
+    assert not {n for n in core if n.startswith("faiss")}
+    assert extras["cpu"] == {"faiss-cpu"} and extras["gpu"] == {"faiss-gpu-cu12", "deepspeed"}
+    assert {"transformers", "huggingface_hub"} <= extras["text2image"]
+    requirements = {name(line) for line in (ROOT / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")}
+    assert core | extras["cpu"] | extras["text2image"] | extras["workflow"] | extras["dev"] == requirements

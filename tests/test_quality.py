@@ -121,3 +121,8 @@ def test_classifier_inference_in_numpy_equals_the_torch_network(tmp_path):
         assert (ours.predict(images[200:500]) == classes).mean() > 0.99
     with pytest.raises(ValueError, match="takes 1 x 16"):
         ours.features(images[:4, :8, :8])
+    # a multiple of its resolution is seen as block means: pixel-replicated digits embed as the originals
+    doubled = images[200:210].repeat(2, axis=1).repeat(2, axis=2)
+    np.testing.assert_allclose(ours.features(doubled), ours.features(images[200:210]), rtol=1e-12)
+    with pytest.raises(ValueError, match="integer multiples of 16"):
+        ours.features(images[:4].repeat(3, axis=1)[:, :24].repeat(3, axis=2)[:, :, :24])

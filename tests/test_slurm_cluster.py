@@ -95,8 +95,8 @@ def derived_profile(workdir: Path) -> Path:
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     assert profile["slurm-status-command"] == "squeue"
     profile.update({"slurm-init-seconds-before-status-checks": 1, "latency-wait": 5, "verbose": True})
-    for rule in ("train_teacher", "sample_set"):
-        profile["set-resources"][rule]["gpu"] = 1
+    for rule in ("train_teacher", "sample_set"):  # the config computes on CPU: the profile sends them to the GPU
+        profile["set-resources"].setdefault(rule, {}).update(gpu=1, slurm_partition="'gpu'")
     (workdir / "profile").mkdir()
     (workdir / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
     return workdir / "profile"
@@ -143,6 +143,9 @@ def slurm_run(cluster, tmp_path_factory):
     try:
         first = wait_for(teacher_job, proc)
         wait_for(lambda: any(s >= 100 for s in checkpoint_steps(workdir)), proc)
+        # the log the README names is there while the job runs, and follows it
+        live_log = workdir / "logs" / "train_teacher" / "teacher-48.log"
+        live = live_log.is_symlink() and "=== attempt started" in live_log.read_text()
         subprocess.run(["scancel", "--signal=TERM", first], check=True)
         stops.append(first)
         second = wait_for(lambda: teacher_job(exclude={first}), proc)
@@ -157,7 +160,7 @@ def slurm_run(cluster, tmp_path_factory):
     print(f"\nSLURM end-to-end run: {time.monotonic() - start:.1f} s")
     text = (workdir / "snakemake.log").read_text()
     assert rc == 0, text[-8000:]
-    return workdir, config, text, stops
+    return workdir, config, text, stops, live
 
 
 def sbatch_calls(text: str, rule: str) -> list[str]:
@@ -173,7 +176,7 @@ def test_slurm_run_builds_the_table(slurm_run):
 def test_slurm_run_sbatch_arguments(slurm_run):
     """A CPU rule goes to the CPU partition without GPUs; a training rule to the GPU partition with the
     plugin's --gpus, the warning signal, and on every retry more time and memory."""
-    _, _, text, _ = slurm_run
+    _, _, text, *_ = slurm_run
     (subset,) = sbatch_calls(text, "subset")
     assert " -p cpu " in subset and " -t 60 " in subset and "--cpus-per-task=1" in subset
     assert "--gpus" not in subset and "--signal" not in subset
@@ -187,7 +190,8 @@ def test_slurm_run_sbatch_arguments(slurm_run):
 def test_slurm_run_training_resumes_after_each_stop_and_matches_an_uninterrupted_run(slurm_run, tmp_path):
     from safetensors.torch import load_file
 
-    workdir, config, _, stops = slurm_run
+    workdir, config, _, stops, live = slurm_run
+    assert live, "logs/train_teacher/teacher-48.log was not a live link to the running attempt's log"
     log = (workdir / "logs" / "train_teacher" / "teacher-48.log").read_text()
     # the rule log keeps every attempt: one banner per SLURM job, the stops, the resumptions
     banners = re.findall(r"=== attempt started \S+ on \S+, SLURM job (\d+)", log)

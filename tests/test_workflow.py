@@ -145,6 +145,11 @@ def test_paper_config_dry_run(tmp_path):
     # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
     # their training subset
     assert stats["reference_stats"] == 2 and stats["subset_reference_stats"] == 3
+    # per-set jobs declare memory from what they hold (pipeline.config.stage_mem_mb): an ImageNet-64
+    # set's search more than a CIFAR-10 set's, the profile's 4 GB a floor
+    searches = re.findall(r"rule search:\n.*?wildcards: model=(\S+), sampler=\S+\n.*?mem_mb=(\d+)", out, re.S)
+    mem = {model: int(mb) for model, mb in searches}
+    assert mem["real~imagenet64-10000"] > mem["real~cifar10-3000"] >= 4000
     # Inception FID: the digits classifier is not needed
     assert "train_feature_net" not in stats
     assert results_files(tmp_path) == []
@@ -625,6 +630,54 @@ def test_tiny_run_rules_import_only_what_they_use(tiny_run):
     assert "torch" in seen["train_teacher"] and "torch" in seen["sample_shard"] and "torch" in seen["sample_set"]
 
 
+# The conda packages that provide each heavy module a job may load (workflow/envs/*.yaml names).
+ENV_PACKAGES = {"torch": {"pytorch", "torch"}, "diffusers": {"diffusers"}, "transformers": {"transformers"},
+                "accelerate": {"accelerate"}, "faiss": {"faiss-gpu", "faiss-cpu"}, "cleanfid": {"clean-fid"},
+                "sklearn": {"scikit-learn"}, "matplotlib": {"matplotlib", "matplotlib-base"}}
+
+
+def rule_envs() -> dict[str, tuple[str, str]]:
+    """rule -> (its conda environment's name, its rule text), from workflow/rules/*.smk; a `use rule`
+    inherits its base's environment."""
+    out = {}
+    for path in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        text = path.read_text()
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", text, re.M | re.S):
+            env = re.search(r"conda:\s*\n\s*[\"']\.\./envs/([\w.-]+)\.yaml", m.group(2))
+            out[m.group(1)] = (env.group(1) if env else None, m.group(2))
+        for m in re.finditer(r"^use rule (\w+) as (\w+)", text, re.M):
+            out[m.group(2)] = out[m.group(1)]
+    return out
+
+
+def env_packages(name: str) -> set[str]:
+    deps = yaml.safe_load((ROOT / "workflow" / "envs" / f"{name}.yaml").read_text())["dependencies"]
+    specs = [d for d in deps if isinstance(d, str)] + [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]
+    return {re.split(r"[=<> ]", spec, maxsplit=1)[0] for spec in specs}
+
+
+def test_tiny_run_rules_environments_hold_what_their_jobs_import(tiny_run):
+    """Under `--sdm conda` every job runs in its rule's environment: the heavy modules each job of the
+    tiny run loaded (its log says which) must be installable there, and a rule that may be asked for
+    GPUs (MEMDISTILL_GPUS) needs torch or faiss-gpu to count them (pipeline.cluster.visible_gpus)."""
+    workdir, _, _ = tiny_run
+    envs = rule_envs()
+    missing = []
+    for log in (workdir / "logs").rglob("*.log"):
+        rule = log.relative_to(workdir / "logs").parts[0]
+        lines = [line for line in log.read_text().splitlines() if "heavy modules loaded:" in line]
+        if not lines or rule not in envs:
+            continue
+        have = env_packages(envs[rule][0])
+        for module in {m.strip() for m in lines[-1].split("heavy modules loaded:")[1].split(",")} - {"none"}:
+            if not ENV_PACKAGES[module] & have:
+                missing.append(f"{rule} ({envs[rule][0]}.yaml) loads {module}")
+    assert not missing, sorted(set(missing))
+    for rule, (env, text) in envs.items():
+        if env and ("on_sampling_gpus(" in text or "MEMDISTILL_GPUS" in text):
+            assert env_packages(env) & {"pytorch", "torch", "faiss-gpu"}, rule
+
+
 @pytest.mark.parametrize("model,sampler,kind", PAIRS)
 def test_tiny_run_group_breakdown_adds_up(tiny_run, model, sampler, kind):
     workdir, _, _ = tiny_run
@@ -1053,6 +1106,19 @@ def test_baselines_miniature_plans_selection_pd_dmd_and_refine(tmp_path):
     assert ("--teacher results/selected/teacher-mem10 --manifest results/samples/pd-mem10/refine-pd-10/manifest.json "
             "--out results/samples/pd-mem10/refine-pd-10/shard-00000.parquet") in out
     assert re.search(r"select-teacher --candidates teacher-48@150 teacher-48@300 teacher-48@450 teacher-48 ", out)
+
+
+def test_pairing_dimension_sweep_plans_teachers_and_dmd_students_at_three_resolutions(tmp_path):
+    """config/embedded-pairing.yaml: the same 48 digits at 8, 16 and 32 px, a teacher and a DMD student at
+    each (and the embedded CD student), three replicates, one pairing job per row and replicate."""
+    proc = check(snakemake(tmp_path, "results/pairing/pairing.md", "-n", "-p", "--configfile", str(EMBEDDED),
+                           str(ROOT / "config" / "embedded-pairing.yaml")))
+    out = output_of(proc)
+    stats = job_stats(out)
+    assert (stats["train_teacher"], stats["distill"], stats["pairing"], stats["pairing_report"]) == (9, 12, 12, 1)
+    for teacher in ("teacher-48", "teacher-48-16px.r1", "teacher-48-32px.r2"):
+        assert f"--teacher results/samples/{teacher}/heun-18/manifest.json" in out
+    assert '"resolution": 32' in out
 
 
 def test_baselines_miniature_runs_end_to_end(tmp_path):

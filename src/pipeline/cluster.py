@@ -33,8 +33,14 @@ class TrainingInterrupted(RuntimeError):
 
 
 def visible_gpus() -> int:
-    import torch
+    """The CUDA devices this process sees: through torch where it is installed, else through faiss (the
+    search rules' conda environment has faiss-gpu and no torch, workflow/envs/search.yaml)."""
+    try:
+        import torch
+    except ImportError:
+        import faiss
 
+        return int(faiss.get_num_gpus())
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -46,22 +52,31 @@ def require_gpus(need: int | None = None) -> int:
         return 0
     have = visible_gpus()
     if have < need:
-        where = f"node {socket.gethostname()}"
-        if os.environ.get("SLURM_JOB_ID"):
-            where += f", SLURM job {os.environ['SLURM_JOB_ID']}"
         raise MissingGPUError(
             f"this job is configured for {need} GPU(s) (compute.gpus of its config entry) but CUDA sees {have} "
-            f"on {where} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); stopping "
-            f"instead of running on CPU. Check the GPU partition and driver (`snakemake --profile profiles/slurm "
-            f"gpu_smoke`), or set compute.gpus: 0 to run it on CPU on purpose.")
+            f"on {_where()}; stopping instead of running on CPU. Check the GPU partition and driver "
+            f"(`snakemake --profile profiles/slurm gpu_smoke`), or set compute.gpus: 0 to run it on CPU on purpose.")
     return have
+
+
+def _where() -> str:
+    where = f"node {socket.gethostname()}"
+    if os.environ.get("SLURM_JOB_ID"):
+        where += f", SLURM job {os.environ['SLURM_JOB_ID']}"
+    return f"{where} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
 
 
 def gpu_smoke(size: int = 4096, repeats: int = 10) -> dict:
     """Every visible GPU's name, and a float32 matmul on the first checked against float64 on the CPU."""
     import torch
 
-    require_gpus(1)
+    if visible_gpus() < 1:  # its own message: the generic one would send the user back here
+        raise MissingGPUError(
+            f"gpu_smoke: CUDA sees no GPU on {_where()}; torch {torch.__version__} is "
+            f"{'a CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only'} build. Check that the job "
+            f"ran in the GPU partition (MEMDISTILL_SLURM_GPU_PARTITION={os.environ.get('MEMDISTILL_SLURM_GPU_PARTITION', '<unset>')!r}; "
+            f"`sinfo -o \"%P %G\"` lists each partition's GPUs), that nvidia-smi above in this log lists a device, "
+            f"and that torch is a CUDA build.")
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=g) for _ in range(2))

@@ -223,14 +223,15 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
     need("datasets", cfg["quality"]["reference"], "quality.reference")
     reference = cfg["datasets"].get(cfg["quality"]["reference"])
     if cfg["quality"]["kind"] == "digits_fd" and reference is not None:
-        # the digits classifier sees images at its reference dataset's resolution only
+        # the digits classifier sees images at its reference dataset's resolution, or integer multiples of it
+        # (block means, pipeline.digits_classifier)
         want = reference.get("resolution", 16)
         for name, s in cfg["subsets"].items():
             d = cfg["datasets"].get(s["dataset"], {})
-            if d.get("source") == "digits" and d.get("resolution", 16) != want:
+            if d.get("source") == "digits" and d.get("resolution", 16) % want:
                 problems.append(f"  subsets.{name}: its dataset {s['dataset']!r} is {d.get('resolution', 16)} px, but "
                                 f"digits-FD's classifier is trained on quality.reference {cfg['quality']['reference']!r} "
-                                f"at {want} px: give both datasets one resolution")
+                                f"at {want} px: give its datasets that resolution or a multiple of it")
     sscd = cfg["memorization"].get("sscd") or {}
     if "calibrate" in sscd and "threshold" in sscd:
         problems.append("  memorization.sscd: give a fixed `threshold` or `calibrate`, not both")
@@ -443,6 +444,56 @@ def subset_of(cfg: Mapping[str, Any], model: str) -> str:
     if model in cfg["teachers"]:
         return cfg["teachers"][model]["subset"]
     return cfg["teachers"][teacher_run(cfg, cfg["students"][model]["teacher"])]["subset"]
+
+
+# What each source's images are when its dataset entry does not say (src/pipeline/data/sources.py).
+SOURCE_RESOLUTION = {"digits": 16, "cifar10": 32, "imagenet64": 64, "pairs": 512, "coco2017": 512}
+SOURCE_CLASSES = {"digits": 10, "cifar10": 10, "imagenet64": 1000}
+SSCD_DIM = 512  # SSCD's descriptor (sscd_disc_mixup)
+
+
+def subset_size(cfg: Mapping[str, Any], subset: str) -> tuple[int, int]:
+    """(unique images, uint8 values per image) of a configured subset, from its spec alone."""
+    spec = cfg["subsets"][subset]
+    dataset = dataset_of_subset(cfg, subset)
+    source = dataset["source"]
+    resolution = dataset.get("resolution", SOURCE_RESOLUTION[source])
+    values = resolution * resolution * (1 if source == "digits" else 3)
+    if spec["kind"] == "uniform":
+        images = spec["n"]
+    elif spec["kind"] == "repetition":
+        classes = SOURCE_CLASSES.get(source, 10)
+        others = spec.get("others", spec.get("others_per_class", 0) * (classes - len(spec["repeated_classes"])))
+        images = spec["per_class"] * len(spec["repeated_classes"]) + others
+    else:  # text_memorization: the memorized pairs and the extra pairs beside each
+        images = int(spec["n"] * (1 + spec["extra_ratio"]))
+    return int(images), int(values)
+
+
+def stage_mem_mb(cfg: Mapping[str, Any], model: str, stage: str, num_samples: int, descriptors: bool = False) -> int:
+    """The memory a per-set job needs, from the sizes it holds (a job reads a whole sample set and, for
+    the search, the whole training subset): 2 GB of interpreter, libraries and batches, plus
+      search   float32 copies of both sets for the FAISS short list and the exact re-rank (x2), and the
+               SSCD descriptors of both (`descriptors`);
+      metrics  the set's uint8 images and a float32 copy (the feature passes and the L2 statistics);
+      embed    the set's uint8 images (one float32 batch at a time on top).
+    `model` "subset:<name>" sizes an embedding of the training subset itself. With half again as margin,
+    in MB, at least the profile's 4000."""
+    if model.startswith("subset:"):
+        images, values = subset_size(cfg, model.split(":", 1)[1])
+        held, train = images, 0
+    else:
+        train, values = subset_size(cfg, subset_of(cfg, model))
+        held = num_samples
+    if stage == "search":
+        need = 2 * 4 * values * (held + train) + (4 * SSCD_DIM * (held + train) if descriptors else 0)
+    elif stage == "metrics":
+        need = (1 + 4) * values * held
+    elif stage == "embed":
+        need = values * held
+    else:
+        raise ValueError(f"unknown stage {stage!r}: search, metrics or embed")
+    return max(4000, int(2048 + 1.5 * need / 2 ** 20))
 
 
 def dataset_of_subset(cfg: Mapping[str, Any], subset: str) -> dict:

@@ -106,9 +106,16 @@ class ClassifierFeatures:
 
     def _body(self, images: np.ndarray) -> np.ndarray:
         x = images_to_unit(images)
-        if x.shape[1:] != (self.config["channels"], self.config["resolution"], self.config["resolution"]):
-            raise ValueError(f"the digits classifier takes {self.config['channels']} x {self.config['resolution']}^2 "
-                             f"images, got {x.shape[1:]}: train it on the samples' resolution")
+        c, r = self.config["channels"], self.config["resolution"]
+        if x.shape[1] == c and x.shape[2] == x.shape[3] and x.shape[2] > r and x.shape[2] % r == 0:
+            # digits drawn at a multiple of the classifier's resolution are seen at its own, as block means
+            # (the way Inception-based FID resizes every image to 299 px): one feature net for a config whose
+            # models train at several resolutions
+            k = x.shape[2] // r
+            x = x.reshape(len(x), c, r, k, r, k).mean(axis=(3, 5))
+        if x.shape[1:] != (c, r, r):
+            raise ValueError(f"the digits classifier takes {c} x {r}^2 images (or integer multiples of {r} px), got "
+                             f"{x.shape[1:]}: train it on the samples' resolution")
         x = _maxpool2(_relu(_conv3x3(x, self.w["body.0.weight"], self.w["body.0.bias"])))
         x = _maxpool2(_relu(_conv3x3(x, self.w["body.3.weight"], self.w["body.3.bias"])))
         return _relu(x.reshape(len(x), -1) @ self.w["body.7.weight"].T + self.w["body.7.bias"])

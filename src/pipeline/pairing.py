@@ -99,7 +99,8 @@ def _stats(values) -> tuple[float, float]:
 def _fmt(values, percent: bool = False) -> str:
     mean, sd = _stats(values)
     scale, unit = (100, "%") if percent else (1, "")
-    return f"{scale * mean:.3f}{unit}" + (f" ± {scale * sd:.3f}{unit}" if len(values) > 1 else "")
+    mean = round(scale * mean, 3) + 0.0  # no "-0.000" for a value that is zero to rounding
+    return f"{mean:.3f}{unit}" + (f" ± {scale * sd:.3f}{unit}" if len(values) > 1 else "")
 
 
 def report_rows(rows: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ rule audit:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=60,
     log:
         "logs/audit/{aspace}/{model}/{sampler}.log",

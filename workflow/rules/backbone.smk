@@ -19,6 +19,7 @@ rule build_backbone:
     priority: TEACHER_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(BACKBONES[wc.ldm])["gpu"],
+        slurm_partition=lambda wc: partition_for(gpu_resources(BACKBONES[wc.ldm])["gpu"]),
         runtime=lambda wc: gpu_resources(BACKBONES[wc.ldm])["runtime"],
         mem_mb=lambda wc: gpu_resources(BACKBONES[wc.ldm])["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(BACKBONES[wc.ldm])["cpus_per_task"],
@@ -46,6 +47,7 @@ rule cache_latents:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=gpu_resources(SAMPLING)["runtime"],
         mem_mb=gpu_resources(SAMPLING)["mem_mb"],
         cpus_per_task=SAMPLING_CPUS,

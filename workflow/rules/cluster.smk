@@ -8,6 +8,7 @@ rule gpu_smoke:
     threads: 1
     resources:
         gpu=1,
+        slurm_partition=partition_for(1),
         runtime=10,
         mem_mb=4000,
     log:
@@ -18,4 +19,4 @@ rule gpu_smoke:
         "../envs/torch.yaml"
     shell:
         "(nvidia-smi -L || echo 'nvidia-smi failed or is missing') > {log} 2>&1; "
-        "MEMDISTILL_GPUS=1 python -m pipeline gpu-smoke --out {output} >> {log} 2>&1; cat {output} >> {log}"
+        "python -m pipeline gpu-smoke --out {output} >> {log} 2>&1; cat {output} >> {log}"

@@ -141,6 +141,15 @@ def gpu_resources(spec, runtime=60, mem_mb=8000, attempt=1):
     )
 
 
+def partition_for(gpus):
+    """A job's SLURM partition by its GPU count: $MEMDISTILL_SLURM_GPU_PARTITION when it asks for GPUs,
+    else $MEMDISTILL_SLURM_PARTITION (the profile's default for rules without GPUs), so a rule
+    configured with `compute.gpus: 0` queues with the CPU work. Read from the environment like the
+    profile's values; an unset variable stays literal and fails on submission, as there."""
+    name = "MEMDISTILL_SLURM_GPU_PARTITION" if gpus else "MEMDISTILL_SLURM_PARTITION"
+    return os.environ.get(name, f"${name}")
+
+
 def preemptible_shell(command):
     """The shell of a training rule, which SLURM may stop at its time limit, on scancel or preemption.
 
@@ -149,12 +158,16 @@ def preemptible_shell(command):
     it ignore SIGTERM/SIGUSR1, so neither ends the step first (Python re-arms its own handlers).
     Snakemake removes a rule's log before each attempt, so every attempt writes its own file beside the
     checkpoints and the rule's log is rebuilt from all of them: a retry keeps the failed attempt's lines.
+    While an attempt runs, the rule's log is a symbolic link to its file, so `tail -f` on the log the
+    README names follows training live; the link is replaced by the assembled file at the end.
     """
     start = (
         "trap '' TERM USR1; mkdir -p {params.ckpt}/logs; attempt={params.ckpt}/logs/attempt-$(date +%s%N).log; "
-        'echo "=== attempt started $(date -Is) on $(hostname)${{SLURM_JOB_ID:+, SLURM job $SLURM_JOB_ID}}" > $attempt'
+        'echo "=== attempt started $(date -Is) on $(hostname)${{SLURM_JOB_ID:+, SLURM job $SLURM_JOB_ID}}" > $attempt; '
+        'ln -sfn "$PWD/$attempt" {log.main}'
     )
-    end = "cat {params.ckpt}/logs/attempt-*.log > {log.main}; if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status"
+    end = ("rm -f {log.main}; cat {params.ckpt}/logs/attempt-*.log > {log.main}; "
+           "if [ $status -eq 0 ]; then rm -r {params.ckpt}/logs; fi; exit $status")
     return f"{start}; status=0; {command} >> $attempt 2>&1 || status=$?; {end}"
 
 

@@ -27,6 +27,7 @@ rule distill:
     priority: STUDENT_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(STUDENTS[wc.student])["gpu"],
+        slurm_partition=lambda wc: partition_for(gpu_resources(STUDENTS[wc.student])["gpu"]),
         runtime=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["runtime"],
         mem_mb=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(STUDENTS[wc.student])["cpus_per_task"],
@@ -72,6 +73,7 @@ rule distill_lcm:
     priority: STUDENT_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(STUDENTS[wc.student])["gpu"],
+        slurm_partition=lambda wc: partition_for(gpu_resources(STUDENTS[wc.student])["gpu"]),
         runtime=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["runtime"],
         mem_mb=lambda wc, attempt: gpu_resources(STUDENTS[wc.student], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(STUDENTS[wc.student])["cpus_per_task"],

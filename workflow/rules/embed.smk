@@ -20,7 +20,9 @@ rule embed_samples:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=120,
+        mem_mb=lambda wc: pconfig.stage_mem_mb(CFG, wc.model, "embed", SAMPLING["num_samples"]),
     log:
         "logs/embed_samples/{espace}/{model}/{sampler}.log",
     benchmark:
@@ -46,7 +48,9 @@ rule embed_subset:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=120,
+        mem_mb=lambda wc: pconfig.stage_mem_mb(CFG, f"subset:{wc.subset}", "embed", 0),
     log:
         f"logs/embed_subset/{SIM}/{{subset}}.log",
     benchmark:

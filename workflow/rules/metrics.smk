@@ -37,6 +37,7 @@ rule reference_stats:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=120,
     log:
         f"logs/reference_stats/{QUALITY['kind']}-{{refdata}}.log",
@@ -63,6 +64,7 @@ rule subset_reference_stats:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=60,
     log:
         f"logs/subset_reference_stats/{QUALITY['kind']}-{{subset}}.log",
@@ -89,7 +91,9 @@ rule metrics:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=60,
+        mem_mb=lambda wc: pconfig.stage_mem_mb(CFG, wc.model, "metrics", SAMPLING["num_samples"]),
     log:
         "logs/metrics/{model}/{sampler}.log",
     benchmark:

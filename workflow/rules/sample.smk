@@ -16,6 +16,7 @@ rule sample_shard:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=gpu_resources(SAMPLING, runtime=120)["runtime"],
         mem_mb=gpu_resources(SAMPLING)["mem_mb"],
         cpus_per_task=SAMPLING_CPUS,

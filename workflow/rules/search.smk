@@ -26,7 +26,9 @@ rule search:
     threads: SAMPLING_CPUS
     resources:
         gpu=gpu_resources(SAMPLING)["gpu"],
+        slurm_partition=partition_for(gpu_resources(SAMPLING)["gpu"]),
         runtime=60,
+        mem_mb=lambda wc: pconfig.stage_mem_mb(CFG, wc.model, "search", SAMPLING["num_samples"], SSCD is not None),
     log:
         "logs/search/{model}/{sampler}.log",
     benchmark:

@@ -23,6 +23,7 @@ rule train_teacher:
     priority: TEACHER_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
+        slurm_partition=lambda wc: partition_for(gpu_resources(CFG["teachers"][wc.teacher])["gpu"]),
         runtime=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["runtime"],
         mem_mb=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["cpus_per_task"],
@@ -66,6 +67,7 @@ rule finetune_teacher:
     priority: TEACHER_PRIORITY
     resources:
         gpu=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["gpu"],
+        slurm_partition=lambda wc: partition_for(gpu_resources(CFG["teachers"][wc.teacher])["gpu"]),
         runtime=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["runtime"],
         mem_mb=lambda wc, attempt: gpu_resources(CFG["teachers"][wc.teacher], attempt=attempt)["mem_mb"],
         cpus_per_task=lambda wc: gpu_resources(CFG["teachers"][wc.teacher])["cpus_per_task"],
