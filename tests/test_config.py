@@ -587,7 +587,7 @@ def test_bridge_rows_name_edm_teachers_and_samplers():
 
 def test_edge_cases_and_time_grids_are_checked(cfg):
     cfg["edge"]["times"] = {"min": 0.8, "max": 0.1, "num": 8}
-    cfg["edge"]["cases"]["digit-templates"]["d"] = 64
+    cfg["edge"]["cases"]["digit-templates"] = {"data": "digit_templates", "k": 4, "n": 60, "sigma0": 1.0, "d": 64}
     cfg["edge"]["cases"]["gaussian"].pop("d")
     cfg["edge"]["cases"]["wrong-classes"] = {"data": "digit_templates", "k": 3, "n": 20, "sigma0": 1.0, "classes": [1, 2]}
     message = error_of(cfg)

@@ -1121,6 +1121,15 @@ def test_pairing_dimension_sweep_plans_teachers_and_dmd_students_at_three_resolu
     assert '"resolution": 32' in out
 
 
+def test_full_edge_lab_plans_two_cases_of_three_seeds(tmp_path):
+    """config/embedded-edge.yaml, the lab README reports: both cases, three seeds each, one report."""
+    out = output_of(check(snakemake(tmp_path, "results/edge/crossover.md", "-n", "--configfile", str(EMBEDDED),
+                                    str(ROOT / "config" / "embedded-edge.yaml"))))
+    stats = job_stats(out)
+    assert (stats["edge_lab"], stats["edge_report"]) == (6, 1)
+    assert "results/edge/lab/digit-templates/seed-2.npz" in out
+
+
 def test_baselines_miniature_runs_end_to_end(tmp_path):
     """The miniature, shortened (few steps, 64 samples), run for real: the selections pick models of
     teacher-48's run, PD runs its stages, DMD trains, refine samples at every level, Table 5 and the
