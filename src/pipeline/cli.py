@@ -203,11 +203,11 @@ def cmd_search(a):
     given, and the gallery of both (one job instead of three per set keeps the paper grid's DAG small)."""
     from .search import search_samples, similarity_table
 
-    summary = search_samples(a.subset, a.manifest, a.out, a.space, a.ratio)
-    logging.info("memorized: %.2f%% of %d samples", 100 * summary["mem_ratio"], summary["n_samples"])
     descriptor = (a.sscd_samples, a.sscd_train, a.sscd_out)
     if any(descriptor) and not all(descriptor):
         raise SystemExit("--sscd-samples, --sscd-train and --sscd-out go together")
+    summary = search_samples(a.subset, a.manifest, a.out, a.space, a.ratio)
+    logging.info("memorized: %.2f%% of %d samples", 100 * summary["mem_ratio"], summary["n_samples"])
     if a.sscd_out:
         similarity_table(a.sscd_samples, a.sscd_train, a.subset, a.manifest, a.sscd_out, space=a.sscd_space)
         logging.info("%s most-similar search written to %s", a.sscd_space, a.sscd_out)
