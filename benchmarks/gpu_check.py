@@ -7,7 +7,8 @@ Usage (on the GPU machine, from the repository root, results under $OUT):
 Sections, in order (each timed, its result or its error recorded; a section that would start past the
 budget is skipped and says so): the environment; teacher training steps/s and peak memory of the paper
 backbones (ncsnpp-cifar10 at batch 512 in fp32 and bf16, adm-imagenet64-cond in bf16 at the largest batch
-that fits), through the project's own training loop; consistency distillation with LPIPS (the `lpips`
+that fits), through the project's own training loop; NVlabs/edm's own training step on the same networks
+and batches (from a checkout, --edm-repo) and our images/s over its as a ratio; consistency distillation with LPIPS (the `lpips`
 package's VGG, random backbone); sampling images/s of a 1-step student against the Heun-18 teacher;
 the exact search (pipeline.search.nearest_neighbours) on 50k x 50k x 512 float32 descriptors and on
 10k x 50k x 3072 uint8 pixels, beside the float32 GEMM that bounds it and torch.cdist + topk, TF32 off,
@@ -155,6 +156,101 @@ def teacher_training(check: Check) -> dict:
         except torch.cuda.OutOfMemoryError:
             out.setdefault("adm_batches_out_of_memory", []).append(b)
             torch.cuda.empty_cache()
+    return out
+
+
+# NVlabs/edm train.py's network presets for the paper backbones (`--arch=ncsnpp` with CIFAR-10's
+# `--dropout=0.13`; `--arch=adm --cond=1` with ImageNet-64's 0.10), and a tiny SongUNet for --tiny.
+EDM_NETS = {
+    "ncsnpp-cifar10": dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet",
+                           embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                           channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                           channel_mult=[2, 2, 2], dropout=0.13),
+    "adm-imagenet64-cond": dict(img_resolution=64, img_channels=3, label_dim=1000, model_type="DhariwalUNet",
+                                model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.10),
+}
+EDM_TINY = {"ncsnpp-cifar10": dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet",
+                                   model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
+            "adm-imagenet64-cond": dict(img_resolution=8, img_channels=1, label_dim=10, model_type="DhariwalUNet",
+                                        model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])}
+EDM_REPO = ROOT / "benchmarks" / "third_party" / "edm"
+
+
+def _edm_train(check: Check, edm_dir: Path, kwargs: dict, batch: int, steps: int, use_fp16: bool) -> dict:
+    """Steps of NVlabs/edm's own training step on random images: its EDMPrecond network and EDMLoss, and the
+    step of training/training_loop.py (loss.sum() / batch, gradients through nan_to_num, Adam at lr 1e-3,
+    the EMA by lerp at a 500 kimg half-life). Imported from a checkout, never copied: it is the yardstick
+    for the project's own loop on the same network, batch and device."""
+    import copy
+
+    if str(edm_dir) not in sys.path:
+        sys.path.insert(0, str(edm_dir))
+    from training.loss import EDMLoss  # NVlabs/edm
+    from training.networks import EDMPrecond  # NVlabs/edm
+
+    torch.manual_seed(0)
+    net = EDMPrecond(use_fp16=use_fp16, **kwargs).train().requires_grad_(True).to(check.device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=10e-4, betas=(0.9, 0.999), eps=1e-8)
+    loss_fn = EDMLoss()
+    res, channels = kwargs["img_resolution"], kwargs["img_channels"]
+    images = torch.rand(batch, channels, res, res, device=check.device) * 2 - 1
+    labels = None
+    if kwargs["label_dim"]:
+        labels = torch.eye(kwargs["label_dim"], device=check.device)[torch.randint(0, kwargs["label_dim"], (batch,))]
+    beta = 0.5 ** (batch / 500e3)
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net=net, images=images, labels=labels)
+        loss.sum().mul(1 / batch).backward()
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        losses.append(float(loss.detach().mean()))
+
+    check.reset_peak()
+    step()  # warm-up, as _train leaves out its first step
+    check.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    check.sync()
+    seconds = time.perf_counter() - start
+    return {"parameters_m": sum(p.numel() for p in net.parameters()) / 1e6, "batch": batch,
+            "precision": "fp16" if use_fp16 else "fp32", "steps": steps, "steps_per_s": steps / seconds,
+            "images_per_s": steps * batch / seconds, "peak_memory_mb": check.peak_mb(),
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def edm_reference(check: Check, results: dict, edm_dir: Path) -> dict:
+    """NVlabs/edm's training step on the same networks, batches and device as teacher_training, and the
+    project's images/s over EDM's as a ratio (our bf16 against EDM's own mixed precision, fp16). On --tiny
+    the two networks differ (unet-tiny against a tiny SongUNet): numbers only, no ratio."""
+    if not (edm_dir / "training" / "networks.py").is_file():
+        return {"skipped": f"no NVlabs/edm checkout at {edm_dir} (git clone https://github.com/NVlabs/edm there, "
+                           "or pass --edm-repo; BENCHMARKS.md says how to carry it to a lent GPU)"}
+    ours = results.get("teacher_training", {})
+    out = {"edm_dir": str(edm_dir)}
+    cases = [("ncsnpp-cifar10 no", "ncsnpp-cifar10", 4 if check.tiny else 512, False),
+             ("ncsnpp-cifar10 bf16", "ncsnpp-cifar10", 4 if check.tiny else 512, not check.tiny)]
+    adm = ours.get("adm-imagenet64-cond bf16")
+    if adm or check.tiny:
+        cases.append(("adm-imagenet64-cond bf16", "adm-imagenet64-cond", 4 if check.tiny else adm["batch"],
+                      not check.tiny))
+    for key, net_name, batch, fp16 in cases:
+        kwargs = (EDM_TINY if check.tiny else EDM_NETS)[net_name]
+        steps = 2 if check.tiny else (20 if "adm" in key else 50)  # a steady rate after the warm-up step
+        edm = _edm_train(check, edm_dir, kwargs, batch, steps, fp16)
+        if not check.tiny and key in ours:
+            edm["ours_over_edm_images_per_s"] = ours[key]["images_per_s"] / edm["images_per_s"]
+            edm["ours_parameters_m"] = ours[key]["parameters_m"]
+        out[key] = edm
     return out
 
 
@@ -334,7 +430,7 @@ def zero2(check: Check, out_dir: Path) -> dict:
             "trained": (work / "teacher" / "model.safetensors").exists(), "log_tail": (proc.stdout + proc.stderr)[-1500:]}
 
 
-SECTIONS = ["environment", "teacher_training", "cd_lpips", "sampling", "search", "embedding", "sd15_unet",
+SECTIONS = ["environment", "teacher_training", "edm_reference", "cd_lpips", "sampling", "search", "embedding", "sd15_unet",
             "compile_teacher", "zero2"]
 
 
@@ -365,6 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU, tiny shapes: what the test runs")
     p.add_argument("--budget-s", type=float, default=480.0, help="no section starts after this many seconds")
     p.add_argument("--sections", nargs="*", default=SECTIONS, choices=SECTIONS)
+    p.add_argument("--edm-repo", default=str(EDM_REPO),
+                   help="a checkout of NVlabs/edm, whose own training step edm_reference times beside ours")
     a = p.parse_args(argv)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +477,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             fn = globals()[name]
-            body = fn(check, out_dir) if name == "zero2" else fn(check)
+            extra = {"zero2": (out_dir,), "edm_reference": (results, Path(a.edm_repo))}.get(name, ())
+            body = fn(check, *extra)
             status = "skipped" if "skipped" in body else "ok"
             results[name] = {"status": status, **body}
         except Exception as exc:  # a section's failure is a result, not the end of the check

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -255,6 +256,22 @@ def test_env_file(name):
         assert "faiss-gpu" in names and not names & {"torch", "pytorch"}
     if name in ("data", "report"):
         assert not names & {"torch", "pytorch", "faiss-gpu", "faiss-cpu"}, name
+    (numpy_spec,) = [s.split("#")[0].strip() for s in conda + pip if re.match(r"numpy\b", s)]
+    assert same_numpy_major(numpy_spec), f"{name}.yaml pins {numpy_spec!r}; the tests run numpy {np.__version__}"
+
+
+def same_numpy_major(spec: str) -> bool:
+    """Whether an env's numpy pin (conda's `numpy=2.3.3` or pip's `numpy>=2.0,<3`) runs the numpy major the
+    tests run: numpy 2 changed scalar promotion and the C ABI, so code tested on one major is untested on the other."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    installed = Version(np.__version__)
+    exact = re.fullmatch(r"numpy=([\d.]+)", spec)
+    if exact:
+        return Version(exact.group(1)).major == installed.major
+    allowed = SpecifierSet(spec[len("numpy"):])  # a pip range must not admit the other major either
+    return installed in allowed and Version(f"{installed.major - 1}.99") not in allowed
 
 
 def test_rules_point_at_existing_envs():
