@@ -159,8 +159,11 @@ def teacher_training(check: Check) -> dict:
     return out
 
 
-# NVlabs/edm train.py's network presets for the paper backbones (`--arch=ncsnpp` with CIFAR-10's
-# `--dropout=0.13`; `--arch=adm --cond=1` with ImageNet-64's 0.10), and a tiny SongUNet for --tiny.
+# NVlabs/edm's presets for the paper backbones: network kwargs from train.py (`--arch=ncsnpp` with CIFAR-10's
+# `--dropout=0.13 --augment=0`, so no augment_dim: 56.40 M parameters as our net's `reference`; `--arch=adm
+# --cond=1` with ImageNet-64's `--dropout=0.10`), and the step settings README.md gives each (CIFAR-10: lr 1e-3,
+# EMA 500 kimg, loss scaling 1; ImageNet-64: `--lr=1e-4 --ema=50 --ls=100`). The learning-rate and EMA
+# ramp-ups of training_loop.py are left out: they change no step's cost.
 EDM_NETS = {
     "ncsnpp-cifar10": dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet",
                            embedding_type="fourier", encoder_type="residual", decoder_type="standard",
@@ -169,18 +172,34 @@ EDM_NETS = {
     "adm-imagenet64-cond": dict(img_resolution=64, img_channels=3, label_dim=1000, model_type="DhariwalUNet",
                                 model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.10),
 }
+EDM_STEP = {"ncsnpp-cifar10": dict(lr=10e-4, ema_kimg=500, loss_scaling=1.0),
+            "adm-imagenet64-cond": dict(lr=1e-4, ema_kimg=50, loss_scaling=100.0)}
 EDM_TINY = {"ncsnpp-cifar10": dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet",
                                    model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
             "adm-imagenet64-cond": dict(img_resolution=8, img_channels=1, label_dim=10, model_type="DhariwalUNet",
                                         model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])}
 EDM_REPO = ROOT / "benchmarks" / "third_party" / "edm"
+# What training_loop.py sets before its first step (cudnn_benchmark=True is its default).
+EDM_BACKENDS = {"cudnn.benchmark": True, "cudnn.allow_tf32": False, "cuda.matmul.allow_tf32": False}
 
 
-def _edm_train(check: Check, edm_dir: Path, kwargs: dict, batch: int, steps: int, use_fp16: bool) -> dict:
-    """Steps of NVlabs/edm's own training step on random images: its EDMPrecond network and EDMLoss, and the
-    step of training/training_loop.py (loss.sum() / batch, gradients through nan_to_num, Adam at lr 1e-3,
-    the EMA by lerp at a 500 kimg half-life). Imported from a checkout, never copied: it is the yardstick
-    for the project's own loop on the same network, batch and device."""
+def _backends() -> dict:
+    return {"cudnn.benchmark": torch.backends.cudnn.benchmark, "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def _set_backends(flags: dict) -> None:
+    torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"]
+
+
+def _edm_train(check: Check, edm_dir: Path, kwargs: dict, settings: dict, batch: int, steps: int,
+               use_fp16: bool) -> dict:
+    """Steps of NVlabs/edm's own training step on random images held on the device: its EDMPrecond network
+    and EDMLoss, and the step of training/training_loop.py (loss.sum() x loss scaling / batch, gradients
+    through nan_to_num, Adam, the EMA by lerp), under the backend flags that loop sets. Imported from a
+    checkout, never copied: it is the yardstick for the project's own loop on the same network and batch."""
     import copy
 
     if str(edm_dir) not in sys.path:
@@ -191,20 +210,20 @@ def _edm_train(check: Check, edm_dir: Path, kwargs: dict, batch: int, steps: int
     torch.manual_seed(0)
     net = EDMPrecond(use_fp16=use_fp16, **kwargs).train().requires_grad_(True).to(check.device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=10e-4, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings["lr"], betas=(0.9, 0.999), eps=1e-8)
     loss_fn = EDMLoss()
     res, channels = kwargs["img_resolution"], kwargs["img_channels"]
     images = torch.rand(batch, channels, res, res, device=check.device) * 2 - 1
     labels = None
-    if kwargs["label_dim"]:
+    if kwargs["label_dim"]:  # one-hot rows, as EDM's dataset hands them over
         labels = torch.eye(kwargs["label_dim"], device=check.device)[torch.randint(0, kwargs["label_dim"], (batch,))]
-    beta = 0.5 ** (batch / 500e3)
+    beta = 0.5 ** (batch / (settings["ema_kimg"] * 1000))
     losses = []
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net=net, images=images, labels=labels)
-        loss.sum().mul(1 / batch).backward()
+        loss.sum().mul(settings["loss_scaling"] / batch).backward()
         for param in net.parameters():
             if param.grad is not None:
                 torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
@@ -230,26 +249,37 @@ def _edm_train(check: Check, edm_dir: Path, kwargs: dict, batch: int, steps: int
 
 def edm_reference(check: Check, results: dict, edm_dir: Path) -> dict:
     """NVlabs/edm's training step on the same networks, batches and device as teacher_training, and the
-    project's images/s over EDM's as a ratio (our bf16 against EDM's own mixed precision, fp16). On --tiny
-    the two networks differ (unet-tiny against a tiny SongUNet): numbers only, no ratio."""
+    project's images/s over EDM's as a ratio, each loop with its own precision and backend flags (our fp32
+    against EDM's fp32; our bf16 against EDM's own mixed precision, fp16). On --tiny the networks differ
+    (unet-tiny against a tiny SongUNet and DhariwalUNet): numbers only, no ratio."""
     if not (edm_dir / "training" / "networks.py").is_file():
         return {"skipped": f"no NVlabs/edm checkout at {edm_dir} (git clone https://github.com/NVlabs/edm there, "
                            "or pass --edm-repo; BENCHMARKS.md says how to carry it to a lent GPU)"}
     ours = results.get("teacher_training", {})
-    out = {"edm_dir": str(edm_dir)}
+    mixed = not check.tiny  # EDM's fp16 runs on CUDA only
     cases = [("ncsnpp-cifar10 no", "ncsnpp-cifar10", 4 if check.tiny else 512, False),
-             ("ncsnpp-cifar10 bf16", "ncsnpp-cifar10", 4 if check.tiny else 512, not check.tiny)]
+             ("ncsnpp-cifar10 bf16", "ncsnpp-cifar10", 4 if check.tiny else 512, mixed)]
+    out = {"edm_dir": str(edm_dir), "ours_backends": _backends(), "edm_backends": EDM_BACKENDS}
     adm = ours.get("adm-imagenet64-cond bf16")
-    if adm or check.tiny:
-        cases.append(("adm-imagenet64-cond bf16", "adm-imagenet64-cond", 4 if check.tiny else adm["batch"],
-                      not check.tiny))
+    if check.tiny or isinstance(adm, dict):
+        cases.append(("adm-imagenet64-cond bf16", "adm-imagenet64-cond", 4 if check.tiny else adm["batch"], mixed))
+    else:
+        out["adm-imagenet64-cond bf16"] = {"skipped": "teacher_training measured no adm-imagenet64-cond batch"}
     for key, net_name, batch, fp16 in cases:
         kwargs = (EDM_TINY if check.tiny else EDM_NETS)[net_name]
-        steps = 2 if check.tiny else (20 if "adm" in key else 50)  # a steady rate after the warm-up step
-        edm = _edm_train(check, edm_dir, kwargs, batch, steps, fp16)
-        if not check.tiny and key in ours:
-            edm["ours_over_edm_images_per_s"] = ours[key]["images_per_s"] / edm["images_per_s"]
+        steps = 2 if check.tiny else (20 if "adm" in net_name else 50)  # a steady rate after the warm-up step
+        _set_backends(EDM_BACKENDS)
+        try:
+            edm = _edm_train(check, edm_dir, kwargs, EDM_STEP[net_name], batch, steps, fp16)
+        except torch.cuda.OutOfMemoryError:
+            edm = {"error": f"out of memory at batch {batch}"}
+            torch.cuda.empty_cache()
+        finally:
+            _set_backends(out["ours_backends"])
+        if not check.tiny and key in ours and "images_per_s" in edm:
+            edm["ours_precision"] = ours[key]["precision"]
             edm["ours_parameters_m"] = ours[key]["parameters_m"]
+            edm["ours_over_edm_images_per_s"] = ours[key]["images_per_s"] / edm["images_per_s"]
         out[key] = edm
     return out
 
@@ -412,7 +442,9 @@ def zero2(check: Check, out_dir: Path) -> dict:
         return {"skipped": "deepspeed is not installed (pip install -e '.[gpu]')"}
     work = out_dir / "zero2"
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MEMDISTILL_GPUS": "1"}
+    # src first, then whatever PYTHONPATH already holds (on a lent GPU, the carried wheels' /tmp/site)
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "MEMDISTILL_GPUS": "1"}
     py = [sys.executable, "-m", "pipeline"]
     subset = work / "subset.parquet"
     subprocess.run(py + ["subset", "--dataset", json.dumps({"source": "digits", "resolution": 16}), "--spec",

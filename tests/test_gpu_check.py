@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A stand-in for an NVlabs/edm checkout (CI cannot clone it): its constructor and call signatures
 # (training/networks.py EDMPrecond, training/loss.py EDMLoss) on a one-layer network. MEMDISTILL_EDM_REPO
-# names a real checkout instead, which the check then times (BENCHMARKS.md records such a run).
+# names a real checkout instead, which the check then times (BENCHMARKS.md records such a run on CPU).
 EDM_STAND_IN = {
     "training/__init__.py": "",
     "training/networks.py": """
@@ -20,10 +20,12 @@ import torch
 class EDMPrecond(torch.nn.Module):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_data=0.5, **model_kwargs):
         super().__init__()
-        self.sigma_data = sigma_data
+        self.label_dim, self.sigma_data = label_dim, sigma_data
         self.conv = torch.nn.Conv2d(img_channels, img_channels, 3, padding=1)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        if self.label_dim:  # EDM's networks take one-hot float rows
+            assert class_labels.dtype.is_floating_point and class_labels.shape == (len(x), self.label_dim)
         sigma = sigma.reshape(-1, 1, 1, 1)
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
@@ -38,7 +40,7 @@ class EDMLoss:
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        sigma = (torch.randn([images.shape[0], 1, 1, 1]) * self.P_std + self.P_mean).exp()
+        sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         noisy = images + torch.randn_like(images) * sigma
         return weight * ((net(noisy, sigma, labels, augment_labels=None) - images) ** 2)

@@ -256,7 +256,7 @@ def test_env_file(name):
         assert "faiss-gpu" in names and not names & {"torch", "pytorch"}
     if name in ("data", "report"):
         assert not names & {"torch", "pytorch", "faiss-gpu", "faiss-cpu"}, name
-    (numpy_spec,) = [s.split("#")[0].strip() for s in conda + pip if re.match(r"numpy\b", s)]
+    (numpy_spec,) = [s.split("#")[0].strip() for s in conda + pip if re.match(r"numpy(?![\w-])", s)]
     assert same_numpy_major(numpy_spec), f"{name}.yaml pins {numpy_spec!r}; the tests run numpy {np.__version__}"
 
 
@@ -270,8 +270,9 @@ def same_numpy_major(spec: str) -> bool:
     exact = re.fullmatch(r"numpy=([\d.]+)", spec)
     if exact:
         return Version(exact.group(1)).major == installed.major
-    allowed = SpecifierSet(spec[len("numpy"):])  # a pip range must not admit the other major either
-    return installed in allowed and Version(f"{installed.major - 1}.99") not in allowed
+    allowed = SpecifierSet(spec[len("numpy"):])
+    other_majors = [Version(f"{installed.major - 1}.99"), Version(f"{installed.major + 1}.0")]
+    return installed in allowed and not any(v in allowed for v in other_majors)
 
 
 def test_rules_point_at_existing_envs():
