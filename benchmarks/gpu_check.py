@@ -8,8 +8,8 @@ Sections, in order (each timed, its result or its error recorded; a section that
 budget is skipped and says so): the environment; teacher training steps/s and peak memory of the paper
 backbones (ncsnpp-cifar10 at batch 512 in fp32 and bf16, adm-imagenet64-cond in bf16 at the largest batch
 that fits), through the project's own training loop; NVlabs/edm's own training step on the same networks
-and batches (from a checkout, --edm-repo) and our images/s over its as a ratio; consistency distillation with LPIPS (the `lpips`
-package's VGG, random backbone); sampling images/s of a 1-step student against the Heun-18 teacher;
+and batches (from a checkout, --edm-repo) and our images/s over its as a ratio; consistency distillation
+with LPIPS (the `lpips` package's VGG, random backbone); sampling images/s of a 1-step student against the Heun-18 teacher;
 the exact search (pipeline.search.nearest_neighbours) on 50k x 50k x 512 float32 descriptors and on
 10k x 50k x 3072 uint8 pixels, beside the float32 GEMM that bounds it and torch.cdist + topk, TF32 off,
 with its answer checked against an exact float64 search on a slice; SSCD-shaped (ResNet-50, 512-d
