@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         for _ in range(a.repeats):
             for name, args in cases.items():
                 times[name].append(run_dry(args, ROOT, env)[0])
-                shutil.rmtree(Path(args[-1]) / ".snakemake", ignore_errors=True)
+                workdir = Path(args[args.index("--directory") + 1])
+                shutil.rmtree(workdir / ".snakemake", ignore_errors=True)  # each run starts as the first did
     medians = {name: statistics.median(values) for name, values in times.items()}
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "configfile": a.configfile, "jobs": jobs,
               "repeats": a.repeats, "shim_scontrol": a.shim_scontrol, "seconds": times, "median_s": medians,

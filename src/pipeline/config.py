@@ -165,7 +165,7 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
             problems.append(f"  edge.cases.{name}: `d` is for gaussian data (digit_templates are 64-dimensional)")
         if case["data"] == "digit_templates" and case["k"] > 10:
             problems.append(f"  edge.cases.{name}.k: {case['k']} modes, but the digits have 10 classes")
-        elif len(case.get("classes", range(case["k"]))) != case["k"]:
+        if "classes" in case and len(case["classes"]) != case["k"]:
             problems.append(f"  edge.cases.{name}.classes: {len(case['classes'])} classes for k = {case['k']}")
     for name, s in cfg.get("students", {}).items():
         if s["teacher"] not in selections:

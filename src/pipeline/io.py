@@ -41,6 +41,22 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only backend, imported when a figure is drawn (most jobs draw none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 110, **savefig_kwargs) -> None:
+    """A figure to `path`, atomically."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **savefig_kwargs)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds, so

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io import write_json
+from .io import pyplot, save_png, write_json
 
 
 def flat_images(images: np.ndarray) -> np.ndarray:
@@ -43,10 +43,11 @@ def mean_random_pair_cost(s: np.ndarray, t: np.ndarray) -> float:
 def optimal_matching_cost(s: np.ndarray, t: np.ndarray) -> float:
     """min over permutations of the mean squared distance (scipy's Hungarian solver, exact)."""
     from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
 
-    cost = (s ** 2).sum(1)[:, None] + (t ** 2).sum(1)[None] - 2 * s @ t.T
+    cost = cdist(s, t, "sqeuclidean")
     rows, cols = linear_sum_assignment(cost)
-    return float(max(cost[rows, cols].mean(), 0.0))
+    return float(cost[rows, cols].mean())
 
 
 def pairing_stats(student: np.ndarray, teacher: np.ndarray, max_matching: int = 1024) -> dict:
@@ -58,8 +59,8 @@ def pairing_stats(student: np.ndarray, teacher: np.ndarray, max_matching: int = 
     matched = float(((s - t) ** 2).sum(1).mean())
     random = mean_random_pair_cost(s, t)
     k = min(len(s), max_matching)
-    sub_matched = float(((s[:k] - t[:k]) ** 2).sum(1).mean())
-    sub_random = mean_random_pair_cost(s[:k], t[:k])
+    sub_matched, sub_random = (matched, random) if k == len(s) else (
+        float(((s[:k] - t[:k]) ** 2).sum(1).mean()), mean_random_pair_cost(s[:k], t[:k]))
     optimal = optimal_matching_cost(s[:k], t[:k])
     return {"n_pairs": len(s), "dimension": s.shape[1], "matched": matched, "random": random,
             "pairing_ratio": matched / random if random > 0 else float("nan"),
@@ -148,11 +149,7 @@ def write_pairing_report(rows: list[dict], out_md, out_png, teacher_sampler: str
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[str, list] = {}
     for e in entries:
@@ -160,13 +157,12 @@ def write_pairing_report(rows: list[dict], out_md, out_png, teacher_sampler: str
     for k, (name, items) in enumerate(series.items()):
         items = sorted(items, key=lambda e: e["dimension"])
         x = [e["dimension"] for e in items]
-        stats = [_stats(e["ratio"]) for e in items]
-        left.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-", color=f"C{k}", label=name)
-        for e in items:
-            right.errorbar(_stats(e["student_mem"])[0] * 100, _stats(e["ratio"])[0], xerr=_stats(e["student_mem"])[1] * 100,
-                           yerr=_stats(e["ratio"])[1], fmt="o", color=f"C{k}")
-            right.annotate(e["label"], (_stats(e["student_mem"])[0] * 100, _stats(e["ratio"])[0]), fontsize=7,
-                           xytext=(3, 3), textcoords="offset points")
+        ratios = [_stats(e["ratio"]) for e in items]
+        left.errorbar(x, [m for m, _ in ratios], yerr=[s for _, s in ratios], fmt="o-", color=f"C{k}", label=name)
+        for e, (ratio, ratio_sd) in zip(items, ratios):
+            mem, mem_sd = _stats(e["student_mem"])
+            right.errorbar(mem * 100, ratio, xerr=mem_sd * 100, yerr=ratio_sd, fmt="o", color=f"C{k}")
+            right.annotate(e["label"], (mem * 100, ratio), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ax in (left, right):
         ax.axhline(0, color="k", ls="--", lw=0.8)
         ax.axhline(1, color="k", ls=":", lw=0.8)
@@ -178,7 +174,6 @@ def write_pairing_report(rows: list[dict], out_md, out_png, teacher_sampler: str
     right.set_xlabel("student L2 Mem (%)")
     right.set_title("pairing against the student's memorization")
     fig.tight_layout()
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out_png)
     plt.close(fig)
     return entries

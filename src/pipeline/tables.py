@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from .data import read_subset
-from .io import atomic_output, read_json
+from .io import atomic_output, pyplot, read_json, save_png
 from .shards import read_samples
 from .yardsticks import parse_id as parse_yardstick
 
@@ -456,10 +456,7 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
     setting, from a table's CSV: each student run a line through its rows at their training step
     (runs told apart by marker), the setting's teachers as dashed lines, the real held-out quality of
     its training subset as a dotted floor."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     with open(table_csv) as f:
         rows = list(csv.DictReader(f))
@@ -504,8 +501,7 @@ def curve_figure(table_csv: str | Path, out_png: str | Path) -> None:
         handles = ax.get_legend_handles_labels()[0] + qax.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
     fig.tight_layout()
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out_png)
     plt.close(fig)
 
 
@@ -514,10 +510,7 @@ def refine_figure(table_csv: str | Path, out_png: str | Path) -> None:
     "+refine", swept), one panel per training subset: a line per student from its refine rows, its
     unrefined samples at the left edge, the teacher as dashed lines. Where the lines reach the
     teacher's, the refine has handed the sample back to the teacher."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     with open(table_csv) as f:
         rows = list(csv.DictReader(f))
@@ -562,8 +555,7 @@ def refine_figure(table_csv: str | Path, out_png: str | Path) -> None:
             ax.set_xscale("log")
             ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out_png)
     plt.close(fig)
 
 

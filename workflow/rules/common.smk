@@ -75,7 +75,6 @@ wildcard_constraints:
     ysubset=_names(YARDSTICK_SUBSETS),
     table=_names(CFG["tables"]),
     curve=_names([t for t, spec in CFG["tables"].items() if "figure" in spec]),
-    space=_names([SPACE]),
     shard=r"\d{5}",
 
 
@@ -146,8 +145,7 @@ def partition_for(gpus):
     else $MEMDISTILL_SLURM_PARTITION (the profile's default for rules without GPUs), so a rule
     configured with `compute.gpus: 0` queues with the CPU work. Read from the environment like the
     profile's values; an unset variable stays literal and fails on submission, as there."""
-    name = "MEMDISTILL_SLURM_GPU_PARTITION" if gpus else "MEMDISTILL_SLURM_PARTITION"
-    return os.environ.get(name, f"${name}")
+    return os.path.expandvars("$MEMDISTILL_SLURM_GPU_PARTITION" if gpus else "$MEMDISTILL_SLURM_PARTITION")
 
 
 def preemptible_shell(command):
@@ -190,12 +188,6 @@ def backbone_file(backbone):
     """The file that stands for a backbone folder: fetch_sd15's manifest, or build_backbone's model index."""
     d = pconfig.backbone_dir(CFG, backbone)
     return f"{d}/checksums.json" if BACKBONES[backbone]["kind"] == "pretrained" else f"{d}/model_index.json"
-
-
-def model_backbone_files(wc):
-    """The backbone a text-to-image model samples with (none for EDM models)."""
-    backbone = pconfig.backbone_of(CFG, wc.model)
-    return [] if backbone is None else [backbone_file(backbone)]
 
 
 def latents_file(subset, backbone):
@@ -284,18 +276,6 @@ def prompt_conditioned(model):
     if parsed:
         return CFG["subsets"][parsed[1]]["kind"] == "text_memorization"
     return pconfig.backbone_of(CFG, model) is not None
-
-
-def clip_inputs(wc):
-    if CLIP is None or not prompt_conditioned(wc.model):
-        return []
-    return [f"results/embeddings/{s}/{wc.model}/{wc.sampler}.npy" for s in ("clip", "clip-text")]
-
-
-def sscd_calibration_input(wc):
-    """The real held-out yardstick's similarities that set the copy threshold (`memorization.sscd.calibrate`)."""
-    real = pconfig.calibration_yardstick(CFG, wc.model)
-    return [f"results/neighbours/{SIM}/{real}/{YARDSTICK_SAMPLER}.parquet"] if real else []
 
 
 # ImageNet cannot be fetched (each user obtains it under its licence): the configured local copy
@@ -463,12 +443,6 @@ def feature_net_arg(wc, input):
     return input.feature_net
 
 
-def feature_net_input():
-    if QUALITY["kind"] == "digits_fd":
-        return f"{DIGITS_CLASSIFIER}/model.safetensors"
-    return INCEPTION_WEIGHTS
-
-
 # Input and argument functions of the per-set rules (sample, search, metrics): one input function and
 # one params function per rule, because each callable costs Snakemake a signature inspection per job
 # and these rules are most of the paper grid's jobs.
@@ -486,13 +460,17 @@ def metrics_inputs(wc):
     """What a (model, sampler) is measured from."""
     files = {"neighbours": f"results/neighbours/{SPACE}/{wc.model}/{wc.sampler}.parquet",
              "manifest": f"results/samples/{wc.model}/{wc.sampler}/manifest.json",
-             "feature_net": feature_net_input(), "reference": reference_stats_input(wc)}
+             "feature_net": FEATURE_NET, "reference": reference_stats_input(wc)}
     if not pconfig.parse_yardstick(wc.model):  # a trained model's stats.json; a yardstick has none
         files["model_stats"] = model_files(wc.model)["stats"]
     if SSCD is not None:
         files["sscd"] = f"results/neighbours/{SIM}/{wc.model}/{wc.sampler}.parquet"
-        files.update(dict(zip(["sscd_calibration"], sscd_calibration_input(wc))))
-    files.update(dict(zip(("clip_images", "clip_texts"), clip_inputs(wc))))
+        real = pconfig.calibration_yardstick(CFG, wc.model)  # its similarities set the copy threshold
+        if real:
+            files["sscd_calibration"] = f"results/neighbours/{SIM}/{real}/{YARDSTICK_SAMPLER}.parquet"
+    if CLIP is not None and prompt_conditioned(wc.model):
+        files["clip_images"], files["clip_texts"] = (f"results/embeddings/{s}/{wc.model}/{wc.sampler}.npy"
+                                                     for s in ("clip", "clip-text"))
     return files
 
 
@@ -516,7 +494,9 @@ def sample_inputs(wc):
     """A sample job's inputs: the model, a text-to-image model's backbone, a refine sampler's teacher."""
     files = dict(model_files(wc.model))
     del files["stats"]
-    files.update(dict(zip(["backbone"], model_backbone_files(wc))))
+    backbone = pconfig.backbone_of(CFG, wc.model)  # a text-to-image model's; none for EDM models
+    if backbone is not None:
+        files["backbone"] = backbone_file(backbone)
     teacher = refine_teacher_files(wc)
     if teacher:
         files["teacher_weights"], files["teacher_config"] = teacher

@@ -3,19 +3,19 @@
 # every size (brute-force losses, crossover formulas, models trained by gradient descent and the share
 # of their samples that copy), then one figure and table from all of them.
 
-EDGE = CFG.get("edge")
+EDGE = CFG.get("edge") or {}
 EDGE_FILES = ["results/edge/crossover.png", "results/edge/crossover.md"] if EDGE else []
 
 
 rule edge_lab:
     wildcard_constraints:
-        case=_names((EDGE or {}).get("cases", {})),
+        case=_names(EDGE.get("cases", {})),
         seed=r"\d+",
     output:
         "results/edge/lab/{case}/seed-{seed}.npz",
     params:
         case=lambda wc: as_json(EDGE["cases"][wc.case]),
-        spec=as_json({k: v for k, v in (EDGE or {}).items() if k != "cases"}),
+        spec=as_json({k: v for k, v in EDGE.items() if k != "cases"}),
     threads: 1
     log:
         "logs/edge_lab/{case}/seed-{seed}.log",
@@ -30,7 +30,7 @@ rule edge_lab:
 
 rule edge_report:
     input:
-        [f"results/edge/lab/{case}/seed-{seed}.npz" for case in (EDGE or {}).get("cases", {}) for seed in EDGE["seeds"]],
+        [f"results/edge/lab/{case}/seed-{seed}.npz" for case in EDGE.get("cases", {}) for seed in EDGE["seeds"]],
     output:
         png="results/edge/crossover.png",
         md="results/edge/crossover.md",

@@ -1,5 +1,9 @@
 # Stage 6a: quality (Frechet distance to a reference set) and memorization per (model, sampler).
 
+# what the quality metric embeds with: the digits classifier, or clean-fid's Inception weights (fetch.smk)
+FEATURE_NET = f"{DIGITS_CLASSIFIER}/model.safetensors" if QUALITY["kind"] == "digits_fd" else INCEPTION_WEIGHTS
+
+
 rule train_feature_net:
     input:
         subsets=dataset_subset_files(QUALITY["reference"]),
@@ -26,7 +30,7 @@ rule train_feature_net:
 
 rule reference_stats:
     input:
-        feature_net=feature_net_input(),
+        feature_net=FEATURE_NET,
         raw=lambda wc: dataset_inputs(CFG["datasets"][wc.refdata]),
     output:
         reference_file("{refdata}"),
@@ -54,7 +58,7 @@ rule reference_stats:
 
 rule subset_reference_stats:
     input:
-        feature_net=feature_net_input(),
+        feature_net=FEATURE_NET,
         subset=lambda wc: subset_file(wc.subset),
     output:
         subset_reference_file("{subset}"),

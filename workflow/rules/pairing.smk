@@ -2,18 +2,18 @@
 # DAG (src/pipeline/pairing.py): each configured student's sample set against its teacher's, drawn from
 # the same noise, then one table and figure of every row beside the students' and teachers' memorization.
 
-PAIRING = CFG.get("pairing")
+PAIRING = CFG.get("pairing") or {}
 # every replicate of each row; the reference is the student's own teacher (that replicate) unless named
 PAIRING_ROWS = [
     {"label": row["label"], "series": row.get("series", row["label"]), "model": model, "sampler": row["sampler"],
      "reference": (replicates.replicate_id(row["reference"], replicates.split(model)[1]) if "reference" in row
                    else pconfig.teacher_of(CFG, model))}
-    for row in (PAIRING or {}).get("rows", []) for model in replicates.of(row["model"], CFG["replicates"])
+    for row in PAIRING.get("rows", []) for model in replicates.of(row["model"], CFG["replicates"])
 ]
 for _row in PAIRING_ROWS:
     _row["pairing"] = f"results/pairing/{_row['reference']}/{_row['model']}/{_row['sampler']}.json"
     _row["metrics"] = f"results/metrics/{_row['model']}/{_row['sampler']}.json"
-    _row["reference_metrics"] = f"results/metrics/{_row['reference']}/{(PAIRING or {}).get('teacher_sampler')}.json"
+    _row["reference_metrics"] = f"results/metrics/{_row['reference']}/{PAIRING.get('teacher_sampler')}.json"
 PAIRING_FILES = ["results/pairing/pairing.md", "results/pairing/pairing.png"] if PAIRING else []
 
 
@@ -24,11 +24,11 @@ rule pairing:
         sampler=_names(CFG["samplers"]),
     input:
         student="results/samples/{model}/{sampler}/manifest.json",
-        teacher=f"results/samples/{{reference}}/{(PAIRING or {}).get('teacher_sampler')}/manifest.json",
+        teacher=f"results/samples/{{reference}}/{PAIRING.get('teacher_sampler')}/manifest.json",
     output:
         "results/pairing/{reference}/{model}/{sampler}.json",
     params:
-        max_matching=(PAIRING or {}).get("max_matching", 1024),
+        max_matching=PAIRING.get("max_matching", 1024),
     log:
         "logs/pairing/{reference}/{model}/{sampler}.log",
     benchmark:
@@ -48,7 +48,7 @@ rule pairing_report:
         png="results/pairing/pairing.png",
     params:
         rows=as_json(PAIRING_ROWS),
-        teacher_sampler=(PAIRING or {}).get("teacher_sampler"),
+        teacher_sampler=PAIRING.get("teacher_sampler"),
     log:
         "logs/pairing_report/report.log",
     benchmark:

@@ -199,9 +199,10 @@ def write_bridge_table(r: BridgeResult, model_id: str, shape, spec: Mapping[str,
 
 
 def bridge_figure(r: BridgeResult, model_id: str, out: str | Path) -> None:
-    from .report import _figure, _pyplot
+    from ..io import pyplot
+    from .report import _figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     gen = np.arange(len(r.eigenvalues)) < r.gen_modes
     bins = np.geomspace(r.eigenvalues.min(), r.eigenvalues.max(), 60)

@@ -43,26 +43,9 @@ import math
 import numpy as np
 import torch
 
+from .edge_formula import CHARGE_NEAREST_POINT, CHARGE_UPSTREAM, alpha_sigma, analytic_excess, crossing, time_grid
+
 log = logging.getLogger(__name__)
-
-# The upstream per-point charge (loss_approximations.py:43) and the one derived above.
-CHARGE_UPSTREAM = 1.0
-CHARGE_NEAREST_POINT = 2.0
-
-
-def time_grid(spec: dict) -> np.ndarray:
-    """`num` times evenly spaced in [min, max] (diffusionlab's UniformScheduler), descending."""
-    return np.linspace(spec["max"], spec["min"], spec["num"])
-
-
-def alpha_sigma(t):
-    t = np.asarray(t, dtype=np.float64)
-    return np.sqrt(1.0 - t ** 2), t
-
-
-def snr(t):
-    alpha, sigma = alpha_sigma(t)
-    return alpha ** 2 / sigma ** 2
 
 
 def mode_means(case: dict, rng: np.random.Generator) -> np.ndarray:
@@ -128,18 +111,6 @@ def denoising_loss(points: torch.Tensor, times: np.ndarray, noise: torch.Tensor,
     return ((x0 - points[None, :, None, :]) ** 2).sum(-1).mean((1, 2))
 
 
-def analytic_excess(d: int, sigma0: float, n: int, times: np.ndarray, sizes, charge: float) -> dict:
-    """The crossover formulas (module docstring): per-time excess losses over the memorizer, their
-    grid means, and the predicted K*/n."""
-    s0 = sigma0 ** 2
-    psi = snr(times)
-    gen = d * s0 / (1 + psi * s0)
-    frac = np.asarray(sizes, dtype=np.float64) / n
-    pmem = charge * d * s0 * (1 - frac)
-    return {"gen_t": gen, "generalizer": float(gen.mean()), "partial": pmem,
-            "crossover": float(1 - gen.mean() / (charge * d * s0))}
-
-
 def brute_force_losses(data: dict, case: dict, times: np.ndarray, sizes, draws: int, subsets: int,
                        seed: int) -> dict:
     """Monte-Carlo training losses (common noise draws) of the generalizer, the memorizer, and partial
@@ -154,6 +125,9 @@ def brute_force_losses(data: dict, case: dict, times: np.ndarray, sizes, draws: 
                "memorizer_t": denoising_loss(train, times, noise, train, zero).numpy()}
         partial = np.zeros((len(sizes), subsets, len(times)))
         for i, K in enumerate(sizes):
+            if K == case["n"]:  # every subset is the training set: the memorizer
+                partial[i] = out["memorizer_t"]
+                continue
             for s in range(subsets):
                 keep = torch.as_tensor(np.sort(rng.choice(case["n"], size=int(K), replace=False)))
                 partial[i, s] = denoising_loss(train, times, noise, train[keep], zero).numpy()
@@ -163,18 +137,6 @@ def brute_force_losses(data: dict, case: dict, times: np.ndarray, sizes, draws: 
     out["partial"] = partial.mean(-1)  # (sizes, subsets)
     out["crossover"] = crossing(np.asarray(sizes) / case["n"], out["partial"].mean(1) - out["generalizer"])
     return out
-
-
-def crossing(x: np.ndarray, y: np.ndarray) -> float:
-    """The first x where y (sampled at ascending x) falls from positive to non-positive, linearly
-    interpolated; x[0] when y starts non-positive, nan when it never gets there."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if y[0] <= 0:
-        return float(x[0])
-    for i in range(1, len(x)):
-        if y[i] <= 0:
-            return float(x[i - 1] + (x[i] - x[i - 1]) * y[i - 1] / (y[i - 1] - y[i]))
-    return float("nan")
 
 
 def ddim_sample(means: torch.Tensor, var: torch.Tensor, count: int, times: np.ndarray, seed: int) -> np.ndarray:
@@ -197,8 +159,9 @@ def memorized_share(samples: np.ndarray, train: np.ndarray, ratio: float | None 
     (the L2 ratio criterion of the whole pipeline, `memorization.l2_ratio_memorized`)."""
     from ..memorization import DEFAULT_RATIO, l2_ratio_memorized
 
-    d = np.sqrt(((samples[:, None, :] - train[None]) ** 2).sum(-1))
-    d.sort(axis=1)
+    from scipy.spatial.distance import cdist
+
+    d = np.partition(cdist(samples, train), 1, axis=1)  # the two nearest first, in order
     return float(l2_ratio_memorized(d[:, 0], d[:, 1], DEFAULT_RATIO if ratio is None else ratio).mean())
 
 
@@ -261,7 +224,7 @@ def run_case(case: dict, spec: dict, seed: int) -> dict:
     nearest = analytic_excess(d, case["sigma0"], case["n"], times, sizes, CHARGE_NEAREST_POINT)
     frac = np.asarray(sizes, dtype=np.float64) / case["n"]
     return {
-        "sizes": np.asarray(sizes), "fractions": frac, "times": times, "d": d,
+        "sizes": np.asarray(sizes), "fractions": frac, "times": times, "d": d, "sigma0": case["sigma0"],
         "mc_generalizer": mc["generalizer"], "mc_memorizer": mc["memorizer"], "mc_partial": mc["partial"],
         "mc_generalizer_t": mc["generalizer_t"], "mc_memorizer_t": mc["memorizer_t"], "mc_partial_t": mc["partial_t"],
         "mc_crossover": mc["crossover"], "formula_crossover": nearest["crossover"],

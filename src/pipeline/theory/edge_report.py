@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_output
+from ..io import atomic_output, pyplot, save_png
+from .edge_formula import CHARGE_NEAREST_POINT, CHARGE_UPSTREAM, analytic_excess
 
-KEYS = ("sizes", "fractions", "d", "mc_generalizer", "mc_memorizer", "mc_partial", "mc_crossover",
+KEYS = ("sizes", "fractions", "times", "d", "sigma0", "mc_generalizer", "mc_memorizer", "mc_partial", "mc_crossover",
         "formula_crossover", "upstream_crossover", "trained_loss", "trained_var", "trained_memorized",
         "measured_transition", "memorizer_memorized", "fresh_memorized")
 
@@ -50,7 +51,7 @@ def summary_rows(labs: dict) -> list[dict]:
     return rows
 
 
-def write_table(labs: dict, out_md) -> None:
+def write_table(labs: dict, rows: list[dict], out_md) -> None:
     lines = [
         "# Edge of memorization: predicted crossover and measured transition",
         "",
@@ -63,7 +64,7 @@ def write_table(labs: dict, out_md) -> None:
         "| case | d | n | seeds | predicted K*/n: brute-force losses | nearest-point formula (c = 2) | upstream formula (c = 1) | measured transition | copy share: memorizer | copy share: fresh draws |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in summary_rows(labs):
+    for r in rows:
         lines.append(f"| {r['case']} | {r['d']} | {r['n']} | {r['seeds']} | {_mean_sd(r['mc'])} | {r['formula']:.3f} | "
                      f"{r['upstream']:.3f} | {_mean_sd(r['measured'])} | {_mean_sd(r['memorizer'])} | {_mean_sd(r['fresh'])} |")
     lines += ["", "Per size (mean over seeds): trained loss, learned variance v and copy share; the partial",
@@ -71,10 +72,10 @@ def write_table(labs: dict, out_md) -> None:
     for case, runs in labs.items():
         lines += [f"## {case}", "", "| K/n | trained loss | partial memorizer | generalizer | learned v | copy share |",
                   "|---:|---:|---:|---:|---:|---:|"]
+        gen = np.mean([r["mc_generalizer"] for r in runs])
         for i, frac in enumerate(runs[0]["fractions"]):
             loss = np.mean([r["trained_loss"][i] for r in runs])
             partial = np.mean([r["mc_partial"][i].mean() for r in runs])
-            gen = np.mean([r["mc_generalizer"] for r in runs])
             var = np.mean([r["trained_var"][i] for r in runs])
             mem = [r["trained_memorized"][i] for r in runs]
             lines.append(f"| {frac:.3f} | {loss:.3f} | {partial:.3f} | {gen:.3f} | {var:.3g} | {_mean_sd(mem)} |")
@@ -84,10 +85,7 @@ def write_table(labs: dict, out_md) -> None:
 
 
 def draw_figure(labs: dict, out_png) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = list(labs)
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 3.8 * len(cases)), squeeze=False)
@@ -105,8 +103,11 @@ def draw_figure(labs: dict, out_png) -> None:
         ax.axhline(gen.mean(), color="C1", label="generalizer (brute force)")
         ax.axhspan(gen.min(), gen.max(), color="C1", alpha=0.2)
         fine = np.linspace(frac[0], 1, 100)
-        for charge, style, name in ((2.0, "--", "nearest-point formula"), (1.0, ":", "upstream formula")):
-            ax.plot(fine, mem + charge * d * (1 - fine), style, color="C0", label=f"{name} (c = {charge:g})")
+        n = runs[0]["sizes"][-1] / frac[-1]
+        for charge, style, name in ((CHARGE_NEAREST_POINT, "--", "nearest-point formula"),
+                                    (CHARGE_UPSTREAM, ":", "upstream formula")):
+            excess = analytic_excess(d, float(runs[0]["sigma0"]), n, runs[0]["times"], fine * n, charge)["partial"]
+            ax.plot(fine, mem + excess, style, color="C0", label=f"{name} (c = {charge:g})")
         ax.errorbar(frac, trained.mean(0), yerr=trained.std(0), fmt="s", color="C2", label="trained by gradient descent")
         ax.set_yscale("log")
         ax.set_xlabel("model size K/n")
@@ -129,13 +130,13 @@ def draw_figure(labs: dict, out_png) -> None:
         ax.set_title(f"{case}: memorization of trained models")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out_png)
     plt.close(fig)
 
 
 def write_edge_report(paths, out_png, out_md) -> list[dict]:
     labs = load_labs(paths)
-    write_table(labs, out_md)
+    rows = summary_rows(labs)
+    write_table(labs, rows, out_md)
     draw_figure(labs, out_png)
-    return summary_rows(labs)
+    return rows

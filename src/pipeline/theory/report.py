@@ -16,28 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-from ..io import atomic_output
+from ..io import atomic_output, pyplot, save_png
 from .analysis import read_analysis
 
 STUDY_STATEMENT = ("nearly all positive non-isotropic updates are assigned to generalization-associated "
                    "directions (Sec. 5.4 (III); the number itself was lost in the text's extraction)")
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only backend, imported when a figure is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _figure(path: Path, fig) -> None:
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    save_png(fig, path, dpi=120, bbox_inches="tight")
 
 
 def spectra_figure(runs: Sequence[dict], out: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     run = runs[0]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     lam = run["u_eigenvalues"]
@@ -63,7 +54,7 @@ def spectra_figure(runs: Sequence[dict], out: str | Path) -> None:
 
 
 def modes_figure(runs: Sequence[dict], out: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     run = runs[0]
     lam = run["mode_eigenvalues"]
     gen = lam >= run["threshold"]
@@ -82,7 +73,7 @@ def modes_figure(runs: Sequence[dict], out: str | Path) -> None:
 
 
 def ridge_figure(runs: Sequence[dict], out: str | Path, tolerance: float) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         ridges = run["ridges"]
@@ -128,7 +119,7 @@ def _mean_sd(values: np.ndarray, digits: int) -> str:
 
 
 def sweep_response_figure(runs: Sequence[dict], out: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     run = runs[0]
     count = len(run["sweep_psi_n"])
     fig, axes = plt.subplots(1, count, figsize=(4 * count, 3.6), sharey=False, squeeze=False)
@@ -151,7 +142,7 @@ def sweep_response_figure(runs: Sequence[dict], out: str | Path) -> None:
 
 
 def sweep_spectra_figure(runs: Sequence[dict], out: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     run = runs[0]
     count = len(run["sweep_psi_n"])
     fig, axes = plt.subplots(count, 1, figsize=(7, 1.8 * count), sharex=True, squeeze=False)
