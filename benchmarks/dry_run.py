@@ -12,6 +12,9 @@ The grid over the flat DAG is the number that moves with the code, not with the 
 With Slurm's client tools installed but no controller answering, the SLURM executor plugin waits about 9 s
 in `scontrol show config` when Snakemake loads it; `--shim-scontrol` puts an `scontrol` that fails at once
 first on PATH for these runs only, so the stall (a property of the machine, not of the workflow) is left out.
+
+One more, untimed, run of the grid counts CPython's cyclic collections (young, middle, full) and the seconds
+spent in them (`gc.callbacks`), before and after the Snakefile sets its collector threshold.
 """
 from __future__ import annotations
 
@@ -38,6 +41,41 @@ def run_dry(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     if proc.returncode != 0:
         raise SystemExit(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return seconds, proc.stdout + proc.stderr
+
+
+# Runs `python -m snakemake` with every collection timed, grouped by the young-generation threshold in force
+# (CPython's default while Snakemake imports, the Snakefile's own once it is read); prints the totals and the
+# thresholds at start and exit on stderr as the process exits.
+GC_PROBE = """
+import atexit, gc, json, runpy, sys, time
+totals = {}
+started = [0.0]
+at_start = gc.get_threshold()
+def probe(phase, info):
+    if phase == "start":
+        started[0] = time.perf_counter()
+        return
+    entry = totals.setdefault(str(gc.get_threshold()[0]), {"collections": [0, 0, 0], "seconds": 0.0})
+    entry["seconds"] += time.perf_counter() - started[0]
+    entry["collections"][info["generation"]] += 1
+gc.callbacks.append(probe)
+atexit.register(lambda: print("GC-TOTALS " + json.dumps({"by_threshold": totals, "threshold_at_start": at_start,
+                                                         "threshold_at_exit": gc.get_threshold()}),
+                              file=sys.stderr))
+sys.argv = ["snakemake", *sys.argv[1:]]
+runpy.run_module("snakemake", run_name="__main__")
+"""
+
+
+def collector_totals(args: list[str], cwd: Path, env: dict) -> dict:
+    """The cyclic collector's work during one dry run, per young-generation threshold in force: collections
+    per generation (young, middle, full) and the seconds spent in them; and the thresholds it began and ended with."""
+    proc = subprocess.run([sys.executable, "-c", GC_PROBE, "-n", "--quiet", "rules", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    match = re.search(r"^GC-TOTALS (.*)$", proc.stderr, flags=re.M)
+    if proc.returncode != 0 or not match:
+        raise SystemExit(f"snakemake {' '.join(args)} under the collector probe failed:\n{proc.stderr[-2000:]}")
+    return json.loads(match.group(1))
 
 
 def planned_jobs(output: str) -> int:
@@ -91,12 +129,14 @@ def main(argv=None) -> int:
                 times[name].append(run_dry(args, ROOT, env)[0])
                 workdir = Path(args[args.index("--directory") + 1])
                 shutil.rmtree(workdir / ".snakemake", ignore_errors=True)  # each run starts as the first did
+        collector = collector_totals(grid_args, ROOT, env)
     medians = {name: statistics.median(values) for name, values in times.items()}
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "configfile": a.configfile, "jobs": jobs,
               "repeats": a.repeats, "shim_scontrol": a.shim_scontrol, "seconds": times, "median_s": medians,
               "grid_over_flat": medians["grid"] / medians["flat"],
               "grid_ms_per_job_over_start": 1000 * (medians["grid"] - medians["one_rule"]) / jobs,
-              "flat_ms_per_job_over_start": 1000 * (medians["flat"] - medians["one_rule"]) / jobs}
+              "flat_ms_per_job_over_start": 1000 * (medians["flat"] - medians["one_rule"]) / jobs,
+              "grid_collector": collector}
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

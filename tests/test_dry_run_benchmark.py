@@ -20,5 +20,11 @@ def test_dry_run_benchmark_times_the_grid_beside_a_flat_dag_of_as_many_jobs(tmp_
     assert result["jobs"] > 50  # the embedded study's plan, counted from the dry run's own total
     assert set(result["seconds"]) == {"grid", "flat", "one_rule"}
     assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
+    # The collector probe sees CPython's default threshold while Snakemake imports; once the Snakefile has set its
+    # own, the DAG is built without a full collection (BENCHMARKS.md, "Dry run").
+    collector = result["grid_collector"]
+    default, workflow = str(collector["threshold_at_start"][0]), str(collector["threshold_at_exit"][0])
+    assert int(workflow) > int(default) and collector["by_threshold"][default]["collections"][0] > 0
+    assert collector["by_threshold"].get(workflow, {"collections": [0, 0, 0]})["collections"][2] == 0
     assert result["grid_over_flat"] > 0 and result["flat_ms_per_job_over_start"] == pytest.approx(
         1000 * (result["median_s"]["flat"] - result["median_s"]["one_rule"]) / result["jobs"])
