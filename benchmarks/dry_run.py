@@ -4,7 +4,9 @@ A dry run's wall time on a shared machine swings 1.3x from hour to hour, so one 
 workflow got slower. Runs alternate, in the same minutes: the grid's dry run (`snakemake -n --configfile ...
 --quiet rules`, the command users run), Snakemake starting on a one-rule workflow (its fixed cost), and a
 flat DAG of as many trivial jobs as the grid plans (Snakemake's cost per job with nothing of ours in it).
-The grid over the flat DAG is the number that moves with the code, not with the hour.
+The grid over the flat DAG is the number that moves with the code, not with the hour. The grid is timed once
+more under the SLURM profile (`--profile profiles/slurm`, the dry run a cluster user runs), whose default
+resources Snakemake evaluates per job.
 
   python benchmarks/dry_run.py --repeats 5 --out /tmp/dry-run      # the paper grid
   python benchmarks/dry_run.py --configfile config/embedded.yaml --repeats 1
@@ -114,13 +116,18 @@ def main(argv=None) -> int:
             (tmp / "bin" / "scontrol").write_text("#!/bin/sh\nexit 1\n")
             (tmp / "bin" / "scontrol").chmod(0o755)
             env["PATH"] = f"{tmp / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        for name in ("grid", "flat", "one"):
+        # The SLURM profile's partitions and account, for a dry run outside a cluster (it submits nothing).
+        for name, value in (("ACCOUNT", "account"), ("PARTITION", "cpu"), ("GPU_PARTITION", "gpu")):
+            env.setdefault(f"MEMDISTILL_SLURM_{name}", value)
+        for name in ("grid", "slurm", "flat", "one"):
             (tmp / name).mkdir()
         grid_args = ["-s", str(ROOT / "Snakefile"), "--configfile", str(ROOT / a.configfile), "--directory",
                      str(tmp / "grid")]
         seconds, output = run_dry(grid_args, ROOT, env)  # a first run warms the caches and counts the jobs
         jobs = planned_jobs(output)
         cases = {"grid": grid_args,
+                 "grid_slurm_profile": [*grid_args[:-1], str(tmp / "slurm"), "--profile",
+                                        str(ROOT / "profiles" / "slurm")],
                  "flat": ["-s", str(write_flat(tmp / "flat", jobs)), "--directory", str(tmp / "flat")],
                  "one_rule": ["-s", str(write_one_rule(tmp / "one")), "--directory", str(tmp / "one")]}
         times: dict[str, list[float]] = {name: [] for name in cases}

@@ -18,7 +18,7 @@ def test_dry_run_benchmark_times_the_grid_beside_a_flat_dag_of_as_many_jobs(tmp_
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "dry-run.json").read_text())
     assert result["jobs"] > 50  # the embedded study's plan, counted from the dry run's own total
-    assert set(result["seconds"]) == {"grid", "flat", "one_rule"}
+    assert set(result["seconds"]) == {"grid", "grid_slurm_profile", "flat", "one_rule"}
     assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
     # The collector probe sees CPython's default threshold while Snakemake imports; once the Snakefile has set its
     # own, the DAG is built without a full collection (BENCHMARKS.md, "Dry run").

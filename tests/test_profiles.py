@@ -90,6 +90,8 @@ def test_default_resources_partition_and_account(slurm):
         # one documented place: an environment variable, quoted to stay a string
         assert re.fullmatch(r"'\$MEMDISTILL_SLURM_[A-Z_]+'", res[name]), res[name]
     assert isinstance(res["runtime"], int) and isinstance(res["mem_mb"], int)
+    # a constant, not Snakemake's default from every job's input sizes (a stat per input per job)
+    assert isinstance(res["disk_mb"], int)
 
 
 def test_set_resources_never_set_gpus_or_partitions(slurm):
@@ -201,6 +203,7 @@ def test_slurm_profile_dry_run_of_one_paper_table(tmp_path):
         assert word in teacher, word
     subset = jobs["subset"][0]
     assert "slurm_partition=all" in subset and "slurm_account=acct1" in subset and "gpu=" not in subset
+    assert all("disk_mb=1000" in job for rule_jobs in jobs.values() for job in rule_jobs)  # the profile's constant
     # the per-set rules compute on the sampling GPUs (`sampling.compute.gpus: 1` in the paper config)
     assert all("slurm_partition=gpu-a100" in job and "gpu=1" in job for job in jobs["search"])
 
