@@ -16,10 +16,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 # Snakemake holds every job of the DAG for the whole run, and CPython's cyclic collector, by default a young
-# collection every 700 allocations and a full one over every live object after 100 of those, re-walks them:
-# 320 young and 3 full collections, 0.3-0.4 s of the paper grid's 3.5-4.5 s dry run (timed with
-# gc.callbacks; BENCHMARKS.md, "Dry run"). A young collection every 50,000 allocations leaves 3 and no full
-# one. Cyclic garbage is still collected, later; the jobs themselves run in processes of their own.
+# collection every 700 allocations and a full one over every live object after 100 of those (once enough
+# objects have survived), re-walks them: 320 young and 3 full collections, 0.3-0.4 s of the paper grid's
+# 3.5-4.5 s dry run on CPython 3.11 (timed with gc.callbacks; BENCHMARKS.md, "Dry run"). A young collection
+# every 50,000 allocations leaves 3 and no full one. Cyclic garbage is still collected, later; the jobs
+# themselves run in processes of their own.
 gc.set_threshold(50_000, 10, 10)
 
 

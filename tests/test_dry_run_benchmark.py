@@ -20,8 +20,9 @@ def test_dry_run_benchmark_times_the_grid_beside_a_flat_dag_of_as_many_jobs(tmp_
     assert result["jobs"] > 50  # the embedded study's plan, counted from the dry run's own total
     assert set(result["seconds"]) == {"grid", "grid_slurm_profile", "flat", "one_rule"}
     assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
-    # The collector probe sees CPython's default threshold while Snakemake imports; once the Snakefile has set its
-    # own, the DAG is built without a full collection (BENCHMARKS.md, "Dry run").
+    # The collector probe sees CPython's default threshold while Snakemake imports, then the Snakefile's own
+    # (BENCHMARKS.md, "Dry run"); the embedded DAG is too small to reach a full collection at either, so the
+    # second check only guards against one appearing.
     collector = result["grid_collector"]
     default, workflow = str(collector["threshold_at_start"][0]), str(collector["threshold_at_exit"][0])
     assert int(workflow) > int(default) and collector["by_threshold"][default]["collections"][0] > 0
