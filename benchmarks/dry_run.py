@@ -121,13 +121,15 @@ def main(argv=None) -> int:
             env.setdefault(f"MEMDISTILL_SLURM_{name}", value)
         for name in ("grid", "slurm", "flat", "one"):
             (tmp / name).mkdir()
-        grid_args = ["-s", str(ROOT / "Snakefile"), "--configfile", str(ROOT / a.configfile), "--directory",
-                     str(tmp / "grid")]
+        def grid(directory: Path) -> list[str]:
+            return ["-s", str(ROOT / "Snakefile"), "--configfile", str(ROOT / a.configfile), "--directory",
+                    str(directory)]
+
+        grid_args = grid(tmp / "grid")
         seconds, output = run_dry(grid_args, ROOT, env)  # a first run warms the caches and counts the jobs
         jobs = planned_jobs(output)
         cases = {"grid": grid_args,
-                 "grid_slurm_profile": [*grid_args[:-1], str(tmp / "slurm"), "--profile",
-                                        str(ROOT / "profiles" / "slurm")],
+                 "grid_slurm_profile": [*grid(tmp / "slurm"), "--profile", str(ROOT / "profiles" / "slurm")],
                  "flat": ["-s", str(write_flat(tmp / "flat", jobs)), "--directory", str(tmp / "flat")],
                  "one_rule": ["-s", str(write_one_rule(tmp / "one")), "--directory", str(tmp / "one")]}
         times: dict[str, list[float]] = {name: [] for name in cases}
