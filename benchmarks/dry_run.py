@@ -35,9 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DRY_RUN = ["-n", "--quiet", "rules"]  # the plan without the per-job listing, as in BENCHMARKS.md
+
+
 def run_dry(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *DRY_RUN, *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -72,7 +75,7 @@ runpy.run_module("snakemake", run_name="__main__")
 def collector_totals(args: list[str], cwd: Path, env: dict) -> dict:
     """The cyclic collector's work during one dry run, per young-generation threshold in force: collections
     per generation (young, middle, full) and the seconds spent in them; and the thresholds it began and ended with."""
-    proc = subprocess.run([sys.executable, "-c", GC_PROBE, "-n", "--quiet", "rules", *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-c", GC_PROBE, *DRY_RUN, *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
     match = re.search(r"^GC-TOTALS (.*)$", proc.stderr, flags=re.M)
     if proc.returncode != 0 or not match:

@@ -203,7 +203,8 @@ def test_slurm_profile_dry_run_of_one_paper_table(tmp_path):
         assert word in teacher, word
     subset = jobs["subset"][0]
     assert "slurm_partition=all" in subset and "slurm_account=acct1" in subset and "gpu=" not in subset
-    assert all(re.search(r"\bdisk_mb=1000\b", job) for rule_jobs in jobs.values() for job in rule_jobs)  # the profile's constant
+    # the profile's constant disk_mb, in every job
+    assert all(re.search(r"\bdisk_mb=1000\b", job) for rule_jobs in jobs.values() for job in rule_jobs)
     # the per-set rules compute on the sampling GPUs (`sampling.compute.gpus: 1` in the paper config)
     assert all("slurm_partition=gpu-a100" in job and "gpu=1" in job for job in jobs["search"])
 
