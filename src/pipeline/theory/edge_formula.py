@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# The upstream per-point charge (loss_approximations.py:43) and the one edge.py's docstring derives.
+# The upstream per-point charge (loss_approximations.py:43) and the one edge.py's docstring derives (an
+# asymptotic value: edge.py's docstring; the lab fits the finite-d one, `empirical_charge`).
 CHARGE_UPSTREAM = 1.0
 CHARGE_NEAREST_POINT = 2.0
 
@@ -25,15 +26,36 @@ def snr(t):
     return alpha ** 2 / sigma ** 2
 
 
-def analytic_excess(d: int, sigma0: float, n: int, times: np.ndarray, sizes, charge: float) -> dict:
+def analytic_excess(d: int, sigma0: float, n: int, times: np.ndarray, sizes, charge: float, weight=None) -> dict:
     """The crossover formulas (edge.py's docstring): per-time excess losses over the memorizer, their
-    grid means, and the predicted K*/n."""
+    grid means, and the predicted K*/n. `weight`: a per-time weight on the x0-unit losses (default 1,
+    the lab's; upstream's eps-unit loss with unit weight is weight = snr(times), `loss_scaling.py`'s X0 to
+    EPS factor (alpha / sigma)^2 times `evaluate.py`'s `time_dependent_ones`). The partial memorizer's
+    excess is the same at every time, so the crossover is 1 - <w gen>_t / (<w>_t c d sigma0^2)."""
     s0 = sigma0 ** 2
     psi = snr(times)
+    w = np.ones_like(psi) if weight is None else np.broadcast_to(np.asarray(weight, dtype=np.float64), psi.shape)
     gen = d * s0 / (1 + psi * s0)
     frac = np.asarray(sizes, dtype=np.float64) / n
     pmem = charge * d * s0 * (1 - frac)
-    return {"generalizer": float(gen.mean()), "partial": pmem, "crossover": float(1 - gen.mean() / (charge * d * s0))}
+    return {"generalizer": float((w * gen).mean() / w.mean()), "partial": pmem,
+            "crossover": float(1 - (w * gen).sum() / (w.sum() * charge * d * s0))}
+
+
+def empirical_charge(fractions, partial, memorizer: float, d: int, sigma0: float) -> float:
+    """The charge per missing point fitted from brute-force losses: the partial memorizers' excess over the
+    memorizer, pooled over every size K < n, per missing point and d sigma0^2,
+        c = sum_K (L_K - L_mem) / sum_K d sigma0^2 (1 - K/n)
+    (least squares through K = n with weights 1 / (n - K): the excess is a sum of n - K per-point costs,
+    so its variance grows like n - K). `partial`: the grid-mean loss at each size (mean over subsets).
+    A size so small that a whole mode can go unkept adds that mode's larger cost. nan when no size is
+    below n."""
+    frac = np.asarray(fractions, dtype=np.float64)
+    below = frac < 1
+    if not below.any():
+        return float("nan")
+    excess = np.asarray(partial, dtype=np.float64)[below] - memorizer
+    return float(excess.sum() / (d * sigma0 ** 2 * (1 - frac[below])).sum())
 
 
 def crossing(x: np.ndarray, y: np.ndarray) -> float:

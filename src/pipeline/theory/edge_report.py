@@ -1,5 +1,6 @@
 """The edge-of-memorization figure and table from the labs' files (one per case and seed; theory/edge.py):
-the predicted crossover (brute-force losses, the nearest-point formula, upstream's formula) beside the
+the predicted crossover (brute-force losses, the nearest-point formula, upstream's formula, the formula
+with the charge fitted from the brute-force losses) beside the
 size at which models trained by gradient descent start to copy, with the memorizer and fresh draws of
 the true mixture as the yardsticks of the copy share. numpy and matplotlib only."""
 from __future__ import annotations
@@ -12,7 +13,7 @@ from ..io import atomic_output, pyplot, save_png
 from .edge_formula import CHARGE_NEAREST_POINT, CHARGE_UPSTREAM, analytic_excess
 
 KEYS = ("sizes", "fractions", "times", "d", "sigma0", "mc_generalizer", "mc_memorizer", "mc_partial", "mc_crossover",
-        "formula_crossover", "upstream_crossover", "trained_loss", "trained_var", "trained_memorized",
+        "formula_crossover", "upstream_crossover", "empirical_charge", "empirical_crossover", "trained_loss", "trained_var", "trained_memorized",
         "measured_transition", "memorizer_memorized", "fresh_memorized")
 
 
@@ -44,6 +45,8 @@ def summary_rows(labs: dict) -> list[dict]:
             "seeds": len(runs),
             "mc": [float(r["mc_crossover"]) for r in runs],
             "formula": float(runs[0]["formula_crossover"]), "upstream": float(runs[0]["upstream_crossover"]),
+            "charge": [float(r["empirical_charge"]) for r in runs],
+            "fitted": [float(r["empirical_crossover"]) for r in runs],
             "measured": [float(r["measured_transition"]) for r in runs],
             "memorizer": [float(r["memorizer_memorized"]) for r in runs],
             "fresh": [float(r["fresh_memorized"]) for r in runs],
@@ -59,14 +62,18 @@ def write_table(labs: dict, rows: list[dict], out_md) -> None:
         "falls below the generalizer's (predicted), and where half of a trained model's DDIM samples copy a",
         "training point by the L2 ratio criterion (measured). Mean ± sd over seeds (each seed draws its own",
         "data); the copy share's yardsticks are the memorizer (K = n, v = 0) and fresh draws of the true",
-        "mixture, on the same criterion.",
+        "mixture, on the same criterion. The closed form K*/n = 1 - <1 / (1 + psi sigma0^2)>_t / c with three",
+        "charges c per missing point (d sigma0^2 units): 2 (asymptotic, d -> infinity), upstream's 1, and",
+        "the charge fitted from this lab's own brute-force losses (their excess over the memorizer pooled",
+        "over every size K < n, per missing point).",
         "",
-        "| case | d | n | seeds | predicted K*/n: brute-force losses | nearest-point formula (c = 2) | upstream formula (c = 1) | measured transition | copy share: memorizer | copy share: fresh draws |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | d | n | seeds | predicted K*/n: brute-force losses | nearest-point formula (c = 2) | upstream formula (c = 1) | fitted charge c | formula with the fitted c | measured transition | copy share: memorizer | copy share: fresh draws |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['case']} | {r['d']} | {r['n']} | {r['seeds']} | {_mean_sd(r['mc'])} | {r['formula']:.3f} | "
-                     f"{r['upstream']:.3f} | {_mean_sd(r['measured'])} | {_mean_sd(r['memorizer'])} | {_mean_sd(r['fresh'])} |")
+                     f"{r['upstream']:.3f} | {_mean_sd(r['charge'])} | {_mean_sd(r['fitted'])} | {_mean_sd(r['measured'])} | "
+                     f"{_mean_sd(r['memorizer'])} | {_mean_sd(r['fresh'])} |")
     lines += ["", "Per size (mean over seeds): trained loss, learned variance v and copy share; the partial",
               "memorizer's and the generalizer's brute-force losses (x0 units, mean over the time grid).", ""]
     for case, runs in labs.items():
@@ -124,6 +131,8 @@ def draw_figure(labs: dict, out_png) -> None:
                    label="predicted crossover (brute force, seed range)")
         ax.axvline(float(runs[0]["formula_crossover"]), color="C0", ls="--", label="nearest-point formula")
         ax.axvline(float(runs[0]["upstream_crossover"]), color="C0", ls=":", label="upstream formula")
+        ax.axvline(float(np.nanmean([r["empirical_crossover"] for r in runs])), color="C0", ls="-.",
+                   label="formula with the fitted charge (seed mean)")
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("model size K/n")
         ax.set_ylabel("share of samples copying a training point")

@@ -3,9 +3,12 @@
 spectra.png (the study's Fig. 2): the spectrum of the teacher curvature U, Mem and Gen sides of the
 threshold, with the modes its saddle-point density puts in each bin, and of Theorem 5.3's CD curvature
 C with its atom. modes.png (Fig. 3): visibility,
-resolvent subtraction and signed response per teacher mode. ridge.png (Fig. 6): median Mem leakage
-of Gen modes against the ridge. gen-share.md: the Gen share of positive response per seed, beside the
-study's statement. psi-sweep-response.png and psi-sweep-spectra.png (App. D.4, Figs. 9 and 10): the
+resolvent subtraction and signed response per teacher mode (Theorem 5.3's form), and the simulated
+C's own response along the same modes (the primary result). ridge.png (Fig. 6): median Mem leakage
+of Gen modes against the ridge. gen-share.md: per seed, the Gen share of positive response and the
+fraction of Gen modes responding positively for the simulated C and for the theorem form (at the chosen
+ridge and at ridge 0), with the theorem form's relative Frobenius error against the simulated C, beside
+the study's statement. psi-sweep-response.png and psi-sweep-spectra.png (App. D.4, Figs. 9 and 10): the
 signed response and U's spectrum as the training points per dimension psi_n vary; psi-sweep.md: their
 numbers over the seeds, beside the study's statements.
 """
@@ -47,7 +50,7 @@ def spectra_figure(runs: Sequence[dict], out: str | Path) -> None:
     rest = c[~atom]
     b.hist(rest, bins=60, color="tab:gray", label=f"structured ({len(rest)})")
     b.axvline(rho, color="tab:green", lw=2, label=f"atom at rho, multiplicity {int(atom.sum())} (p - d = {int(run['p'] - run['d'])})")
-    b.set(xlabel="eigenvalue of C", ylabel="modes", title=f"(b) CD curvature C (ridge {float(run['ridge']):g})")
+    b.set(xlabel="eigenvalue of C", ylabel="modes", title=f"(b) Theorem 5.3's form of C (ridge {float(run['ridge']):g}; not the simulated C)")
     b.legend(fontsize=8)
     _figure(Path(out), fig)
     plt.close(fig)
@@ -58,15 +61,19 @@ def modes_figure(runs: Sequence[dict], out: str | Path) -> None:
     run = runs[0]
     lam = run["mode_eigenvalues"]
     gen = lam >= run["threshold"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(axes, ("visibility", "resolvent", "signed"),
-                              ("(a) visibility u^T P u", "(b) resolvent subtraction", "(c) signed response")):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for ax, key, title in zip(axes, ("visibility", "resolvent", "signed", "simulated_signed"),
+                              ("(a) visibility u^T P u", "(b) resolvent subtraction", "(c) signed response",
+                               "(d) simulated C")):
         ax.scatter(lam[~gen], run[key][~gen], s=4, color="tab:red", label="Mem")
         ax.scatter(lam[gen], run[key][gen], s=4, color="tab:blue", label="Gen")
         ax.axvline(float(run["threshold"]), color="k", ls="--", lw=1)
         ax.set(xscale="log", xlabel="eigenvalue of U", title=title)
     axes[2].axhline(0.0, color="k", lw=0.5)
-    axes[2].set_title(f"(c) signed response, Gen share of positive {float(run['gen_share']):.3f}")
+    axes[3].axhline(0.0, color="k", lw=0.5)
+    axes[2].set_title(f"(c) theorem form, ridge {float(run['ridge']):g}: Gen share {float(run['gen_share']):.3f}")
+    axes[3].set_title(f"(d) simulated C (no ridge): Gen share {float(run['simulated_gen_share']):.3f}")
+    axes[3].set_ylabel("(u^T C_sim u - rho) / (kappa h)^2")
     axes[0].legend()
     _figure(Path(out), fig)
     plt.close(fig)
@@ -99,8 +106,36 @@ def gen_share_table(runs: Sequence[dict], out: str | Path) -> None:
                      f"{float(r['gen_share']):.4f} |")
     spread = f" ± {shares.std(ddof=1):.4f} (sample standard deviation over {len(shares)} seeds)" if len(shares) > 1 else ""
     lines += ["", f"Mean Gen share {shares.mean():.4f}{spread}. The study: {STUDY_STATEMENT}.", ""]
+    lines += _simulated_table(runs)
     with atomic_output(out) as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def _simulated_table(runs: Sequence[dict]) -> list[str]:
+    """The simulated C's response beside the theorem form's, and the theorem form's error."""
+    run = runs[0]
+    lines = ["## The simulated C's own response beside Theorem 5.3's form", "",
+             f"Signed response of a C along U's eigenmodes u_k: (u_k^T C u_k - rho) / (kappa^2 h^2), the theorem "
+             f"form's s_k exactly. Simulated C: E[dphi dphi^T] over {int(run['cd_samples'])} noisy training points "
+             f"(t = {float(run['t']):g}, h = {float(run['h']):g}; no ridge enters it). Error: relative Frobenius norm "
+             "||C - C_sim||_F / ||C_sim||_F; negative: eigenvalues of the theorem form below 0 (a second moment has none). "
+             "Lemma 5.1's form and the finite-sample form (the teacher's own draws) for scale.", "",
+             "| seed | simulated: Gen share | simulated: Gen modes > 0 | theorem, chosen ridge: Gen share | "
+             "Gen modes > 0 | error | negative | theorem, ridge 0: Gen share | Gen modes > 0 | error | negative | "
+             "Lemma 5.1 error | finite-sample error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {int(r['seed'])} | {float(r['simulated_gen_share']):.4f} | {100 * float(r['simulated_gen_positive']):.1f}% | "
+                     f"{float(r['gen_share']):.4f} (ridge {float(r['ridge']):g}) | {100 * float(r['gen_positive']):.1f}% | "
+                     f"{float(r['theorem_error']):.3f} | {int(r['theorem_negative'])} | "
+                     f"{float(r['gen_share_ridge0']):.4f} | {100 * float(r['gen_positive_ridge0']):.1f}% | "
+                     f"{float(r['theorem_error_ridge0']):.3f} | {int(r['theorem_negative_ridge0'])} | "
+                     f"{float(r['lemma_error']):.3f} | {float(r['draws_error']):.3f} |")
+    simulated = np.array([float(r["simulated_gen_share"]) for r in runs])
+    lines += ["", f"Simulated C: mean Gen share {_mean_sd(simulated, 4)}. A Gen share of nan: no mode responds "
+              "positively. The theorem form is not the simulated C's second moment (see "
+              "src/pipeline/theory/random_features.py); its signs depend on the ridge, the simulated C's do not.", ""]
+    return lines
 
 
 D4_STATEMENTS = (  # the varied symbols were lost in extraction; we read them as psi_n and psi_p / psi_n
