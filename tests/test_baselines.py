@@ -127,7 +127,7 @@ def _dmd(generator, teacher, fake, **over):
 
     from pipeline.distill.dmd import DistributionMatching
 
-    cfg = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, fake_lr=0.05, fake_updates=1, fake_weight_decay=0.0, **over)
+    cfg = {**dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, fake_lr=0.05, fake_updates=1, fake_weight_decay=0.0), **over}
     return DistributionMatching(generator, teacher, fake, cfg, Accelerator(cpu=True), 256, 0, (2, 1, 1))
 
 
@@ -308,16 +308,18 @@ def test_baseline_config_errors_name_the_key(change, message):
         pconfig.validate(cfg)
 
 
-def test_selection_picks_the_first_model_past_the_rate(tmp_path):
+def test_selection_picks_the_model_nearest_the_rate(tmp_path):
+    """The nearest rate by absolute difference, ties to the earlier model (the study's "30%" teacher
+    copies 26.57%); the first model past the rate would take 0.35 below, 0.12 above."""
     from pipeline.modelio import CONFIG, STATS, WEIGHTS
-    from pipeline.selection import first_reaching, select_teacher
+    from pipeline.selection import close_to_target, nearest_rate, select_teacher
 
-    assert first_reaching([0.02, 0.08, 0.12, 0.09, 0.3], 0.1) == 2
-    assert first_reaching([0.1], 0.1) == 0
-    with pytest.raises(ValueError, match=r"2\.00%, 8\.00%"):
-        first_reaching([0.02, 0.08], 0.1)
+    assert nearest_rate([0.02, 0.08, 0.12, 0.09, 0.3], 0.1) == 3
+    assert nearest_rate([0.25, 0.75], 0.5) == 0 and nearest_rate([0.0, 0.0, 0.5], 0.0) == 0
+    assert close_to_target(0.1462, 0.1) and close_to_target(0.0667, 0.1) and not close_to_target(0.2246, 0.1)
+    assert not close_to_target(0.0391, 0.1) and close_to_target(0.0, 0.0)
     dirs, metrics = [], []
-    for k, rate in enumerate([0.04, 0.11, 0.35]):
+    for k, rate in enumerate([0.04, 0.26, 0.35]):
         d = tmp_path / f"m{k}"
         d.mkdir()
         (d / WEIGHTS).write_bytes(bytes([k]) * 8)
@@ -327,10 +329,12 @@ def test_selection_picks_the_first_model_past_the_rate(tmp_path):
         metrics[-1].write_text(json.dumps({"memorization": {"mem_ratio": rate}}))
         dirs.append(d)
     chosen = select_teacher(["a@1", "a@2", "a"], dirs, metrics, 0.3, tmp_path / "out")
-    assert chosen["model"] == "a" and (tmp_path / "out" / WEIGHTS).read_bytes() == bytes([2]) * 8
+    assert chosen["model"] == "a@2" and (tmp_path / "out" / WEIGHTS).read_bytes() == bytes([1]) * 8
     stats = json.loads((tmp_path / "out" / STATS).read_text())
-    assert stats["steps"] == 2 and [c["mem_ratio"] for c in stats["selection"]["candidates"]] == [0.04, 0.11, 0.35]
-    assert select_teacher(["a@1", "a@2", "a"], dirs, metrics, 0.1, tmp_path / "o2")["model"] == "a@2"
+    assert stats["steps"] == 1 and [c["mem_ratio"] for c in stats["selection"]["candidates"]] == [0.04, 0.26, 0.35]
+    assert stats["selection"]["mem_ratio"] == 0.26 and stats["selection"]["within_factor"] == 1.5
+    far = select_teacher(["a@1", "a@2", "a"], dirs, metrics, 0.1, tmp_path / "o2")
+    assert far["model"] == "a@1" and far["within_factor"] is None  # 4% is not within 1.5x of 10%
 
 
 def _grad(model, loss):
@@ -455,3 +459,101 @@ def test_dmd_regression_pairs_are_teacher_samples_and_enter_the_loss():
     a = plain.loss(generator, y_batch, BatchNoise(torch.Generator().manual_seed(0), 4))
     b = with_reg.loss(generator, y_batch, BatchNoise(torch.Generator().manual_seed(0), 4))
     assert (b > a).all()
+
+
+# ------------------------------------------------------------------ no teacher dropout in what a method trains
+
+@pytest.fixture(scope="module")
+def dropout_teacher(tmp_path_factory):
+    """A tiny EDM teacher whose net has dropout 0.3 (the paper grid's NCSN++ has 0.13)."""
+    from pipeline.diffusion import EDMDenoiser
+    from pipeline.modelio import model_meta, save_model
+    from pipeline.nets import build_net
+    from tiny import TINY_UNET
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dropout")
+    net = dict(TINY_UNET, dropout=0.3)
+    save_model(root / "teacher", EDMDenoiser(build_net(net, 8, 1), 0.5), model_meta("edm", net, 8, 1, 0.5, SIGMA_MIN, SIGMA_MAX), {})
+    return root / "teacher"
+
+
+def _captured(monkeypatch, module, name):
+    """Wrap module.name so the objective it is called with is kept (first positional argument)."""
+    seen = []
+    real = getattr(module, name)
+
+    def wrapper(objective, *args, **kwargs):
+        seen.append(objective)
+        return real(objective, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
+def test_pd_students_train_without_the_teachers_dropout(dropout_teacher, tmp_path, monkeypatch):
+    """Every PD stage's student has no active dropout although its teacher's net has 0.3, and the
+    written student says dropout 0 (jcm configs/cifar10_ve_progressive_distillation.py)."""
+    from pipeline.distill import pd
+    from pipeline.distill.cd import has_dropout
+
+    stages = _captured(monkeypatch, pd, "train")
+    spec = {"pd": {"start_scales": 2, "stage_steps": 1, "final_stage_steps": 1}, "metric": "l2",
+            "train": {"steps": 1, "batch_size": 4, "lr": 1e-3, "ema_rate": 0.0, "log_every": 1}}
+    pd.distill_pd(_digits_subset(tmp_path), dropout_teacher, tmp_path / "pd", spec)
+    assert len(stages) == 2 and has_dropout(stages[0].teacher)
+    assert not any(has_dropout(s.model) for s in stages)
+    assert json.loads((tmp_path / "pd" / "config.json").read_text())["net"]["dropout"] == 0.0
+
+
+def test_dmd_nets_have_no_dropout_and_the_matching_gradient_is_zero_at_the_start(dropout_teacher, tmp_path,
+                                                                                  monkeypatch):
+    """DMD's generator and fake score are the teacher without dropout (DMD2 edm_network.py), so at
+    initialisation the fake score equals the real one bit for bit, although the fake score runs in
+    training mode and the real one in eval mode, and the distribution-matching gradient is exactly 0."""
+    from pipeline.diffusion.noise import BatchNoise
+    from pipeline.distill import dmd
+    from pipeline.distill.cd import has_dropout
+
+    seen = _captured(monkeypatch, dmd, "train_student")
+    monkeypatch.setattr(dmd.DistributionMatching, "after_step", lambda self, model, step: None)
+    spec = {"dmd": {"fake_lr": 1e-3, "fake_updates": 1},
+            "train": {"steps": 0, "batch_size": 4, "lr": 1e-3, "optimizer": "adamw", "ema_rate": 0.0}}
+    dmd.distill_dmd(_digits_subset(tmp_path), dropout_teacher, tmp_path / "dmd", spec)
+    objective = seen[0]
+    assert has_dropout(objective.teacher) and not has_dropout(objective.model) and not has_dropout(objective.fake)
+    assert objective.model.training and objective.fake.training and not objective.teacher.training
+    y = torch.zeros(8, 1, 8, 8)
+    loss = objective.loss(objective.model, y, BatchNoise(torch.Generator().manual_seed(1), 8)).sum()
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in objective.model.parameters())
+
+
+def test_dmd_first_fake_update_reuses_the_generators_samples_and_warms_up(monkeypatch):
+    """DMD2 train_one_step: the fake score learns from the samples the generator's loss drew (before the
+    generator's update); later updates draw fresh ones; its learning rate ramps over `fake_lr_rampup_updates`."""
+    from pipeline.diffusion.noise import BatchNoise
+    from pipeline.distill import dmd
+
+    generator = GaussianGenerator([0.8, -0.3], 0.5)
+    objective = _dmd(generator, GaussianScore([0.0, 0.0], 0.5), GaussianScore([0.0, 0.0], 0.5), fake_updates=3,
+                     fake_lr_rampup_updates=6)
+    trained_on, rates = [], []
+    real_loss = dmd.fake_score_loss
+
+    def recording(fake, x, *args):
+        trained_on.append(x.clone())
+        rates.append(objective.fake_opt.param_groups[0]["lr"])
+        return real_loss(fake, x, *args)
+
+    monkeypatch.setattr(dmd, "fake_score_loss", recording)
+    y = torch.zeros(256, 2, 1, 1)
+    objective.loss(generator, y, BatchNoise(torch.Generator().manual_seed(0), 256))
+    drawn = objective._drawn[0].clone()
+    objective.after_step(generator, 0)
+    assert torch.equal(trained_on[0], drawn) and not torch.equal(trained_on[1], drawn)
+    assert not torch.equal(trained_on[1], trained_on[2]) and objective._drawn == []
+    assert rates == pytest.approx([0.05 / 6, 0.05 * 2 / 6, 0.05 * 3 / 6])
+    objective.after_step(generator, 1)  # no loss this step: three fresh draws, the ramp goes on to its top
+    assert rates[3:] == pytest.approx([0.05 * 4 / 6, 0.05 * 5 / 6, 0.05])

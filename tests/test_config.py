@@ -622,3 +622,58 @@ def test_per_set_jobs_declare_memory_from_sizes():
     assert pconfig.stage_mem_mb(cfg, "subset:cifar10-3000", "embed", 0) == 4000
     assert pconfig.subset_size(cfg, "cifar10-3000") == (3000, 3072)
 
+
+
+# --------------------------------------------------------------------------- pairing yardsticks
+
+
+def _merged(*paths: Path) -> dict:
+    """Config files layered as Snakemake layers --configfile (a recursive update of mappings)."""
+    def update(base: dict, extra: dict) -> dict:
+        for k, v in extra.items():
+            base[k] = update(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return base
+
+    out: dict = {}
+    for p in paths:
+        out = update(out, yaml.safe_load(p.read_text()))
+    return out
+
+
+def _source_indices(cfg: dict, subset: str, dataset_size: int):
+    """The source indices a uniform subset draws: build_subset on placeholder images of the dataset's size
+    (a uniform draw depends on the size, the seed and the subsets it is disjoint from, not on pixels)."""
+    import numpy as np
+
+    from pipeline.data import build_subset
+
+    spec = cfg["subsets"][subset]
+    assert spec["kind"] == "uniform"
+    exclude = [_source_indices(cfg, other, dataset_size) for other in spec.get("disjoint_from", [])]
+    i = np.arange(dataset_size)  # distinct placeholder pixels: equal images would be collapsed into one
+    placeholder = np.stack([i // 256, i % 256], axis=-1).astype(np.uint8).reshape(dataset_size, 1, 1, 2)
+    return build_subset(placeholder, np.zeros(dataset_size), spec, np.concatenate(exclude) if exclude else None).index
+
+
+@pytest.mark.parametrize("paths,dataset_size", [
+    ((EMBEDDED, ROOT / "config" / "embedded-baselines.yaml"), 1797),  # scikit-learn's digits
+    ((PAPER,), 50000),  # CIFAR-10's training set
+], ids=["embedded-baselines", "paper"])
+def test_pairing_yardstick_shares_no_training_image_with_its_reference(paths, dataset_size):
+    """The unrelated teacher of the pairing rows is unrelated: its subset and its reference's share no
+    source index (cifar10-5000 lies inside cifar10-6000, and digits-96 shared 3 digits with digits-48)."""
+    cfg = pconfig.validate(_merged(*paths))
+    rows = [r for r in cfg["pairing"]["rows"] if r.get("series") == "yardstick"]
+    assert rows
+    for row in rows:
+        ours, theirs = pconfig.subset_of(cfg, row["model"]), pconfig.subset_of(cfg, row["reference"])
+        shared = set(_source_indices(cfg, ours, dataset_size)) & set(_source_indices(cfg, theirs, dataset_size))
+        assert not shared, f"{ours} and {theirs} share {len(shared)} source images"
+    assert len(set(_source_indices(cfg, "cifar10-5000" if dataset_size == 50000 else "digits-48", dataset_size))
+               - set(_source_indices(cfg, "cifar10-6000" if dataset_size == 50000 else "digits-96", dataset_size))) \
+        == (0 if dataset_size == 50000 else 45)  # the old yardsticks' overlap, which this test exists to catch
+
+
+def test_disjoint_from_names_another_uniform_subset_of_the_same_dataset(cfg):
+    cfg["subsets"]["digits-x"] = {"dataset": "digits", "kind": "uniform", "n": 8, "seed": 1, "disjoint_from": ["nope"]}
+    assert "subsets.digits-x.disjoint_from: 'nope' is not another configured subset" in error_of(cfg)

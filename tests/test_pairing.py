@@ -46,3 +46,32 @@ def test_invariant_to_rescaling_and_shifting(teacher):
 def test_unequal_sets_are_refused(teacher):
     with pytest.raises(ValueError, match="paired sets"):
         pairing.pairing_stats(teacher[:10], teacher[:11])
+
+
+def test_class_conditional_re_pairing_stays_within_the_class():
+    """Two classes far apart: a student that keeps each sample's class but shuffles within it is a
+    random re-pairing within the class (ratio and inefficiency about 1), where re-pairing across classes
+    would count the class gap as pairing and call it near 0."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 1], 100)
+    teacher = rng.standard_normal((200, 16)) + 50.0 * labels[:, None]
+    shuffled = np.concatenate([rng.permutation(100), 100 + rng.permutation(100)])
+    student = teacher[shuffled]
+    within = pairing.pairing_stats(student, teacher, labels=labels)
+    across = pairing.pairing_stats(student, teacher)
+    assert within["within_class"] and not across["within_class"]
+    assert within["pairing_ratio"] == pytest.approx(1, abs=0.1) and within["pairing_inefficiency"] == pytest.approx(1, abs=0.1)
+    assert across["pairing_ratio"] < 0.1
+    # the within-class random cost by brute force over same-class pairs i != j
+    cost = ((student[:, None] - teacher[None]) ** 2).sum(-1)
+    same = (labels[:, None] == labels[None]) & ~np.eye(200, dtype=bool)
+    assert within["random"] == pytest.approx(cost[same].mean(), rel=1e-10)
+
+
+def test_the_inefficiency_depends_on_the_number_of_pairs_matched(teacher):
+    """Why every config fixes `max_matching`: the same noisy copy scores differently at k = 50 and 100."""
+    student = teacher + 3.0 * np.random.default_rng(4).standard_normal(teacher.shape)
+    small = pairing.pairing_stats(student, teacher, max_matching=50)
+    large = pairing.pairing_stats(student, teacher, max_matching=100)
+    assert small["n_matching"] == 50 and large["n_matching"] == 100
+    assert abs(small["pairing_inefficiency"] - large["pairing_inefficiency"]) > 0.05  # 0.37 against 0.44

@@ -244,3 +244,30 @@ def test_l2_note_states_the_ratio_the_metrics_were_judged_with(tmp_path):
     paths[1].write_text(json.dumps(m))
     with pytest.raises(ValueError, match="different ratios"):
         write_table("t", [{"label": "a"}, {"label": "b"}], paths, tmp_path / "t2.csv", tmp_path / "t2.md")
+
+
+def test_a_selected_teacher_prints_its_target_beside_the_rate_it_reached(tmp_path):
+    """App. A's "10% teacher" is whatever model of the run lay nearest 10%: its row says which and what
+    it copies, and the table says when no model came within a factor of 1.5 of the target."""
+    def selected(model, target, reached, chosen, close):
+        m = metric(model, "heun-18", 35, 22.0, reached, {"a": reached})
+        m["training"] = {"steps": 400, "selection": {"model": chosen, "threshold": target, "mem_ratio": reached,
+                                                     "within_factor": 1.5 if close else None, "candidates": []}}
+        return m
+
+    rows_cfg = [{"setting": "PD", "label": "Teacher", "model": "teacher-mem10", "sampler": "heun-18"},
+                {"setting": "DMD", "label": "Teacher", "model": "teacher-mem30", "sampler": "heun-18"},
+                {"setting": "DMD", "label": "DMD", "model": "dmd-mem30", "sampler": "dmd-1"}]
+    metrics = [selected("teacher-mem10", 0.1, 0.121, "teacher-48@400", True),
+               selected("teacher-mem30", 0.3, 0.5469, "teacher-48", False),
+               metric("dmd-mem30", "dmd-1", 1, 45.0, 0.004, {"a": 0.004})]
+    paths = []
+    for i, m in enumerate(metrics):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    write_table("Table 5", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+    md = (tmp_path / "t.md").read_text()
+    assert "| PD | Teacher: 10% teacher (12.10%: teacher-48@400) |" in md
+    assert "| DMD | Teacher: 30% teacher (54.69%: teacher-48) |" in md and "| DMD | DMD |" in md
+    assert "No model of the run lies within a factor of 1.5 of the target 30%" in md
+    assert "target 10%" not in md

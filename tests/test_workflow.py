@@ -1103,11 +1103,13 @@ def test_baselines_miniature_plans_selection_pd_dmd_and_refine(tmp_path):
                            "-p", "--configfile", str(EMBEDDED), str(BASELINES)))
     out = output_of(proc)
     stats = job_stats(out)
-    assert (stats["select_teacher"], stats["distill"], stats["snapshot"], stats["curve_figure"]) == (2, 4, 3, 1)
+    assert (stats["select_teacher"], stats["distill"], stats["snapshot"], stats["curve_figure"]) == (2, 5, 8, 1)
     assert "--method pd" in out and "--method dmd" in out
+    assert '"regression": {"metric": "pseudo_huber", "pairs": 1024, "steps": 18, "weight": 0.25}' in out
     assert ("--teacher results/selected/teacher-mem10 --manifest results/samples/pd-mem10/refine-pd-10/manifest.json "
             "--out results/samples/pd-mem10/refine-pd-10/shard-00000.parquet") in out
-    assert re.search(r"select-teacher --candidates teacher-48@150 teacher-48@300 teacher-48@450 teacher-48 ", out)
+    assert re.search(r"select-teacher --candidates teacher-48@150 teacher-48@300 teacher-48@350 teacher-48@400 "
+                     r"teacher-48@450 teacher-48@500 teacher-48@550 teacher-48@600 teacher-48 ", out)
 
 
 def test_pairing_dimension_sweep_plans_teachers_and_dmd_students_at_three_resolutions(tmp_path):
@@ -1141,6 +1143,7 @@ def test_baselines_miniature_runs_end_to_end(tmp_path):
     for key, value in mini.items():
         if key == "teachers":
             cfg["teachers"]["teacher-48"].update(value["teacher-48"])
+            cfg["teachers"]["teacher-48-disjoint"] = value["teacher-48-disjoint"]
         else:
             cfg[key] = {**cfg.get(key, {}), **value}
     cfg["teachers"]["teacher-48"]["train"].update(steps=90)
@@ -1148,7 +1151,9 @@ def test_baselines_miniature_runs_end_to_end(tmp_path):
     cfg["teacher_selections"] = {"teacher-mem10": {**mini["teacher_selections"]["teacher-mem10"], "memorization": 0.0},
                                  "teacher-mem30": {**mini["teacher_selections"]["teacher-mem30"], "memorization": 0.0}}
     cfg["students"]["pd-mem10"]["pd"] = {"start_scales": 2, "stage_steps": 2}
-    cfg["students"]["dmd-mem30"]["train"].update(steps=3, log_every=1, checkpoint_every=0)
+    for name in ("dmd-mem30", "dmd-mem30-noreg"):
+        cfg["students"][name]["train"] = dict(cfg["students"][name]["train"], steps=3, log_every=1, checkpoint_every=0)
+    cfg["students"]["dmd-mem30"]["dmd"]["regression"].update(pairs=16, steps=3)
     for name in ("cd-mem10", "cd-mem30"):
         cfg["students"][name]["train"].update(steps=3)
     for name in [s for s in cfg["samplers"] if s.startswith("refine-")]:
@@ -1162,7 +1167,8 @@ def test_baselines_miniature_runs_end_to_end(tmp_path):
                      "results/pairing/pairing.md", "--cores", "2", "--show-failed-logs", configfile=config, timeout=900)
     check(proc)
     md = (tmp_path / "results/tables/table5-miniature.md").read_text()
-    assert all(f"| {label} |" in md for label in ("PD", "PD+refine", "DMD", "DMD+refine", "CD"))
+    assert all(f"| {label} |" in md for label in ("PD", "PD+refine", "DMD", "DMD+refine", "DMD, no regression", "CD"))
+    assert "| Teacher: 0% teacher (0.00%: teacher-48@30) |" in md  # the target beside the rate reached
     chosen = json.loads((tmp_path / "results/selected/teacher-mem10/stats.json").read_text())["selection"]
     assert chosen["model"] == "teacher-48@30" and [c["model"] for c in chosen["candidates"]] == [
         "teacher-48@30", "teacher-48@60", "teacher-48"]

@@ -28,7 +28,9 @@ def cmd_fetch(a):
 
 
 def cmd_subset(a):
-    from .data import build_subset, build_text_subset, load_captioned, load_source, write_subset
+    import numpy as np
+
+    from .data import build_subset, build_text_subset, load_captioned, load_source, read_subset, write_subset
 
     if a.spec.get("kind") == "text_memorization":
         memorized = load_captioned(a.dataset)
@@ -36,7 +38,8 @@ def cmd_subset(a):
         subset = build_text_subset(memorized, memorized if same else load_captioned(a.extra_dataset), a.spec, same)
     else:
         images, labels = load_source(a.dataset)
-        subset = build_subset(images, labels, a.spec)
+        exclude = np.concatenate([read_subset(p).index for p in a.disjoint_from]) if a.disjoint_from else None
+        subset = build_subset(images, labels, a.spec, exclude)
     write_subset(a.out, subset, {"dataset": json.dumps(a.dataset), "spec": json.dumps(a.spec),
                                  "extra_dataset": json.dumps(a.extra_dataset)})
     logging.info("subset: %d unique images, %d with repeats, groups %s", len(subset), len(subset.expanded_indices()),
@@ -314,7 +317,8 @@ def cmd_theory_analysis(a):
 
     result = write_analysis(a.spec, a.seed, a.out)
     print(f"seed {a.seed}: {int(result['p'])} features, {int(result['n'])} points, chosen ridge {float(result['ridge']):g}, "
-          f"Gen share {float(result['gen_share']):.4f}")
+          f"Gen share {float(result['simulated_gen_share']):.4f} of the simulated C "
+          f"(Theorem 5.3's form at that ridge: {float(result['gen_share']):.4f}, error {float(result['theorem_error']):.2f})")
 
 
 def cmd_theory_bridge(a):
@@ -347,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     js = {"required": True, "type": _json}
     add("fetch", cmd_fetch, url=req, dest=req, md5={}, sha256={}, sha256_prefix={})
     add("subset", cmd_subset, dataset=js, spec=js, out=req,
-        extra_dataset={"type": _json, "help": "the extra pairs' dataset of a text_memorization subset (default: --dataset)"})
+        extra_dataset={"type": _json, "help": "the extra pairs' dataset of a text_memorization subset (default: --dataset)"},
+        disjoint_from={"nargs": "*", "default": [], "help": "subset files whose source indices this uniform subset excludes"})
     metrics_log = {"help": "JSON lines of loss, lr, images/s and peak memory at every log point"}
     add("train-teacher", cmd_train_teacher, subset=req, net=js, spec=js, out=req, checkpoint_dir={},
         metrics_log=metrics_log)
@@ -425,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("theory-analysis", cmd_theory_analysis, spec=js, seed={"type": int, "required": True}, out=req)
     add("theory-bridge", cmd_theory_bridge, model=req, model_id=req, subset=req, neighbours=req, spec=js, out_md=req,
         out_png=req)
-    add("pairing", cmd_pairing, student=req, teacher=req, out=req, max_matching={"type": int, "default": 1024})
+    add("pairing", cmd_pairing, student=req, teacher=req, out=req, max_matching={"type": int, "default": 512})
     add("pairing-report", cmd_pairing_report, rows=js, out_md=req, out_png=req, teacher_sampler=req)
     add("edge-lab", cmd_edge_lab, case=js, spec=js, seed={"type": int, "required": True}, out=req)
     add("edge-report", cmd_edge_report, labs={"required": True, "nargs": "+"}, out_png=req, out_md=req)

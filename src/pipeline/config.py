@@ -108,6 +108,15 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
         elif any(k in s for k in ("extra_dataset", "extra_ratio", "held_out_prompts")):
             problems.append(f"  subsets.{name}: extra_dataset, extra_ratio and held_out_prompts belong to "
                             "text_memorization subsets")
+        for other in s.get("disjoint_from", []):
+            o = cfg["subsets"].get(other)
+            if s["kind"] != "uniform":
+                problems.append(f"  subsets.{name}.disjoint_from: only a uniform subset is drawn disjoint from others")
+            elif o is None or other == name:
+                problems.append(f"  subsets.{name}.disjoint_from: {other!r} is not another configured subset")
+            elif o["dataset"] != s["dataset"] or o.get("disjoint_from"):
+                problems.append(f"  subsets.{name}.disjoint_from: {other!r} must draw from the same dataset "
+                                f"({s['dataset']!r}) and name no `disjoint_from` of its own")
     for name, b in cfg.get("backbones", {}).items():
         if b["kind"] == "miniature":
             need("datasets", b["dataset"], f"backbones.{name}.dataset")

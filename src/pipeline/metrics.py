@@ -34,7 +34,7 @@ def write_metrics(model: str, sampler: str, neighbours_path: str | Path, manifes
         "memorization": {"space": space, **summarize(neighbours)},
         "quality": compute_quality(quality_kind, feature_net, images, reference_stats),
         "training": {k: model_stats.get(k) for k in ("steps", "batch_size", "images_seen", "seconds", "final_loss",
-                                                       "parameters", "method", "unique_images", "step")},
+                                                       "parameters", "method", "unique_images", "step", "selection")},
     }
     if sscd_neighbours:
         sim = pq.read_table(sscd_neighbours)

@@ -16,6 +16,14 @@ starts from the noise of seed (run seed, i), src/pipeline/sample.py), student s_
                                                         cheapest pairing of the same two sets, as a
                                                         share of a random pairing's excess
 
+For a class-conditional pair of sets (each sample drawn for a class, the same class in both) a
+re-pairing stays within the class: `random` averages over pairs i != j of the same class and the
+optimal matching matches within each class, so a student is not credited for keeping the class its
+conditioning fixes.
+
+The inefficiency depends on how many pairs the optimal matching sees (a larger set has nearer
+matches): every config solves it on the same `max_matching` pairs (512), so rows and configs compare.
+
 Both are invariant to rescaling the data (every term scales by s^2) and to shifting it. The ratio asks
 "does the student send each noise where the teacher does"; the inefficiency asks the same relative to
 what any pairing of these two sets could achieve, so two sets that differ (a student of poorer quality)
@@ -50,21 +58,45 @@ def optimal_matching_cost(s: np.ndarray, t: np.ndarray) -> float:
     return float(cost[rows, cols].mean())
 
 
-def pairing_stats(student: np.ndarray, teacher: np.ndarray, max_matching: int = 1024) -> dict:
+def _within_class(s: np.ndarray, t: np.ndarray, labels: np.ndarray | None) -> tuple[float, float]:
+    """(random, optimal) over re-pairings that keep each sample's class: the mean of ||s_i - t_j||^2 over
+    same-class pairs i != j, and the optimal matching's mean cost when it matches within classes."""
+    if labels is None:
+        return mean_random_pair_cost(s, t), optimal_matching_cost(s, t)
+    weight = random_sum = optimal_sum = 0.0
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        m = len(rows)
+        optimal_sum += optimal_matching_cost(s[rows], t[rows]) * m
+        if m > 1:
+            random_sum += mean_random_pair_cost(s[rows], t[rows]) * m * (m - 1)
+            weight += m * (m - 1)
+    if weight == 0:
+        raise ValueError("every class holds one pair: there is no re-pairing within a class to compare with")
+    return random_sum / weight, optimal_sum / len(s)
+
+
+def pairing_stats(student: np.ndarray, teacher: np.ndarray, max_matching: int = 512,
+                  labels: np.ndarray | None = None) -> dict:
     """The pairing statistics of paired rows (module docstring). The optimal matching is solved on the
-    first `max_matching` pairs (it costs O(m^3)); the ratio uses every pair."""
+    first `max_matching` pairs (it costs O(m^3)); the ratio uses every pair. `labels`: each pair's
+    class for class-conditional sets, whose re-pairings stay within the class."""
     s, t = np.asarray(student, dtype=np.float64), np.asarray(teacher, dtype=np.float64)
     if s.shape != t.shape or s.ndim != 2 or len(s) < 2:
         raise ValueError(f"paired sets must be two (m, d) arrays with m >= 2, got {s.shape} and {t.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(s),):
+            raise ValueError(f"{labels.shape} labels for {len(s)} pairs")
     matched = float(((s - t) ** 2).sum(1).mean())
-    random = mean_random_pair_cost(s, t)
+    random = _within_class(s, t, labels)[0] if labels is not None else mean_random_pair_cost(s, t)
     k = min(len(s), max_matching)
-    sub_matched, sub_random = (matched, random) if k == len(s) else (
-        float(((s[:k] - t[:k]) ** 2).sum(1).mean()), mean_random_pair_cost(s[:k], t[:k]))
-    optimal = optimal_matching_cost(s[:k], t[:k])
+    sub_labels = None if labels is None else labels[:k]
+    sub_matched = matched if k == len(s) else float(((s[:k] - t[:k]) ** 2).sum(1).mean())
+    sub_random, optimal = _within_class(s[:k], t[:k], sub_labels)
     return {"n_pairs": len(s), "dimension": s.shape[1], "matched": matched, "random": random,
             "pairing_ratio": matched / random if random > 0 else float("nan"),
-            "n_matching": k, "optimal": optimal,
+            "n_matching": k, "optimal": optimal, "within_class": labels is not None,
             "pairing_inefficiency": (sub_matched - optimal) / (sub_random - optimal) if sub_random > optimal else float("nan")}
 
 
@@ -82,12 +114,15 @@ def pair_sets(student_manifest, teacher_manifest) -> tuple[np.ndarray, np.ndarra
             if not np.array_equal(a, b):
                 raise ValueError(f"{student_manifest} and {teacher_manifest} differ in their samples' {column}: they "
                                  "were not drawn from the same noise (different run seeds?)")
-    return flat_images(s_img), flat_images(t_img), {"student": str(student_manifest), "teacher": str(teacher_manifest)}
+    labels = s_table.column("label").to_numpy() if "label" in s_table.column_names else None
+    return (flat_images(s_img), flat_images(t_img),
+            {"student": str(student_manifest), "teacher": str(teacher_manifest), "labels": labels})
 
 
-def write_pairing(student_manifest, teacher_manifest, out, max_matching: int = 1024) -> dict:
+def write_pairing(student_manifest, teacher_manifest, out, max_matching: int = 512) -> dict:
     s, t, meta = pair_sets(student_manifest, teacher_manifest)
-    result = {**meta, **pairing_stats(s, t, max_matching)}
+    labels = meta.pop("labels")
+    result = {**meta, **pairing_stats(s, t, max_matching, labels)}
     write_json(out, result)
     return result
 
@@ -114,6 +149,7 @@ def report_rows(rows: list[dict]) -> list[dict]:
         entry = grouped.setdefault(row["label"], {"label": row["label"], "series": row.get("series", row["label"]),
                                                    "models": [], "references": [], "sampler": row["sampler"],
                                                    "dimension": pairing["dimension"], "ratio": [],
+                                                   "n_matching": pairing.get("n_matching"),
                                                    "inefficiency": [], "student_mem": [], "teacher_mem": []})
         entry["models"].append(row["model"])
         entry["references"].append(row["reference"])
@@ -136,15 +172,17 @@ def write_pairing_report(rows: list[dict], out_md, out_png, teacher_sampler: str
         f"Student and teacher ({teacher_sampler}) sample sets drawn from the same noise. Pairing ratio: mean squared",
         "distance of matched pairs over that of a random re-pairing (0: the teacher's own pairing, 1: no",
         "relation). Pairing inefficiency: the matched pairs' excess over the optimal matching of the two sets,",
-        "as a share of a random pairing's excess. Both are invariant to rescaling the data. L2 Mem: the share",
-        "of samples copying a training image (the pipeline's L2 ratio criterion). Mean ± sd over replicates.",
+        "as a share of a random pairing's excess, solved on the first k pairs (it depends on k: compare rows of",
+        "equal k). Class-conditional sets are re-paired within each class. Both are invariant to rescaling the",
+        "data. L2 Mem: the share of samples copying a training image (the pipeline's L2 ratio criterion).",
+        "Mean ± sd over replicates.",
         "",
-        "| row | student | sampler | teacher | d | pairing ratio | pairing inefficiency | student L2 Mem | teacher L2 Mem |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| row | student | sampler | teacher | d | pairing ratio | k | pairing inefficiency | student L2 Mem | teacher L2 Mem |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         lines.append(f"| {e['label']} | {e['models'][0]} (x{len(e['models'])}) | {e['sampler']} | {e['references'][0]} | "
-                     f"{e['dimension']} | {_fmt(e['ratio'])} | {_fmt(e['inefficiency'])} | "
+                     f"{e['dimension']} | {_fmt(e['ratio'])} | {e['n_matching']} | {_fmt(e['inefficiency'])} | "
                      f"{_fmt(e['student_mem'], True)} | {_fmt(e['teacher_mem'], True)} |")
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data import read_subset
 from .io import atomic_output, pyplot, read_json, save_png
+from .selection import CLOSE_FACTOR as SELECTION_FACTOR
 from .shards import read_samples
 from .yardsticks import parse_id as parse_yardstick
 
@@ -70,6 +71,10 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
            "mem": mem["mem_ratio"], "ratio_median": mem["ratio_median"], "ratio_p05": mem["ratio_p05"],
            "num_samples": mem["n_samples"], "group_by": cfg.get("group_by", "neighbour"),
            "refine_sigma": cfg.get("refine_sigma"), "criterion_ratio": mem.get("criterion_ratio")}
+    selection = training.get("selection")
+    if selection:  # a teacher chosen by memorization rate: the target beside the rate it reached
+        row.update(selection_target=selection["threshold"], selection_reached=selection["mem_ratio"],
+                   selection_model=selection["model"], selection_close=selection.get("within_factor") is not None)
     for g in groups:
         row[f"mem_{g}"] = _by(mem, key).get(g, {}).get("mem_ratio")
     if "clip" in m:
@@ -90,7 +95,8 @@ def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Seq
 
 
 # Values that describe a row rather than measure it: taken from replicate 0, never averaged.
-_FIXED = ("nfe", "step", "num_samples", "sscd_threshold", "sscd_quantile", "refine_sigma", "criterion_ratio")
+_FIXED = ("nfe", "step", "num_samples", "sscd_threshold", "sscd_quantile", "refine_sigma", "criterion_ratio",
+          "selection_target")
 
 
 def _threshold_note(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -267,7 +273,7 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     body = []
     for r in rows:
         generated = r["nfe"] > 0
-        cells = [r["setting"], r["label"], r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
+        cells = [r["setting"], _label_cell(r), r["sampler"] if generated else "-", str(r["nfe"]) if generated else "-",
                  _spread(r, "quality", _f2)] + ([_spread(r, "clip_score", _f4)] if clip else [])
         cells += ([_spread(r, "prompt_class", _pct)] if prompt_class else []) + [_spread(r, "mem", _pct)]
         cells += [_spread(r, f"mem_{g}", _pct) for g in groups] + [_spread(r, "ratio_median", _f3)]
@@ -337,6 +343,15 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                   f"asked to be, so a row counts once it scores better than blurred real images in {qname} and, "
                   f"for prompt-conditioned rows, shows the prompt's digit in at least {PROMPT_CLASS_FLOOR:.0%} of "
                   "its samples. These rows do not:", failing]
+    chosen = [r for r in rows if "selection_target" in r]
+    if chosen:
+        notes.append("Teachers chosen by memorization rate (\"<target> teacher (<rate reached>: <model>)\"): the "
+                     "model along the run whose L2 Mem under the selection's sampler lies nearest the target, with the "
+                     "rate it reached and which model it is (the run's snapshots bound how near it can get).")
+        far = sorted({f"{100 * r['selection_target']:g}%" for r in chosen if not r.get("selection_close")})
+        if far:
+            notes.append(f"No model of the run lies within a factor of {SELECTION_FACTOR:g} of the target "
+                         f"{', '.join(far)}: those rows are not teachers of that rate; finer snapshots would be.")
     if any(r["nfe"] == 0 for r in rows):
         notes.append("Yardsticks (no sampler, measured by the same code on the same number of images): real "
                      "held-out images of the dataset, never in any training subset (what a model that generalises "
@@ -377,6 +392,14 @@ def _ratio_words(rows) -> str:
         raise ValueError(f"the rows' memorization was judged with different ratios {sorted(found)}")
     ratio = found.pop()
     return "a third of" if abs(ratio - 1 / 3) < 1e-12 else f"{ratio:g} times"
+
+
+def _label_cell(r: Mapping[str, Any]) -> str:
+    """The row's label; a selected teacher's says its target and the rate it reached."""
+    if "selection_target" not in r:
+        return r["label"]
+    return (f"{r['label']}: {100 * r['selection_target']:g}% teacher "
+            f"({_spread(r, 'selection_reached', _pct)}: {r['selection_model']})")
 
 
 def _spread(r: Mapping[str, Any], key: str, fmt) -> str:

@@ -28,7 +28,7 @@ rule pairing:
     output:
         "results/pairing/{reference}/{model}/{sampler}.json",
     params:
-        max_matching=PAIRING.get("max_matching", 1024),
+        max_matching=PAIRING.get("max_matching", 512),
     log:
         "logs/pairing/{reference}/{model}/{sampler}.log",
     benchmark:

@@ -4,6 +4,7 @@
 rule subset:
     input:
         subset_inputs,
+        disjoint_from=lambda wc: [f"results/subsets/{s}.parquet" for s in CFG["subsets"][wc.subset].get("disjoint_from", [])],
     output:
         "results/subsets/{subset}.parquet",
     params:
@@ -18,4 +19,5 @@ rule subset:
     conda:
         "../envs/data.yaml"
     shell:
-        "python -m pipeline subset --dataset {params.dataset:q} {params.extra} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m pipeline subset --dataset {params.dataset:q} {params.extra} --spec {params.spec:q} "
+        "--disjoint-from {input.disjoint_from} --out {output} > {log} 2>&1"

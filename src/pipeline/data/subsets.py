@@ -57,10 +57,12 @@ class Subset:
         return np.repeat(np.arange(len(self), dtype=np.int64), self.repeat)
 
 
-def build_subset(images: np.ndarray, labels: np.ndarray, spec: dict) -> Subset:
+def build_subset(images: np.ndarray, labels: np.ndarray, spec: dict, exclude: np.ndarray | None = None) -> Subset:
     """Select a subset of (images, labels) as described by `spec` (kind "uniform" or "repetition").
 
-    Selection depends only on the spec and its seed, so rebuilding gives the identical subset.
+    Selection depends only on the spec, its seed and `exclude`, so rebuilding gives the identical
+    subset. `exclude`: source indices a uniform subset must not draw (the indices of the subsets its
+    spec names in `disjoint_from`: a yardstick model that shares no training image with another).
     """
     labels = np.asarray(labels, dtype=np.int64)
     if len(images) != len(labels):
@@ -71,10 +73,16 @@ def build_subset(images: np.ndarray, labels: np.ndarray, spec: dict) -> Subset:
         n = int(_require(spec, "n"))
         if not 0 <= n <= len(labels):
             raise ValueError(f"uniform subset asks for n={n} images but the dataset has {len(labels)}")
-        chosen = rng.choice(len(labels), size=n, replace=False)
+        pool = np.setdiff1d(np.arange(len(labels)), np.asarray([] if exclude is None else exclude, dtype=np.int64))
+        if n > len(pool):
+            raise ValueError(f"uniform subset asks for n={n} images but only {len(pool)} of the dataset's {len(labels)} "
+                             "lie outside the subsets it must be disjoint from")
+        chosen = pool[rng.choice(len(pool), size=n, replace=False)]
         repeat = np.ones(n, dtype=np.int64)
         group = np.full(n, "uniform")
     elif kind == "repetition":
+        if exclude is not None and len(exclude):
+            raise ValueError("only uniform subsets can be drawn disjoint from others (`disjoint_from`)")
         chosen, repeat, group = _repetition(labels, spec, rng)
     else:
         raise ValueError(f"unknown subset kind {kind!r}; known kinds: repetition, uniform")

@@ -17,19 +17,30 @@ the grid's levels 20..980 of 1000 (min_step_percent 0.02, max_step_percent 0.98)
 loss = 0.5 ||x - stopgrad(x - grad)||^2, averaged, whose gradient in x is grad itself.
 
 DMD2 updates the fake score every iteration and the generator every fifth (dfake_gen_update_ratio 5,
-experiments/imagenet/*.sh); here one training step is one generator update followed by
-`fake_updates` fake-score updates on fresh generator samples, the same alternation.
-Its fake score trains with AdamW, lr = the generator's, weight decay 0.01, gradient norm clipped
-at 10 (main/edm/train_edm.py). DMD2 drops DMD's regression loss and adds a GAN head; the grid
-uses neither by default (the study cites DMD, Yin et al. 2024c, and its Table 5 compares raw
-one-step students; the GAN needs real images the teacher was trained on, which would feed the
-training set to the student directly). DMD's regression loss is an option (`regression`):
-d(G(z_k), y_k) on pairs of noise z_k and the teacher's deterministic Heun sample y_k from it,
-computed once when the job starts, weighted by `weight` (DMD, Yin et al. 2024, Eq. 7; LPIPS there).
+experiments/imagenet/*.sh), each iteration's fake-score update on that iteration's generator samples
+(train_edm.py train_one_step: `guidance_data_dict` of the generator's turn). Here one training step
+is DMD2's five iterations: the generator update, then `fake_updates` fake-score updates, the first
+on the very samples the generator's loss was computed from (drawn before its update, as in DMD2),
+the others on fresh samples of the updated generator (DMD2's iterations without a generator
+update, each drawing new noise). The fake score trains with AdamW, lr = the generator's, weight decay
+0.01, gradient norm clipped at 10 (main/edm/train_edm.py); both optimizers warm up linearly over
+DMD2's `--warmup_step` (500 iterations, `constant_with_warmup`): the generator through
+`train.lr_rampup_steps` (500 / 5 = 100 generator updates), the fake score through
+`fake_lr_rampup_updates` (500 of its updates).
+
+Every network trained here (generator, fake score) is the teacher's with dropout 0, as DMD2 builds
+them (main/edm/edm_network.py: `dropout=0.0`); so at initialisation, fake = real and the
+distribution-matching gradient is exactly zero.
+
+The study cites DMD (Yin et al. 2024), whose generator loss adds a regression loss (`regression`):
+d(G(z_k), y_k) on pairs of noise z_k and the teacher's deterministic Heun sample y_k from it, computed
+once when the job starts, weighted by `weight` (0.25 and LPIPS in DMD). A regression onto a
+memorizing teacher's outputs is a direct path for copying, so the grid runs DMD as cited and, as its
+own row, without the regression (DMD2's form without its GAN head: the GAN needs the real images the
+teacher was trained on, which would feed the training set to the student directly).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -47,7 +58,7 @@ from ..modelio import model_meta
 from ..nets import count_parameters, num_classes
 from ..train import TrainConfig
 from .distances import get_distance
-from .run import load_edm_teacher, train_student
+from .run import load_edm_teacher, train_student, without_dropout
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +111,9 @@ class DistributionMatching:
                                           betas=tuple(cfg.get("fake_betas", (0.9, 0.999))),
                                           weight_decay=float(cfg.get("fake_weight_decay", 0.01)))
         self.fake_grad_clip = cfg.get("fake_grad_clip", 10.0)
+        self.fake_lr = float(cfg["fake_lr"])
+        self.fake_rampup = int(cfg.get("fake_lr_rampup_updates", 0))
+        self._drawn: list[torch.Tensor] = []  # this step's generator samples, for the first fake-score update
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.shape = tuple(shape)
         self.pairs, self.distance = pairs, distance
@@ -113,6 +127,7 @@ class DistributionMatching:
         real, fake = self.teacher, self.fake
         z = noise.randn(y.shape[1:], dtype=y.dtype)
         x = generate(model, z, self.sigma_max)
+        self._drawn.append(x.detach())
         sigma = self._sigmas(noise, self.min_step, self.max_step + 1).to(y.dtype)
         loss = distribution_matching_loss(x, real, fake, sigma, noise.randn(y.shape[1:], dtype=y.dtype))
         if self.pairs is not None and self.regression_weight > 0:
@@ -122,18 +137,27 @@ class DistributionMatching:
         return loss
 
     def after_step(self, model, step):
-        """`fake_updates` fake-score steps on fresh samples of the updated generator; each process
-        takes its rows of one global batch and the gradients are averaged, so every process keeps the
-        same fake score."""
+        """`fake_updates` fake-score steps: the first on the samples this step's generator loss drew
+        (its micro-batches, before the generator's update), the others on fresh samples of the updated
+        generator; each process takes its rows of one global batch and the gradients are averaged, so
+        every process keeps the same fake score."""
         acc = self.accelerator
         world, rank = acc.num_processes, acc.process_index
         rows = self.batch_size // world
         gen = torch.Generator(device=acc.device)
+        drawn, self._drawn = self._drawn, []
         for j in range(self.fake_updates):
             gen.manual_seed(step_seed(step_seed(self.seed, step), FAKE_STREAM * 1000 + j))
             noise = BatchNoise(gen, self.batch_size, rank * rows, (rank + 1) * rows)
-            with torch.no_grad():
-                x = generate(model, noise.randn(self.shape), self.sigma_max)
+            fresh = noise.randn(self.shape)
+            if j == 0 and drawn and sum(len(x) for x in drawn) == len(fresh):
+                x = torch.cat(drawn).to(fresh.dtype)
+            else:
+                with torch.no_grad():
+                    x = generate(model, fresh, self.sigma_max)
+            if self.fake_rampup:  # DMD2's constant_with_warmup, counted in fake-score updates
+                for g in self.fake_opt.param_groups:
+                    g["lr"] = self.fake_lr * min((step * self.fake_updates + j + 1) / self.fake_rampup, 1.0)
             sigma = self._sigmas(noise, 0, GRID_LEVELS)
             loss = fake_score_loss(self.fake, x, sigma, noise.randn(self.shape), self.sigma_data).mean()
             self.fake_opt.zero_grad(set_to_none=True)
@@ -184,14 +208,14 @@ def distill_dmd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str |
                                  tmeta["sigma_min"], tmeta["sigma_max"], accelerator.device)
         log.info("DMD regression: %d teacher pairs (Heun, %d steps) in %.1f s", len(pairs[0]),
                  int(reg.get("steps", 18)), time.time() - t0)
-    generator = copy.deepcopy(teacher).requires_grad_(True).train()
-    fake = copy.deepcopy(teacher)
+    generator = without_dropout(teacher).requires_grad_(True).train()
+    fake = without_dropout(teacher)
     objective = DistributionMatching(generator, teacher, fake, dmd, accelerator, tcfg.batch_size, tcfg.seed, shape,
                                      pairs, distance)
     log.info("DMD: one-step generator at sigma %.3g, %d fake-score updates per generator update, fake lr %.3g, "
              "regression %s, %d parameters", dmd["sigma_max"], objective.fake_updates, dmd["fake_lr"],
              f"{metric} x {objective.regression_weight}" if pairs is not None else "off", count_parameters(generator))
-    meta = model_meta("edm", tmeta["net"], tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
+    meta = model_meta("edm", dict(tmeta["net"], dropout=0.0), tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       tmeta["sigma_min"], tmeta["sigma_max"], teacher=str(teacher_dir), method="dmd")
     stats = train_student(objective, images, subset.expanded_indices(), tcfg, accelerator, cfg, subset_path, teacher_dir,
                           out_dir, meta, "dmd", checkpoint_dir, metrics_log, fake_updates=objective.fake_updates,

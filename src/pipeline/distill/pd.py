@@ -18,7 +18,9 @@ dpm.py Model.training_losses):
   taking 2 start_scales Euler steps. Each stage restarts the optimizer (jcm/train.py: opt_state
   re-initialised and params_ema = params at a stage change) and decays its learning rate linearly to
   0 (`train.lr_decay: linear`); the stages of 2 steps and 1 step run twice as long (jcm/train.py
-  doubles linear_decay_steps there). The reference keeps no EMA (`ema_rate = 0.0`).
+  doubles linear_decay_steps there). The reference keeps no EMA (`ema_rate = 0.0`) and trains its
+  students with dropout 0 (`model.dropout = 0.0`; google's config/cifar_distill.py: "same as teacher
+  but with 0 dropout"): each student is the previous model with its dropout layers at p = 0.
 
 Each stage is a run of the shared training loop with its own checkpoints (stage-<N>/ under the
 job's checkpoint directory), and its result is saved there before the next stage starts, so a
@@ -26,7 +28,6 @@ job stopped in any stage resumes in that stage.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -45,7 +46,7 @@ from ..modelio import load_model, model_meta, save_model
 from ..nets import class_labels, count_parameters, num_classes
 from ..train import TrainConfig, train
 from .distances import get_distance
-from .run import load_edm_teacher, run_fingerprint
+from .run import load_edm_teacher, run_fingerprint, without_dropout
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     subset = read_subset(subset_path)
     images = torch.from_numpy(images_to_unit(subset.images))
     labels = class_labels(tmeta["net"], subset.labels, str(subset_path))
-    meta = model_meta("edm", tmeta["net"], tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
+    meta = model_meta("edm", dict(tmeta["net"], dropout=0.0), tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       sigma_min, sigma_max, teacher=str(teacher_dir), method="pd")
     log.info("progressive distillation: %d stages %s (student steps: optimizer steps), metric=%s, %d parameters",
              len(plan), plan, metric, count_parameters(teacher))
@@ -142,7 +143,7 @@ def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
         else:
             tcfg = TrainConfig.from_dict(dict(cfg["train"], steps=steps, seed=cfg["train"].get("seed", 0) + k))
             set_seed(tcfg.seed)
-            student = copy.deepcopy(current).requires_grad_(True).train()
+            student = without_dropout(current).requires_grad_(True).train()
             objective = ProgressiveDistillationStage(student, current, n, sigma_min, sigma_max, rho, distance)
             log.info("stage %d: a %d-step student from a %d-step teacher, %d optimizer steps", k, n, 2 * n, steps)
             stage_log = Path(metrics_log).with_suffix(f".stage-{n}.jsonl") if metrics_log else None

@@ -3,6 +3,7 @@ teacher, fingerprint the run for resuming, train with the shared loop, publish s
 student. One place, so the methods (cd, cd-continuous, dmd; pd per stage) differ only in their loss."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,23 @@ def load_edm_teacher(teacher_dir: str | Path, device, method: str) -> tuple[torc
     if meta["kind"] != "edm":
         raise ValueError(f"{teacher_dir} is a {meta['kind']} model; {method} needs an EDM teacher")
     return teacher, meta
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every dropout layer at p = 0 (its net config: `dict(net, dropout=0.0)`).
+
+    The networks a distillation method trains from its teacher (PD's students, DMD's generator and fake
+    score) run without the teacher's dropout, as the references build them: consistency_models_cifar10
+    configs/cifar10_ve_progressive_distillation.py (`model.dropout = 0.0`), google-research
+    diffusion_distillation config/cifar_distill.py ("same as teacher but with 0 dropout"), DMD2
+    main/edm/edm_network.py (`dropout=0.0` for real score, fake score and generator); CD's student
+    likewise (cd.student_net_config). The layers stay, so the weights load into the same architecture.
+    """
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    return out
 
 
 def run_fingerprint(cfg: Mapping[str, Any], subset_path: str | Path, teacher_dir: str | Path, **extra) -> str:
