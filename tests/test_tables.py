@@ -271,3 +271,14 @@ def test_a_selected_teacher_prints_its_target_beside_the_rate_it_reached(tmp_pat
     assert "| DMD | Teacher: 30% teacher (54.69%: teacher-48) |" in md and "| DMD | DMD |" in md
     assert "No model of the run lies within a factor of 1.5 of the target 30%" in md
     assert "target 10%" not in md
+    # replicates: each names its own choice, and one replicate far from the target flags the row
+    metrics += [selected("teacher-mem10", 0.1, 0.094, "teacher-48.r1@350", True),
+                selected("teacher-mem10", 0.1, 0.2246, "teacher-48.r2@450", False)]
+    paths = []
+    for i, m in enumerate(metrics[:1] + metrics[3:]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    write_table("Table 5", [dict(rows_cfg[0], replicates=["a", "b", "c"])], paths, tmp_path / "r.csv", tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "teacher-48@400, teacher-48.r1@350, teacher-48.r2@450) |" in md
+    assert "No model of the run lies within a factor of 1.5 of the target 10%" in md

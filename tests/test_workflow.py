@@ -540,8 +540,10 @@ def test_tiny_run_theory_branch(tiny_run):
     assert sorted(p.name for p in (theory / "analysis").iterdir()) == ["seed-0.npz", "seed-1.npz"]
     for name in ("spectra.png", "modes.png", "ridge.png", "psi-sweep-response.png", "psi-sweep-spectra.png"):
         assert (theory / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line for line in (theory / "gen-share.md").read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split("|")[2].strip() for row in rows] == ["12", "12"]  # d, one row per seed
+    gen_share = (theory / "gen-share.md").read_text()
+    rows = [line for line in gen_share.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[2].strip() for row in rows] == ["12"] * 4  # d, one row per seed: simulated C, then theorem
+    assert gen_share.index("simulated C: Gen share") < gen_share.index("## Theorem 5.3's form of C beside it")
     # App. D.4's sweep: one row per psi_n, n = psi_n d
     rows = [line for line in (theory / "psi-sweep.md").read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[2].strip() for row in rows] == ["24", "72"]

@@ -55,7 +55,11 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
     groups = sorted({g for (reps, _), key in zip(per_row, grouping) for m in reps for g in _by(m["memorization"], key)})
     rows = []
     for cfg, (reps, window), key in zip(rows_cfg, per_row, grouping):
-        row = aggregate([_raw_row(cfg, m, key, groups) for m in reps])
+        raw = [_raw_row(cfg, m, key, groups) for m in reps]
+        row = aggregate(raw)
+        if "selection_model" in row:  # each replicate selects from its own run: name every choice
+            row["selection_model"] = ", ".join(dict.fromkeys(r["selection_model"] for r in raw))
+            row["selection_close"] = all(r["selection_close"] for r in raw)
         row.update(_convergence(reps, window))
         rows.append(row)
     return groups, rows
