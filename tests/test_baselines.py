@@ -557,3 +557,27 @@ def test_dmd_first_fake_update_reuses_the_generators_samples_and_warms_up(monkey
     assert rates == pytest.approx([0.05 / 6, 0.05 * 2 / 6, 0.05 * 3 / 6])
     objective.after_step(generator, 1)  # no loss this step: three fresh draws, the ramp goes on to its top
     assert rates[3:] == pytest.approx([0.05 * 4 / 6, 0.05 * 5 / 6, 0.05])
+
+
+def test_dmd_first_fake_update_takes_every_micro_batch_of_the_step(monkeypatch):
+    """With gradient accumulation the generator's loss runs per micro-batch: the first fake-score update
+    trains on all of them, in row order; a count that is not the process's share of the batch is refused."""
+    from pipeline.diffusion.noise import BatchNoise
+    from pipeline.distill import dmd
+
+    generator = GaussianGenerator([0.8, -0.3], 0.5)
+    objective = _dmd(generator, GaussianScore([0.0, 0.0], 0.5), GaussianScore([0.0, 0.0], 0.5))
+    seen = []
+    objective.fake_opt.step = lambda: seen.append(True)  # the update itself is not under test
+    y = torch.zeros(128, 2, 1, 1)
+    for lo in (0, 128):
+        objective.loss(generator, y, BatchNoise(torch.Generator().manual_seed(3), 256, lo, lo + 128))
+    drawn = torch.cat(objective._drawn)
+    trained_on = []
+    real = dmd.fake_score_loss
+    monkeypatch.setattr(dmd, "fake_score_loss", lambda fake, x, *a: (trained_on.append(x.clone()), real(fake, x, *a))[1])
+    objective.after_step(generator, 0)
+    assert len(trained_on) == 1 and torch.equal(trained_on[0], drawn) and len(drawn) == 256
+    objective.loss(generator, y, BatchNoise(torch.Generator().manual_seed(3), 256, 0, 128))
+    with pytest.raises(RuntimeError, match="drew 128 samples on this process, its share of the batch is 256"):
+        objective.after_step(generator, 1)

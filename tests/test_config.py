@@ -675,5 +675,18 @@ def test_pairing_yardstick_shares_no_training_image_with_its_reference(paths, da
 
 
 def test_disjoint_from_names_another_uniform_subset_of_the_same_dataset(cfg):
-    cfg["subsets"]["digits-x"] = {"dataset": "digits", "kind": "uniform", "n": 8, "seed": 1, "disjoint_from": ["nope"]}
-    assert "subsets.digits-x.disjoint_from: 'nope' is not another configured subset" in error_of(cfg)
+    uniform = {"kind": "uniform", "n": 8, "seed": 1}
+    cfg["datasets"]["digits-16px"] = {"source": "digits", "resolution": 16}
+    cfg["subsets"].update({
+        "digits-x": {"dataset": "digits", **uniform, "disjoint_from": ["nope", "digits-x"]},
+        "digits-y": {"dataset": "digits-16px", **uniform, "disjoint_from": ["digits-48"]},
+        "digits-z": {"dataset": "digits", **uniform, "disjoint_from": ["digits-w"]},
+        "digits-w": {"dataset": "digits", **uniform, "disjoint_from": ["digits-48"]},
+        "digits-r": {"dataset": "digits", "kind": "repetition", "seed": 0, "repeated_classes": [0], "per_class": 2,
+                     "repeats": 2, "others": 4, "disjoint_from": ["digits-48"]}})
+    message = error_of(cfg)
+    assert "subsets.digits-x.disjoint_from: 'nope' is not another configured subset" in message
+    assert "subsets.digits-x.disjoint_from: 'digits-x' is not another configured subset" in message
+    assert "subsets.digits-y.disjoint_from: 'digits-48' must draw from the same dataset ('digits-16px')" in message
+    assert "subsets.digits-z.disjoint_from: 'digits-w' must draw from the same dataset ('digits') and name no" in message
+    assert "subsets.digits-r.disjoint_from: only a uniform subset is drawn disjoint from others" in message

@@ -140,6 +140,32 @@ def test_uniform_subset():
     assert not np.array_equal(other.index, s.index)
 
 
+def test_subset_command_draws_a_uniform_subset_disjoint_from_others(tmp_path):
+    """`pipeline subset --disjoint-from` (the subset rule's command): the new subset holds none of the
+    named subsets' source indices; without them a spec that names `disjoint_from` is refused; and with no
+    exclusion the draw is the plain uniform draw, so existing subsets keep their images."""
+    import json
+
+    from pipeline.cli import main
+
+    dataset = json.dumps({"source": "digits", "resolution": 8})
+    first = tmp_path / "a.parquet"
+    main(["subset", "--dataset", dataset, "--spec", json.dumps({"kind": "uniform", "n": 600, "seed": 0}), "--out", str(first)])
+    spec = {"kind": "uniform", "n": 600, "seed": 0, "disjoint_from": ["a"]}
+    main(["subset", "--dataset", dataset, "--spec", json.dumps(spec), "--disjoint-from", str(first),
+          "--out", str(tmp_path / "b.parquet")])
+    a, b = read_subset(first).index, read_subset(tmp_path / "b.parquet").index
+    assert len(b) == 600 and not set(a) & set(b)
+    with pytest.raises(ValueError, match=r"disjoint from \['a'\]"):
+        main(["subset", "--dataset", dataset, "--spec", json.dumps(spec), "--out", str(tmp_path / "c.parquet")])
+    images, labels = load_source({"source": "digits", "resolution": 8})
+    plain = np.sort(np.random.default_rng(0).choice(len(labels), size=600, replace=False))
+    assert np.array_equal(a, plain)
+    with pytest.raises(ValueError, match="only 597 of the dataset's 1797"):
+        build_subset(images, labels, {"kind": "uniform", "n": 1200, "seed": 1, "disjoint_from": ["a", "b"]},
+                     np.concatenate([a, b]))
+
+
 def test_uniform_subset_too_large():
     images, labels = _toy(20)
     with pytest.raises(ValueError, match="n=21"):

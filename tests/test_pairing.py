@@ -62,10 +62,44 @@ def test_class_conditional_re_pairing_stays_within_the_class():
     assert within["within_class"] and not across["within_class"]
     assert within["pairing_ratio"] == pytest.approx(1, abs=0.1) and within["pairing_inefficiency"] == pytest.approx(1, abs=0.1)
     assert across["pairing_ratio"] < 0.1
-    # the within-class random cost by brute force over same-class pairs i != j
+
+
+
+def test_within_class_terms_by_brute_force_with_uneven_classes_and_a_class_of_one():
+    """Each sample's expected cost under a random re-pairing within its class, averaged over samples
+    (classes weighted by size, not by their count of pairs); a class of one pair has no re-pairing and
+    is left out of every term, so it cannot move the ratio."""
+    rng = np.random.default_rng(6)
+    labels = np.array([0] * 30 + [1] * 6 + [2])
+    teacher = rng.standard_normal((37, 8)) + 10.0 * labels[:, None]
+    student = teacher + 0.7 * rng.standard_normal(teacher.shape)
+    stats = pairing.pairing_stats(student, teacher, labels=labels)
     cost = ((student[:, None] - teacher[None]) ** 2).sum(-1)
-    same = (labels[:, None] == labels[None]) & ~np.eye(200, dtype=bool)
-    assert within["random"] == pytest.approx(cost[same].mean(), rel=1e-10)
+    kept = labels < 2
+    per_sample = [cost[i, (labels == labels[i]) & (np.arange(37) != i)].mean() for i in np.flatnonzero(kept)]
+    assert stats["random"] == pytest.approx(np.mean(per_sample), rel=1e-10)
+    assert stats["matched"] == pytest.approx(np.diag(cost)[kept].mean(), rel=1e-10)
+    assert stats["dropped_pairs"] == 1 and stats["dropped_pairs_matching"] == 1
+    far = student.copy()
+    far[-1] += 1e3  # the lone pair of class 2, far off: no effect
+    assert pairing.pairing_stats(far, teacher, labels=labels)["pairing_ratio"] == pytest.approx(stats["pairing_ratio"])
+
+
+def test_the_optimal_matching_never_sees_more_than_max_matching_pairs(teacher, monkeypatch):
+    """The full set's terms are sums; only the first `max_matching` pairs are matched (an O(m^3) solve:
+    the paper grid's sets hold 50,000)."""
+    sizes = []
+    real = pairing.optimal_matching_cost
+
+    def spy(s, t):
+        sizes.append(len(s))
+        return real(s, t)
+
+    monkeypatch.setattr(pairing, "optimal_matching_cost", spy)
+    student = teacher + np.random.default_rng(7).standard_normal(teacher.shape)
+    pairing.pairing_stats(student, teacher, max_matching=50)
+    pairing.pairing_stats(student, teacher, max_matching=50, labels=np.repeat([0, 1, 2], 100))
+    assert sizes and max(sizes) <= 50 and sum(sizes) == 100
 
 
 def test_the_inefficiency_depends_on_the_number_of_pairs_matched(teacher):

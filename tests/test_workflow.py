@@ -1101,9 +1101,13 @@ BASELINES = ROOT / "config" / "embedded-baselines.yaml"
 def test_baselines_miniature_plans_selection_pd_dmd_and_refine(tmp_path):
     """Table 5's miniature layers on the embedded default: two teachers chosen by memorization rate from
     teacher-48's snapshots, PD, DMD and CD students of them, refine samples that read the teacher."""
-    proc = check(snakemake(tmp_path, "results/tables/table5-miniature.md", "results/figures/refine-sweep.png", "-n",
-                           "-p", "--configfile", str(EMBEDDED), str(BASELINES)))
+    proc = check(snakemake(tmp_path, "results/tables/table5-miniature.md", "results/figures/refine-sweep.png",
+                           "results/subsets/digits-48-disjoint.parquet", "-n", "-p", "--configfile", str(EMBEDDED),
+                           str(BASELINES)))
     out = output_of(proc)
+    # the pairing yardstick's subset is drawn without digits-48's images, read from its file
+    assert re.search(r'"disjoint_from": \["digits-48"\].*--disjoint-from results/subsets/digits-48.parquet '
+                     r'--out results/subsets/digits-48-disjoint.parquet', out)
     stats = job_stats(out)
     assert (stats["select_teacher"], stats["distill"], stats["snapshot"], stats["curve_figure"]) == (2, 5, 8, 1)
     assert "--method pd" in out and "--method dmd" in out
@@ -1185,5 +1189,6 @@ def test_baselines_miniature_runs_end_to_end(tmp_path):
     # the pairing branch: each student's 64 samples against its own teacher's heun-18 set from the same noise
     pairing = json.loads((tmp_path / "results/pairing/teacher-mem30/dmd-mem30/dmd-1.json").read_text())
     assert pairing["n_pairs"] == 64 and pairing["dimension"] == 64 and 0 < pairing["pairing_ratio"] < 2
+    assert pairing["within_class"] is False and pairing["n_matching"] == 64  # unconditional sets carry label -1
     md = (tmp_path / "results/pairing/pairing.md").read_text()
     assert all(f"| {row['label']} | {row['model']} (x1) |" in md for row in cfg["pairing"]["rows"])

@@ -58,29 +58,37 @@ def optimal_matching_cost(s: np.ndarray, t: np.ndarray) -> float:
     return float(cost[rows, cols].mean())
 
 
-def _within_class(s: np.ndarray, t: np.ndarray, labels: np.ndarray | None) -> tuple[float, float]:
-    """(random, optimal) over re-pairings that keep each sample's class: the mean of ||s_i - t_j||^2 over
-    same-class pairs i != j, and the optimal matching's mean cost when it matches within classes."""
+def _class_terms(s: np.ndarray, t: np.ndarray, labels: np.ndarray | None,
+                 optimal: bool) -> tuple[float, float, float | None, int]:
+    """(matched, random, optimal or None, pairs left out) of paired rows. With `labels`, every term keeps
+    re-pairings within a class: a class of one pair has none and is left out of all three; `random` is
+    each remaining sample's expected cost under a random re-pairing within its class (the class mean
+    over i != j, weighted by the class's size), `optimal` the matching within each class."""
     if labels is None:
-        return mean_random_pair_cost(s, t), optimal_matching_cost(s, t)
-    weight = random_sum = optimal_sum = 0.0
-    for c in np.unique(labels):
+        return (float(((s - t) ** 2).sum(1).mean()), mean_random_pair_cost(s, t),
+                optimal_matching_cost(s, t) if optimal else None, 0)
+    classes, counts = np.unique(labels, return_counts=True)
+    kept = classes[counts > 1]
+    if not len(kept):
+        raise ValueError("every class holds one pair: there is no re-pairing within a class to compare with")
+    used = matched = random = best = 0.0
+    for c in kept:
         rows = np.flatnonzero(labels == c)
         m = len(rows)
-        optimal_sum += optimal_matching_cost(s[rows], t[rows]) * m
-        if m > 1:
-            random_sum += mean_random_pair_cost(s[rows], t[rows]) * m * (m - 1)
-            weight += m * (m - 1)
-    if weight == 0:
-        raise ValueError("every class holds one pair: there is no re-pairing within a class to compare with")
-    return random_sum / weight, optimal_sum / len(s)
+        used += m
+        matched += float(((s[rows] - t[rows]) ** 2).sum(1).sum())
+        random += mean_random_pair_cost(s[rows], t[rows]) * m
+        if optimal:
+            best += optimal_matching_cost(s[rows], t[rows]) * m
+    return matched / used, random / used, (best / used if optimal else None), int(len(s) - used)
 
 
 def pairing_stats(student: np.ndarray, teacher: np.ndarray, max_matching: int = 512,
                   labels: np.ndarray | None = None) -> dict:
     """The pairing statistics of paired rows (module docstring). The optimal matching is solved on the
     first `max_matching` pairs (it costs O(m^3)); the ratio uses every pair. `labels`: each pair's
-    class for class-conditional sets, whose re-pairings stay within the class."""
+    class for class-conditional sets, whose re-pairings stay within the class (classes of one pair,
+    which have no re-pairing, are left out and counted in `dropped_pairs`)."""
     s, t = np.asarray(student, dtype=np.float64), np.asarray(teacher, dtype=np.float64)
     if s.shape != t.shape or s.ndim != 2 or len(s) < 2:
         raise ValueError(f"paired sets must be two (m, d) arrays with m >= 2, got {s.shape} and {t.shape}")
@@ -88,15 +96,14 @@ def pairing_stats(student: np.ndarray, teacher: np.ndarray, max_matching: int = 
         labels = np.asarray(labels)
         if labels.shape != (len(s),):
             raise ValueError(f"{labels.shape} labels for {len(s)} pairs")
-    matched = float(((s - t) ** 2).sum(1).mean())
-    random = _within_class(s, t, labels)[0] if labels is not None else mean_random_pair_cost(s, t)
+    matched, random, _, dropped = _class_terms(s, t, labels, optimal=False)
     k = min(len(s), max_matching)
-    sub_labels = None if labels is None else labels[:k]
-    sub_matched = matched if k == len(s) else float(((s[:k] - t[:k]) ** 2).sum(1).mean())
-    sub_random, optimal = _within_class(s[:k], t[:k], sub_labels)
+    sub_matched, sub_random, optimal, sub_dropped = _class_terms(s[:k], t[:k], None if labels is None else labels[:k],
+                                                                 optimal=True)
     return {"n_pairs": len(s), "dimension": s.shape[1], "matched": matched, "random": random,
             "pairing_ratio": matched / random if random > 0 else float("nan"),
             "n_matching": k, "optimal": optimal, "within_class": labels is not None,
+            "dropped_pairs": dropped, "dropped_pairs_matching": sub_dropped,
             "pairing_inefficiency": (sub_matched - optimal) / (sub_random - optimal) if sub_random > optimal else float("nan")}
 
 
@@ -115,6 +122,8 @@ def pair_sets(student_manifest, teacher_manifest) -> tuple[np.ndarray, np.ndarra
                 raise ValueError(f"{student_manifest} and {teacher_manifest} differ in their samples' {column}: they "
                                  "were not drawn from the same noise (different run seeds?)")
     labels = s_table.column("label").to_numpy() if "label" in s_table.column_names else None
+    if labels is not None and (labels < 0).all():  # unconditional samples carry label -1 (sample.py)
+        labels = None
     return (flat_images(s_img), flat_images(t_img),
             {"student": str(student_manifest), "teacher": str(teacher_manifest), "labels": labels})
 

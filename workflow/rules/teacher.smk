@@ -86,8 +86,8 @@ rule finetune_teacher:
         )
 
 
-# A teacher chosen by memorization rate (App. A's 10% and 30% teachers): the first model along a
-# teacher's run, snapshots then its end, whose L2 Mem under the selection's sampler reaches the rate.
+# A teacher chosen by memorization rate (App. A's 10% and 30% teachers): the model along a teacher's
+# run, snapshots then its end, whose L2 Mem under the selection's sampler lies nearest the rate.
 rule select_teacher:
     wildcard_constraints:
         selection=_names(SELECTIONS),

@@ -68,6 +68,9 @@ def build_subset(images: np.ndarray, labels: np.ndarray, spec: dict, exclude: np
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     kind = spec.get("kind")
+    if spec.get("disjoint_from") and exclude is None:
+        raise ValueError(f"the subset must be disjoint from {spec['disjoint_from']}: give their source indices "
+                         "(`pipeline subset --disjoint-from <their subset files>`)")
     rng = np.random.default_rng(_require(spec, "seed"))
     if kind == "uniform":
         n = int(_require(spec, "n"))

@@ -58,7 +58,7 @@ from ..modelio import model_meta
 from ..nets import count_parameters, num_classes
 from ..train import TrainConfig
 from .distances import get_distance
-from .run import load_edm_teacher, train_student, without_dropout
+from .run import NO_DROPOUT, load_edm_teacher, train_student, without_dropout
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DistributionMatching:
         loss = distribution_matching_loss(x, real, fake, sigma, noise.randn(y.shape[1:], dtype=y.dtype))
         if self.pairs is not None and self.regression_weight > 0:
             k = noise.randint(len(self.pairs[0]))
-            z_pair, y_pair = (p.to(y.device)[k] for p in self.pairs)
+            z_pair, y_pair = (p[k.cpu()].to(y.device) for p in self.pairs)  # the rows, not every pair, to the device
             loss = loss + self.regression_weight * self.distance(generate(model, z_pair, self.sigma_max), y_pair)
         return loss
 
@@ -150,8 +150,11 @@ class DistributionMatching:
             gen.manual_seed(step_seed(step_seed(self.seed, step), FAKE_STREAM * 1000 + j))
             noise = BatchNoise(gen, self.batch_size, rank * rows, (rank + 1) * rows)
             fresh = noise.randn(self.shape)
-            if j == 0 and drawn and sum(len(x) for x in drawn) == len(fresh):
+            if j == 0 and drawn:
                 x = torch.cat(drawn).to(fresh.dtype)
+                if len(x) != len(fresh):
+                    raise RuntimeError(f"this step's generator loss drew {len(x)} samples on this process, its share "
+                                       f"of the batch is {len(fresh)}: the fake score would train on other rows")
             else:
                 with torch.no_grad():
                     x = generate(model, fresh, self.sigma_max)
@@ -218,6 +221,8 @@ def distill_dmd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str |
     meta = model_meta("edm", dict(tmeta["net"], dropout=0.0), tmeta["resolution"], tmeta["channels"], tmeta["sigma_data"],
                       tmeta["sigma_min"], tmeta["sigma_max"], teacher=str(teacher_dir), method="dmd")
     stats = train_student(objective, images, subset.expanded_indices(), tcfg, accelerator, cfg, subset_path, teacher_dir,
-                          out_dir, meta, "dmd", checkpoint_dir, metrics_log, fake_updates=objective.fake_updates,
+                          out_dir, meta, "dmd", checkpoint_dir, metrics_log,
+                          fingerprint_extra={**NO_DROPOUT, "fake_first_update": "the generator loss's samples"},
+                          fake_updates=objective.fake_updates,
                           fake_lr=dmd["fake_lr"], regression=dmd.get("regression"), num_classes=None)
     return stats

@@ -46,7 +46,7 @@ from ..modelio import load_model, model_meta, save_model
 from ..nets import class_labels, count_parameters, num_classes
 from ..train import TrainConfig, train
 from .distances import get_distance
-from .run import load_edm_teacher, run_fingerprint, without_dropout
+from .run import NO_DROPOUT, load_edm_teacher, run_fingerprint, without_dropout
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def distill_pd(subset_path: str | Path, teacher_dir: str | Path, out_dir: str | 
     stages, history, seconds, current = [], [], 0.0, teacher
     for k, (n, steps) in enumerate(plan):
         stage_dir = Path(checkpoint_dir) / f"stage-{n}" if checkpoint_dir else None
-        fingerprint = run_fingerprint(cfg, subset_path, teacher_dir, stage=k, student_steps=n, plan=plan)
+        fingerprint = run_fingerprint(cfg, subset_path, teacher_dir, stage=k, student_steps=n, plan=plan, **NO_DROPOUT)
         done = _finished_stage(stage_dir, fingerprint, accelerator.device)
         if done is not None:
             current, stats = done

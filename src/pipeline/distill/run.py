@@ -22,6 +22,11 @@ def load_edm_teacher(teacher_dir: str | Path, device, method: str) -> tuple[torc
     return teacher, meta
 
 
+# In the fingerprint of every run whose trained nets are the teacher's without dropout (PD, DMD): a
+# checkpoint of the same config written while they kept the teacher's dropout is not resumed.
+NO_DROPOUT = {"trained_nets_dropout": 0.0}
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` with every dropout layer at p = 0 (its net config: `dict(net, dropout=0.0)`).
 
@@ -49,11 +54,15 @@ def run_fingerprint(cfg: Mapping[str, Any], subset_path: str | Path, teacher_dir
 def train_student(objective, images: torch.Tensor, rows, tcfg: TrainConfig, accelerator, cfg: Mapping[str, Any],
                   subset_path: str | Path, teacher_dir: str | Path, out_dir: str | Path, meta: Mapping[str, Any],
                   method: str, checkpoint_dir: str | Path | None, metrics_log: str | Path | None,
-                  labels: torch.Tensor | None = None, **stats) -> dict:
-    """Train `objective` with its snapshots, then write the student (main process) and return its stats."""
+                  labels: torch.Tensor | None = None, fingerprint_extra: Mapping[str, Any] | None = None,
+                  **stats) -> dict:
+    """Train `objective` with its snapshots, then write the student (main process) and return its stats.
+    `fingerprint_extra`: what the method's code fixes beyond its config, so that a checkpoint written
+    before it changed is not resumed."""
     snapshots = model_snapshots(cfg.get("snapshots"), checkpoint_dir, out_dir, meta, method)
     ema, out = train(objective, images, rows, tcfg, accelerator, checkpoint_dir,
-                     run_fingerprint(cfg, subset_path, teacher_dir), snapshots, metrics_log, labels)
+                     run_fingerprint(cfg, subset_path, teacher_dir, **(fingerprint_extra or {})), snapshots,
+                     metrics_log, labels)
     out.update(method=method, teacher=str(teacher_dir), **stats)
     if accelerator.is_main_process:
         publish_snapshots(snapshots, out_dir)
