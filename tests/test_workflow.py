@@ -100,27 +100,30 @@ def test_paper_config_dry_run(tmp_path):
     # their LCM students), and App. A: one teacher run on 1000 images with 9 snapshots, two teachers
     # selected from it by memorization rate, PD (from both), DMD, CD and continuous-time CD students of
     # them (Table 5, App. A.1's CD rows, the refine sweep, Figs. 4 and 5), and Fig. 8's six mismatched or
-    # randomly initialised students, the CD students of both teachers traced by 4 snapshots each
+    # randomly initialised students, the CD students of both teachers traced by 4 snapshots each; the
+    # pairing rows' yardstick teacher on its own subset (disjoint from cifar10-5000) and Table 5's
+    # "DMD, no regression" student
     expected = {
         "fetch_cifar10": 1, "fetch_inception": 1, "fetch_lpips_backbone": 1, "imagenet_source": 1,
-        "prepare_imagenet64": 1, "subset": 5 + 4 + 3 + 1, "train_teacher": 5 + 3 + 4 + 1,
-        "distill": 4 + 1 + 2 + 3 + 4 + 2 + 2 + 1 + 2 + 6, "snapshot": 4 * 5 + 9 + 8 * 4, "table": 12,
+        "prepare_imagenet64": 1, "subset": 5 + 4 + 3 + 1 + 1, "train_teacher": 5 + 3 + 4 + 1 + 1,
+        "distill": 4 + 1 + 2 + 3 + 4 + 2 + 2 + 1 + 2 + 6 + 1, "snapshot": 4 * 5 + 9 + 8 * 4, "table": 12,
         "select_teacher": 2, "curve_figure": 3, "sample_figure": 2,
         "fetch_sd15": 1, "fetch_coco_captions": 1, "fetch_coco_images": 1, "fetch_clip": 1,
         "cache_latents": 3, "finetune_teacher": 3, "distill_lcm": 3,
     }
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     text_pairs = 6
-    # Table 5 (6), App. A.1's CD rows (4 new), the refine sweep (6 new levels), Fig. 8 (8 runs x 5 points,
-    # 2 of them App. A.1's)
-    pairs = 8 + 2 + 8 + 2 + 4 * 5 + 6 + 2 + 6 + text_pairs + 6 + 4 + 6 + 38
+    # Table 5 (7, with "DMD, no regression"), App. A.1's CD rows (4 new), the refine sweep (6 new levels),
+    # Fig. 8 (8 runs x 5 points, 2 of them App. A.1's)
+    pairs = 8 + 2 + 8 + 2 + 4 * 5 + 6 + 2 + 6 + text_pairs + 7 + 4 + 6 + 38
     # the convergence criterion compares each student row with its run's last snapshot under the row's
     # sampler: Table 6's 2-step rows of the four Table 1 students and App. A.1's 1-step rows add their
     # step-400000 snapshots' sets; the selections measure every model of teacher-1000's run (9 snapshots
     # and its end) with heun-18; Figs. 4 and 5 sample PD from the 30% teacher and both continuous-time
     # students, which no table measures
     figure_only = 3
-    sets = pairs + 4 + 2 + 10 + figure_only
+    pairing_only = 1  # the yardstick teacher-5000-disjoint's heun-18 set, which no table shows
+    sets = pairs + 4 + 2 + 10 + figure_only + pairing_only
     assert stats["sample_manifest"] + stats["sample_set"] == sets
     # 50000 samples per sample set: the one- and two-step students' in one sample_set job (shard_size
     # 50000), every other set in sample_shard jobs of its sampler's shard size and a manifest job
@@ -142,7 +145,7 @@ def test_paper_config_dry_run(tmp_path):
     assert "similarity" not in stats and "neighbour_figure" not in stats
     # SSCD: every sample set and every subset embedded once; CLIP image and prompt embeddings for
     # Table 3's rows and their yardsticks only
-    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 13
+    assert stats["fetch_sscd"] == 1 and stats["embed_subset"] == 13 + 1  # + the pairing yardstick's subset
     assert stats["embed_samples"] == measured + 52 + 2 * (text_pairs + 12)
     # FID against the full dataset each row's subset came from (CIFAR-10, ImageNet-64); COCO rows against
     # their training subset
