@@ -690,3 +690,19 @@ def test_disjoint_from_names_another_uniform_subset_of_the_same_dataset(cfg):
     assert "subsets.digits-y.disjoint_from: 'digits-48' must draw from the same dataset ('digits-16px')" in message
     assert "subsets.digits-z.disjoint_from: 'digits-w' must draw from the same dataset ('digits') and name no" in message
     assert "subsets.digits-r.disjoint_from: only a uniform subset is drawn disjoint from others" in message
+
+
+def test_student_rows_name_their_own_teachers_row():
+    """Table 5's miniature: each student row pairs with its own teacher's row (the nearest above it), a
+    teacher or yardstick row with none; a student whose teacher the table does not show gets none."""
+    cfg = pconfig.validate(_merged(EMBEDDED, ROOT / "config" / "embedded-baselines.yaml"))
+    rows = pconfig.table_rows(cfg, "table5-miniature")
+    paired = {r["label"] + "/" + r["model"]: r.get("teacher_row") for r in rows}
+    assert paired["PD/pd-mem10"] == paired["PD+refine/pd-mem10"] == paired["CD/cd-mem10"] == 0
+    assert paired["DMD, no regression/dmd-mem30-noreg"] == paired["CD/cd-mem30"] == 4
+    assert rows[0]["model"] == "teacher-mem10" and rows[4]["model"] == "teacher-mem30"
+    assert all(r.get("teacher_row") is None for r in rows if r["role"] != "student")
+    cfg["tables"]["table5-miniature"]["rows"] = [r for r in cfg["tables"]["table5-miniature"]["rows"]
+                                                 if r["model"] != "teacher-mem10"]
+    assert all(r.get("teacher_row") is None for r in pconfig.table_rows(cfg, "table5-miniature")
+               if r["model"] in ("pd-mem10", "cd-mem10"))

@@ -282,3 +282,40 @@ def test_a_selected_teacher_prints_its_target_beside_the_rate_it_reached(tmp_pat
     md = (tmp_path / "r.md").read_text()
     assert "teacher-48@400, teacher-48.r1@350, teacher-48.r2@450) |" in md
     assert "No model of the run lies within a factor of 1.5 of the target 10%" in md
+
+
+def test_students_against_their_own_teachers_replicate_by_replicate(tmp_path):
+    """Planted metric files, three replicates: an improved student, a degraded one and one that only
+    looks different on average (its replicates disagree); each gets the paired interval over replicates
+    and the word it earns, in the quality metric and in L2 Mem points."""
+    teacher = [(50.0, 0.30), (52.0, 0.26), (49.0, 0.34)]
+    students = {"improved": [(45.0, 0.001), (47.5, 0.0), (44.2, 0.002)],
+                "degraded": [(55.0, 0.002), (57.9, 0.0), (53.6, 0.001)],
+                "null": [(58.0, 0.28), (45.0, 0.27), (51.0, 0.36)]}
+    rows_cfg = [{"setting": "s", "label": "Teacher", "model": "t", "sampler": "heun-18", "replicates": ["t", "t.r1", "t.r2"]}]
+    metrics = [metric(f"t{r}", "heun-18", 35, q, m, {"a": m}) for r, (q, m) in enumerate(teacher)]
+    for name, values in students.items():
+        rows_cfg.append({"setting": "s", "label": name, "model": name, "sampler": "1-step", "teacher_row": 0,
+                         "replicates": [name, f"{name}.r1", f"{name}.r2"]})
+        metrics += [metric(f"{name}{r}", "1-step", 1, q, m, {"a": m}) for r, (q, m) in enumerate(values)]
+    paths = []
+    for i, m in enumerate(metrics):
+        paths.append(tmp_path / f"m{i}.json")
+        paths[-1].write_text(json.dumps(m))
+    rows = write_table("T", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
+    by = {r["label"]: r for r in rows}
+    assert by["improved"]["vs_teacher_quality_verdict"] == "better" and by["improved"]["vs_teacher_quality_high"] < 0
+    assert by["degraded"]["vs_teacher_quality_verdict"] == "worse" and by["degraded"]["vs_teacher_quality_low"] > 0
+    assert by["null"]["vs_teacher_quality_verdict"] == "no difference resolved"
+    assert by["null"]["vs_teacher_quality"] == pytest.approx(1.0)  # (8 - 7 + 2) / 3, its interval holding 0
+    assert by["improved"]["vs_teacher_mem_verdict"] == "less" and by["null"]["vs_teacher_mem_verdict"] == UNRESOLVED
+    md = (tmp_path / "t.md").read_text()
+    assert "| FID vs own teacher | L2 Mem vs own teacher (points) |" in md
+    assert "| s | improved | 1-step | 1 | 45.57 ± 1.72 |" in md and "-4.77 [-5.39, -4.14] better" in md
+    assert "-29.90 [-39.59, -20.21] less" in md
+    with open(tmp_path / "t.csv") as f:
+        assert float(next(r for r in csv.DictReader(f) if r["label"] == "degraded")["vs_teacher_quality"]) == \
+            pytest.approx((5.0 + 5.9 + 4.6) / 3)
+
+
+UNRESOLVED = "no difference resolved"

@@ -540,6 +540,7 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
              **({"refine_sigma": cfg["samplers"][r["sampler"]]["sigma"]}
                 if cfg["samplers"][r["sampler"]]["kind"] == "refine" else {})}
             for r in cfg["tables"][table]["rows"]]
+    _pair_students_with_teachers(cfg, rows)
     if not cfg["tables"][table].get("yardsticks", True):
         return rows
     subsets = []
@@ -556,6 +557,20 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
                          "subset": s, "role": "yardstick", "group_by": "class" if by_class else "neighbour",
                          "replicates": replicates.of(yid, count if kind in YARDSTICK_REPLICATED else 1), "window": []})
     return rows
+
+
+def _pair_students_with_teachers(cfg: Mapping[str, Any], rows: list[dict]) -> None:
+    """`teacher_row`: for a student row, the index of its own teacher's row in the same table (the last
+    one above it, else the first below), whose replicate r it was distilled from; the table reports the
+    per-replicate differences (pipeline.stats). Rows whose teacher the table does not show get none."""
+    for i, r in enumerate(rows):
+        if r["role"] != "student" or base_model(r["model"]) not in cfg.get("students", {}):
+            continue
+        teacher = teacher_of(cfg, r["model"])
+        found = [j for j, q in enumerate(rows) if q["model"] == teacher and len(q["replicates"]) == len(r["replicates"])]
+        above = [j for j in found if j < i]
+        if found:
+            r["teacher_row"] = above[-1] if above else found[0]
 
 
 def convergence_window(cfg: Mapping[str, Any], model: str) -> list[str]:

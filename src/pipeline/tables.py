@@ -53,16 +53,37 @@ def table_rows(rows_cfg: Sequence[Mapping[str, Any]], metric_paths: Sequence[str
                 [[next(taken) for _ in ids] for ids in c.get("window", [])]) for c in rows_cfg]
     grouping = [GROUPINGS[cfg.get("group_by", "neighbour")] for cfg in rows_cfg]
     groups = sorted({g for (reps, _), key in zip(per_row, grouping) for m in reps for g in _by(m["memorization"], key)})
-    rows = []
+    rows, raws = [], []
     for cfg, (reps, window), key in zip(rows_cfg, per_row, grouping):
         raw = [_raw_row(cfg, m, key, groups) for m in reps]
+        raws.append(raw)
         row = aggregate(raw)
         if "selection_model" in row:  # each replicate selects from its own run: name every choice
             row["selection_model"] = ", ".join(dict.fromkeys(r["selection_model"] for r in raw))
             row["selection_close"] = all(r["selection_close"] for r in raw)
         row.update(_convergence(reps, window))
         rows.append(row)
+    for cfg, row, raw in zip(rows_cfg, rows, raws):
+        if cfg.get("teacher_row") is not None:
+            row.update(_versus_teacher(raw, raws[cfg["teacher_row"]], rows[cfg["teacher_row"]]))
     return groups, rows
+
+
+def _versus_teacher(student: Sequence[Mapping[str, Any]], teacher: Sequence[Mapping[str, Any]],
+                    teacher_row: Mapping[str, Any]) -> dict:
+    """A student row against its own teacher's, replicate by replicate (replicate r distilled from
+    teacher replicate r): quality (lower is better) and L2 Mem in percentage points, each as the mean
+    difference, its 95% t interval and the verdict word (pipeline.stats)."""
+    from .stats import MEMORIZATION_WORDS, paired_difference
+
+    out = {"vs_teacher": f"{teacher_row['label']} ({teacher_row['model']}, {teacher_row['sampler']})"}
+    for key, scale, words in (("quality", 1.0, None), ("mem", 100.0, MEMORIZATION_WORDS)):
+        d = paired_difference([scale * r[key] for r in student], [scale * r[key] for r in teacher],
+                              **({"words": words} if words else {}))
+        out.update({f"vs_teacher_{key}": d.interval.mean, f"vs_teacher_{key}_low": d.interval.low,
+                    f"vs_teacher_{key}_high": d.interval.high, f"vs_teacher_{key}_verdict": d.verdict,
+                    f"vs_teacher_{key}_cell": d.cell()})
+    return out
 
 
 def _raw_row(cfg: Mapping[str, Any], m: Mapping[str, Any], key: str, groups: Sequence[str]) -> dict:
@@ -271,6 +292,8 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
              f"held-out prompts: {d} nearest memorized mean / max / p95"] if text else []
     head += ([f"Paper {c}" for c in paper["columns"]] + ["Protocol"]) if paper else []
     full = paper["full_protocol"]["num_samples"] if paper else None
+    paired = any("vs_teacher" in r for r in rows)
+    head += [f"{qname} vs own teacher", "L2 Mem vs own teacher (points)"] if paired else []
     converge = any("converged" in r for r in rows)
     head += ["Converged"] if converge else []
     replicated = max(r.get("replicates", 1) for r in rows) > 1
@@ -290,6 +313,8 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
         if paper:
             cells += [r[f"paper_{c}"] for c in paper["columns"]]
             cells += ["full" if r["num_samples"] >= full else f"reduced ({r['num_samples']} samples)"]
+        if paired:
+            cells += [r.get("vs_teacher_quality_cell", ""), r.get("vs_teacher_mem_cell", "")]
         if converge:
             cells += [_converged_cell(r)]
         body.append(cells)
@@ -301,6 +326,13 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                      "the training replay drawn afresh per replicate; the real held-out and blurred images are one "
                      "fixed set (the whole held-out reserve), and train vs train is the training set itself. "
                      "A cell without ± has one replicate.")
+    if paired:
+        notes.append(f"vs own teacher: the student minus its own teacher, replicate by replicate (replicate r of the "
+                     f"student is distilled from replicate r of the teacher), in {qname} and in L2 Mem percentage "
+                     "points: the mean difference, its 95% t interval over replicates [low, high], and the verdict "
+                     "the interval gives (better / worse, less / more copying: the whole interval on that side of 0; "
+                     "no difference resolved: it holds 0; not resolved: one replicate, no interval). The teacher "
+                     "row is the student's own teacher's nearest row above it in this table.")
     if converge:
         notes.append("Converged: a student counts as converged when its quality (mean over replicates) at its run's "
                      "last snapshots and at its end changes by less than the spread (sample standard deviation over "
