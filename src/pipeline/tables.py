@@ -151,20 +151,33 @@ def aggregate(replicate_rows: Sequence[Mapping[str, Any]]) -> dict:
     return out
 
 
+PLATEAU_POINTS = 4  # points per replicate the plateau test needs (2 degrees of freedom for the slope)
+
+
 def _convergence(reps: Sequence[Mapping[str, Any]], window: Sequence[Sequence[Mapping[str, Any]]]) -> dict:
-    """The convergence criterion of a trained row (config/README.md, `convergence`): the mean quality over
-    replicates at each of the run's last snapshots and at its end; converged when the largest change
-    across those points is below the spread (sample standard deviation over replicates) of the final
-    quality. With one replicate there is no spread to compare with: not assessed (None)."""
+    """The convergence criterion of a trained row (config/README.md, `convergence`): per replicate, the
+    least-squares slope of quality over the row's last points (its run's last snapshots and its end)
+    with its 95% t interval (pipeline.stats.plateau); converged when the interval holds 0 in every
+    replicate, not converged when any replicate is still moving, not assessed (None) with fewer than
+    PLATEAU_POINTS points. A still-falling student is never called converged, however noisy its replicates."""
+    from .stats import plateau
+
     if not window:
         return {}
-    final = [m["quality"]["value"] for m in reps]
-    points = [float(np.mean([m["quality"]["value"] for m in ms])) for ms in window] + [float(np.mean(final))]
-    change = max(points) - min(points)
-    spread = float(np.std(final, ddof=1)) if len(final) > 1 else None
+    tests = []
+    for r, final in enumerate(reps):
+        points = [ms[r] for ms in window] + [final]
+        steps = [(m.get("training") or {}).get("step") or (m.get("training") or {}).get("steps") for m in points]
+        if any(k is None for k in steps):
+            raise ValueError(f"{final['model']}: the metrics of its convergence points lack their training step")
+        tests.append(plateau(steps, [m["quality"]["value"] for m in points], fraction=1.0, min_points=PLATEAU_POINTS))
+    moving = [t for t in tests if t.verdict.startswith("still")]
+    assessed = all(not t.verdict.startswith("not assessed") for t in tests)
     steps = [(ms[0].get("training") or {}).get("step") for ms in window]
-    return {"converged": None if spread is None else change < spread, "convergence_change": change,
-            "convergence_spread": spread, "convergence_steps": " ".join(str(k) for k in steps)}
+    return {"converged": False if moving else (True if assessed else None),
+            "convergence_verdicts": "; ".join(t.verdict for t in tests),
+            "convergence_slopes": " ".join(f"{t.slope:.3g}" for t in tests),
+            "convergence_points": len(window) + 1, "convergence_steps": " ".join(str(k) for k in steps)}
 
 
 # How tables name a copy-detection descriptor: SSCD, or the embedded data's download-free stand-in.
@@ -334,10 +347,11 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
                      "no difference resolved: it holds 0; not resolved: one replicate, no interval). The teacher "
                      "row is the student's own teacher's nearest row above it in this table.")
     if converge:
-        notes.append("Converged: a student counts as converged when its quality (mean over replicates) at its run's "
-                     "last snapshots and at its end changes by less than the spread (sample standard deviation over "
-                     "replicates) of its final quality; Δ is that change, in the quality metric's units. With one "
-                     "replicate there is no spread to compare with, so it is not assessed (n/a).")
+        notes.append("Converged: per replicate, the least-squares slope of quality over the student's last points "
+                     "(its run's last snapshots and its end) and its 95% t interval; yes when the interval holds 0 in "
+                     "every replicate (a plateau), no when it lies on one side of 0 in any (still improving or "
+                     f"worsening), n/a with fewer than {PLATEAU_POINTS} points per replicate (no slope interval to "
+                     "speak of).")
     notes += [
         f"L2 Mem: share of {rows[0]['num_samples']} samples whose nearest training image is closer than "
         f"{_ratio_words(rows)} the second nearest (true Euclidean distances in pixel space, unique training images). "
@@ -449,11 +463,15 @@ def _spread(r: Mapping[str, Any], key: str, fmt) -> str:
 def _converged_cell(r: Mapping[str, Any]) -> str:
     if "converged" not in r:
         return ""
-    change = f"Δ {r['convergence_change']:.2f} from step {r['convergence_steps']}"
+    where = f"steps {r['convergence_steps']} and the end"
+    n, verdicts = r["replicates"], r["convergence_verdicts"].split("; ")
     if r["converged"] is None:
-        return f"n/a: 1 replicate ({change})"
-    verdict = "yes" if r["converged"] else "no"
-    return f"{verdict} ({change} {'<' if r['converged'] else '>='} sd {r['convergence_spread']:.2f})"
+        return (f"n/a: {r['convergence_points']} points per replicate ({where}), {PLATEAU_POINTS} needed: "
+                f"raise convergence.window")
+    if r["converged"]:
+        return f"yes: plateau in {'all ' if n > 1 else ''}{n} replicate{'s' if n > 1 else ''} ({where})"
+    moving = [v for v in verdicts if v.startswith("still")]
+    return f"no: {moving[0]} in {len(moving)} of {n} replicate{'s' if n > 1 else ''} ({where})"
 
 
 def _counts(counts: Sequence[int]) -> str:
