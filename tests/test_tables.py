@@ -28,6 +28,14 @@ def metric(model, sampler, nfe, fid, mem, by_group, sscd=None, n=50000):
     return m
 
 
+def metric_files(tmp_path, metrics, prefix="m") -> list[Path]:
+    """Each metrics dict written to its own JSON file, in order."""
+    paths = [tmp_path / f"{prefix}{i}.json" for i in range(len(metrics))]
+    for path, m in zip(paths, metrics):
+        path.write_text(json.dumps(m))
+    return paths
+
+
 @pytest.fixture
 def built(tmp_path):
     published = yaml.safe_load((ROOT / "config" / "published.yaml").read_text())
@@ -40,10 +48,7 @@ def built(tmp_path):
     metrics = [metric("teacher-3000", "heun-18", 35, 21.1, 0.0512, {"a": 0.06, "b": 0.04}, (0.2101, 0.81234)),
                metric("cd-3000", "1-step", 1, 19.9, 0.0003, {"a": 0.0004, "b": 0.0002}, (0.0301, 0.55557), n=2000),
                metric("real~c3000", "data", 0, 2.5, 0.0, {"a": 0.0}, (0.001, 0.4), n=2000)]
-    paths = []
-    for i, m in enumerate(metrics):
-        paths.append(tmp_path / f"m{i}.json")
-        paths[-1].write_text(json.dumps(m))
+    paths = metric_files(tmp_path, metrics)
     write_table("Table 1", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md", paper, tmp_path / "t.html")
     md = (tmp_path / "t.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("|")]
@@ -188,10 +193,7 @@ def test_class_conditional_rows_group_by_the_class_they_were_generated_for(tmp_p
                             {"repeated": 0.99, "non_repeated": 0.99}),
                with_classes(metric("t-i", "heun-40", 79, 25.0, 0.0037, {"repeated": 0.5, "non_repeated": 0.5}, (0.0037, 0.25)),
                             {"repeated": 0.0735, "non_repeated": 0.0})]
-    paths = []
-    for i, m in enumerate(metrics):
-        paths.append(tmp_path / f"m{i}.json")
-        paths[-1].write_text(json.dumps(m))
+    paths = metric_files(tmp_path, metrics)
     rows = write_table("Table 4", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
     assert (rows[0]["mem_repeated"], rows[0]["mem_non_repeated"]) == (0.74, 0.0)
     assert (rows[1]["mem_repeated"], rows[1]["mem_non_repeated"]) == (0.0735, 0.0)
@@ -217,10 +219,7 @@ def test_rows_below_the_blur_yardstick_or_the_prompt_floor_are_not_evidence(tmp_
                 {"setting": "3x", "label": "Student", "model": "u", "sampler": "s", "subset": "x"},
                 {"setting": "x", "label": "Blur", "model": "blur~x", "sampler": "data", "subset": "x"}]
     metrics = [m("t", 50, 500.0, 0.95), m("u", 4, 100.0, 0.5), m("blur~x", 0, 200.0, 0.99)]
-    paths = []
-    for i, one in enumerate(metrics):
-        paths.append(tmp_path / f"m{i}.json")
-        paths[-1].write_text(json.dumps(one))
+    paths = metric_files(tmp_path, metrics)
     write_table("T", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
     md = (tmp_path / "t.md").read_text()
     assert "Not evidence yet" in md
@@ -261,10 +260,7 @@ def test_a_selected_teacher_prints_its_target_beside_the_rate_it_reached(tmp_pat
     metrics = [selected("teacher-mem10", 0.1, 0.121, "teacher-48@400", True),
                selected("teacher-mem30", 0.3, 0.5469, "teacher-48", False),
                metric("dmd-mem30", "dmd-1", 1, 45.0, 0.004, {"a": 0.004})]
-    paths = []
-    for i, m in enumerate(metrics):
-        paths.append(tmp_path / f"m{i}.json")
-        paths[-1].write_text(json.dumps(m))
+    paths = metric_files(tmp_path, metrics)
     write_table("Table 5", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
     md = (tmp_path / "t.md").read_text()
     assert "| PD | Teacher: 10% teacher (12.10%: teacher-48@400) |" in md
@@ -274,10 +270,7 @@ def test_a_selected_teacher_prints_its_target_beside_the_rate_it_reached(tmp_pat
     # replicates: each names its own choice, and one replicate far from the target flags the row
     metrics += [selected("teacher-mem10", 0.1, 0.094, "teacher-48.r1@350", True),
                 selected("teacher-mem10", 0.1, 0.2246, "teacher-48.r2@450", False)]
-    paths = []
-    for i, m in enumerate(metrics[:1] + metrics[3:]):
-        paths.append(tmp_path / f"r{i}.json")
-        paths[-1].write_text(json.dumps(m))
+    paths = metric_files(tmp_path, metrics[:1] + metrics[3:], "r")
     write_table("Table 5", [dict(rows_cfg[0], replicates=["a", "b", "c"])], paths, tmp_path / "r.csv", tmp_path / "r.md")
     md = (tmp_path / "r.md").read_text()
     assert "teacher-48@400, teacher-48.r1@350, teacher-48.r2@450) |" in md
@@ -298,10 +291,7 @@ def test_students_against_their_own_teachers_replicate_by_replicate(tmp_path):
         rows_cfg.append({"setting": "s", "label": name, "model": name, "sampler": "1-step", "teacher_row": 0,
                          "replicates": [name, f"{name}.r1", f"{name}.r2"]})
         metrics += [metric(f"{name}{r}", "1-step", 1, q, m, {"a": m}) for r, (q, m) in enumerate(values)]
-    paths = []
-    for i, m in enumerate(metrics):
-        paths.append(tmp_path / f"m{i}.json")
-        paths[-1].write_text(json.dumps(m))
+    paths = metric_files(tmp_path, metrics)
     rows = write_table("T", rows_cfg, paths, tmp_path / "t.csv", tmp_path / "t.md")
     by = {r["label"]: r for r in rows}
     assert by["improved"]["vs_teacher_quality_verdict"] == "better" and by["improved"]["vs_teacher_quality_high"] < 0
