@@ -410,7 +410,7 @@ def test_curve_figure_draws_each_run_of_a_setting_and_sample_grids(tmp_path):
 
     from pipeline.io import write_image_table
     from pipeline.shards import write_manifest
-    from pipeline.tables import curve_figure, sample_grid_figure
+    from pipeline.figures import curve_figure, sample_grid_figure
 
     fields = ["setting", "model", "role", "step", "mem", "quality", "quality_name", "subset"]
     rows = [{"setting": "10% teacher", "model": "t", "role": "teacher", "step": "", "mem": "0.1", "quality": "20",

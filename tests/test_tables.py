@@ -150,7 +150,7 @@ def test_curve_figure_draws_students_along_training(tmp_path):
     """Figure 1 from a table's CSV: one panel per training subset, students at their steps."""
     from PIL import Image
 
-    from pipeline.tables import curve_figure
+    from pipeline.figures import curve_figure
 
     rows_cfg, paths = [], []
     for subset in ("c3000", "c4000"):
@@ -177,6 +177,37 @@ def test_curve_figure_draws_students_along_training(tmp_path):
     only_teachers.write_text("".join(kept))
     with pytest.raises(ValueError, match="no student rows"):
         curve_figure(only_teachers, tmp_path / "none.png")
+
+
+def test_curve_figure_adds_each_student_against_its_own_teacher(tmp_path, monkeypatch):
+    """Where the table pairs students with their teachers (three replicates), a second row of panels
+    draws student minus teacher against the step with the 95% interval: the values drawn are the
+    table's paired differences."""
+    from PIL import Image
+
+    from pipeline import figures
+
+    rows_cfg = [{"setting": "s", "label": "teacher", "model": "t", "sampler": "heun-18", "role": "teacher",
+                 "replicates": ["t", "t.r1", "t.r2"]}]
+    metrics = [dict(metric(f"t{r}", "heun-18", 35, q, 0.3, {"a": 0.3}), training={"steps": 900})
+               for r, q in enumerate((50.0, 52.0, 49.0))]
+    for k, shift in ((300, 9.0), (600, 3.0), (900, -2.0)):
+        model = f"cd@{k}" if k < 900 else "cd"
+        rows_cfg.append({"setting": "s", "label": "student", "model": model, "sampler": "1-step", "role": "student",
+                         "teacher_row": 0, "replicates": [model.replace("cd", f"cd{r}") for r in ("", ".r1", ".r2")]})
+        metrics += [dict(metric(f"cd{r}@{k}", "1-step", 1, q + shift + e, 0.0, {"a": 0.0}), training={"step": k})
+                    for r, q, e in zip(("", ".r1", ".r2"), (50.0, 52.0, 49.0), (0.3, -0.2, 0.1))]
+    write_table("fig", rows_cfg, metric_files(tmp_path, metrics), tmp_path / "t.csv", tmp_path / "t.md")
+    drawn = []
+    real = figures._versus_teacher_panel
+    monkeypatch.setattr(figures, "_versus_teacher_panel",
+                        lambda ax, students, q: (drawn.append(students), real(ax, students, q))[1])
+    figures.curve_figure(tmp_path / "t.csv", tmp_path / "fig.png")
+    means = [float(r["vs_teacher_quality"]) for r in drawn[0]]
+    assert means == pytest.approx([9.0 + 0.2 / 3, 3.0 + 0.2 / 3, -2.0 + 0.2 / 3])
+    assert all(float(r["vs_teacher_quality_low"]) < m < float(r["vs_teacher_quality_high"]) for r, m in zip(drawn[0], means))
+    with Image.open(tmp_path / "fig.png") as im:
+        assert im.size[1] > 1.3 * im.size[0]  # one setting: two panels, one above the other
 
 
 def test_class_conditional_rows_group_by_the_class_they_were_generated_for(tmp_path):

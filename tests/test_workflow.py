@@ -735,7 +735,7 @@ def test_tiny_run_galleries(tiny_run, tmp_path, monkeypatch, model, sampler, kin
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline.tables import neighbour_figure
+    from pipeline.figures import neighbour_figure
 
     workdir, _, _ = tiny_run
     monkeypatch.chdir(workdir)  # manifests name their shards relative to the working directory

@@ -75,7 +75,7 @@ def audit(train_path, samples_path, space: str = "pixels", ratio: float = DEFAUL
     """Memorization statistics of the samples against the training images, in pixel or SSCD space."""
     from .embed import DISTANCE_SCALE, embed
     from .search import most_similar, nearest_neighbours
-    from .tables import pair_grid
+    from .figures import pair_grid
 
     train, groups = read_images(train_path, "training set")
     samples, _ = read_images(samples_path, "sample set")

@@ -215,7 +215,7 @@ def cmd_search(a):
         similarity_table(a.sscd_samples, a.sscd_train, a.subset, a.manifest, a.sscd_out, space=a.sscd_space)
         logging.info("%s most-similar search written to %s", a.sscd_space, a.sscd_out)
     if a.figure:
-        from .tables import neighbour_figure
+        from .figures import neighbour_figure
 
         neighbour_figure(a.manifest, a.out, a.subset, a.figure, count=a.figure_count, sscd_path=a.sscd_out)
 
@@ -301,13 +301,13 @@ def cmd_table(a):
 
 
 def cmd_sample_figure(a):
-    from .tables import sample_grid_figure
+    from .figures import sample_grid_figure
 
     sample_grid_figure(a.manifests, a.labels, a.out, a.count)
 
 
 def cmd_curve(a):
-    from .tables import curve_figure, refine_figure
+    from .figures import curve_figure, refine_figure
 
     {"curve": curve_figure, "refine": refine_figure}[a.kind](a.table, a.out)
 
