@@ -495,7 +495,7 @@ def test_pd_students_train_without_the_teachers_dropout(dropout_teacher, tmp_pat
     """Every PD stage's student has no active dropout although its teacher's net has 0.3, and the
     written student says dropout 0 (jcm configs/cifar10_ve_progressive_distillation.py)."""
     from pipeline.distill import pd
-    from pipeline.distill.cd import has_dropout
+    from pipeline.distill.run import has_dropout
 
     stages = _captured(monkeypatch, pd, "train")
     spec = {"pd": {"start_scales": 2, "stage_steps": 1, "final_stage_steps": 1}, "metric": "l2",
@@ -513,7 +513,7 @@ def test_dmd_nets_have_no_dropout_and_the_matching_gradient_is_zero_at_the_start
     training mode and the real one in eval mode, and the distribution-matching gradient is exactly 0."""
     from pipeline.diffusion.noise import BatchNoise
     from pipeline.distill import dmd
-    from pipeline.distill.cd import has_dropout
+    from pipeline.distill.run import has_dropout
 
     seen = _captured(monkeypatch, dmd, "train_student")
     monkeypatch.setattr(dmd.DistributionMatching, "after_step", lambda self, model, step: None)

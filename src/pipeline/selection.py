@@ -9,7 +9,6 @@ it is not the first model past the rate. It becomes a model of its own, `results
 which students distil and tables sample like any teacher; its stats carry the rate reached beside
 the target, and every table row of it prints both. Reads metric files and copies three files: no torch.
 """
-
 from __future__ import annotations
 
 import json

@@ -70,12 +70,11 @@ def _versus_teacher(student: Sequence[Mapping[str, Any]], teacher: Sequence[Mapp
     """A student row against its own teacher's, replicate by replicate (replicate r distilled from
     teacher replicate r): quality (lower is better) and L2 Mem in percentage points, each as the mean
     difference, its 95% t interval and the verdict word (pipeline.stats)."""
-    from .stats import MEMORIZATION_WORDS, paired_difference
+    from .stats import MEMORIZATION_WORDS, QUALITY_WORDS, paired_difference
 
     out = {"vs_teacher": f"{teacher_row['label']} ({teacher_row['model']}, {teacher_row['sampler']})"}
-    for key, scale, words in (("quality", 1.0, None), ("mem", 100.0, MEMORIZATION_WORDS)):
-        d = paired_difference([scale * r[key] for r in student], [scale * r[key] for r in teacher],
-                              **({"words": words} if words else {}))
+    for key, scale, words in (("quality", 1.0, QUALITY_WORDS), ("mem", 100.0, MEMORIZATION_WORDS)):
+        d = paired_difference([scale * r[key] for r in student], [scale * r[key] for r in teacher], words=words)
         out.update({f"vs_teacher_{key}": d.interval.mean, f"vs_teacher_{key}_low": d.interval.low,
                     f"vs_teacher_{key}_high": d.interval.high, f"vs_teacher_{key}_verdict": d.verdict,
                     f"vs_teacher_{key}_cell": d.cell()})

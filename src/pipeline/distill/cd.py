@@ -29,7 +29,7 @@ from ..modelio import model_meta
 from ..nets import build_net, class_labels, count_parameters, inherit_parameters, num_classes
 from ..train import TrainConfig, ema_update
 from .distances import get_distance
-from .run import load_edm_teacher, train_student
+from .run import has_dropout, load_edm_teacher, train_student
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,6 @@ def cd_loss(student, target, teacher, x, sigmas: torch.Tensor, distance, noise=N
     with torch.no_grad():
         y_target = target(x_cur, t_cur)
     return distance(online, y_target)
-
-
-def has_dropout(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
 
 class ConsistencyDistillation:

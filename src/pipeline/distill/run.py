@@ -27,6 +27,15 @@ def load_edm_teacher(teacher_dir: str | Path, device, method: str) -> tuple[torc
 NO_DROPOUT = {"trained_nets_dropout": 0.0}
 
 
+def _dropout_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+
+
+def has_dropout(module: torch.nn.Module) -> bool:
+    """Whether any dropout layer of `module` drops anything (p > 0)."""
+    return any(m.p > 0 for m in _dropout_layers(module))
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` with every dropout layer at p = 0 (its net config: `dict(net, dropout=0.0)`).
 
@@ -38,9 +47,8 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     likewise (cd.student_net_config). The layers stay, so the weights load into the same architecture.
     """
     out = copy.deepcopy(model)
-    for m in out.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.p = 0.0
+    for m in _dropout_layers(out):
+        m.p = 0.0
     return out
 
 
