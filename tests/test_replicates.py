@@ -205,7 +205,7 @@ def test_aggregate_skips_missing_group_values_and_keeps_descriptions():
     assert out["q_sd"] == pytest.approx(np.std([1.0, 3.0], ddof=1)) and out["nfe"] == 1 and "nfe_sd" not in out
 
 
-def test_replay_replicates_draw_afresh_and_held_out_yardsticks_have_none():
+def test_replay_replicates_draw_afresh_and_held_out_yardsticks_have_none_at_the_default_reserve():
     from pipeline.data import Subset
     from pipeline.yardsticks import yardstick_rows
 
@@ -216,9 +216,11 @@ def test_replay_replicates_draw_afresh_and_held_out_yardsticks_have_none():
     assert all(len(d) == 30 and set(d) <= set(range(6)) for d in draws)
     assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
     assert np.array_equal(draws[0], yardstick_rows("replay", subset, reserve, 30, seed=0)[1])  # replicate 0 as before
-    for kind in ("real", "blur", "train"):
+    for kind in ("real", "blur", "train"):  # a reserve of exactly the set's size: one fixed set each
         with pytest.raises(ValueError, match="no replicates"):
-            yardstick_rows(kind, subset, reserve, 30, seed=0, replicate=1)
+            yardstick_rows(kind, subset, reserve[:30], 30, seed=0, replicate=1)
+    with pytest.raises(ValueError, match="no replicates"):  # a larger one resamples real and blur, never train
+        yardstick_rows("train", subset, reserve, 30, seed=0, replicate=1)
 
 
 def test_evidence_config_regimes_share_every_budget_and_differ_in_data_net_and_precision():

@@ -408,6 +408,53 @@ def test_embedded_grid_adds_the_sampler_comparison_without_training(tmp_path):
     assert grid["sample_set"] == base["sample_set"] + 4 + 2
 
 
+EVIDENCE = ROOT / "config" / "embedded-evidence.yaml"
+QUALITY = ROOT / "config" / "embedded-quality.yaml"
+
+
+def teacher_commands(text: str) -> dict[str, str]:
+    """{teacher: its train-teacher shell command} from a dry run with --printshellcmds."""
+    return {m.group(1): m.group(0) for m in re.finditer(r"train-teacher --subset results/subsets/\S+ .*--out results/teachers/(\S+) .*", text)}
+
+
+def test_quality_config_distils_from_the_evidence_runs_teachers_without_training_them_again(tmp_path):
+    """config/embedded-quality.yaml layered on the evidence config: where the evidence run's three replicates
+    of teacher-48 and teacher-160 are present, its dry run (with 5 replicates, stage 2) plans no job for them,
+    and their train-teacher commands are those of the evidence config (no params change that would rerun them
+    in a directory the evidence run wrote); the new ~10% teacher and the replicates beyond 3 are planned."""
+    heun = "results/tables/quality-heun.md"
+    for d in ("q", "e", "w"):
+        (tmp_path / d).mkdir()
+    layered = teacher_commands(check(snakemake(tmp_path / "q", heun, "-n", "--printshellcmds", "--config", "replicates=3",
+                                               "--configfile", str(EVIDENCE), str(QUALITY), timeout=300)).stdout)
+    alone = teacher_commands(check(snakemake(tmp_path / "e", "results/tables/demo.md", "-n", "--printshellcmds",
+                                             "--configfile", str(EVIDENCE), timeout=300)).stdout)
+    evidence_teachers = [replicates.replicate_id(t, r) for t in ("teacher-48", "teacher-160") for r in range(3)]
+    assert set(alone) == set(evidence_teachers) and set(layered) == set(alone) | {f"teacher-112{s}" for s in ("", ".r1", ".r2")}
+    for name in evidence_teachers:
+        assert layered[name] == alone[name], name
+    work = tmp_path / "w"
+    old = time.time() - 3600
+    for subset in ("digits-48", "digits-160"):
+        path = work / "results" / "subsets" / f"{subset}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"planted")
+        os.utime(path, (old, old))
+    for name in evidence_teachers:
+        out = work / "results" / "teachers" / name
+        (out / "snapshots").mkdir(parents=True)
+        for f in ("model.safetensors", "config.json", "stats.json"):
+            (out / f).write_text("planted")
+    proc = check(snakemake(work, heun, "-n", "--config", "replicates=5", "--configfile", str(EVIDENCE), str(QUALITY),
+                           timeout=300))
+    text = output_of(proc)
+    trained = set(re.findall(r"rule train_teacher:\n(?:.*\n)*?\s+wildcards: teacher=(\S+)", text))
+    assert not trained & set(evidence_teachers), sorted(trained & set(evidence_teachers))
+    assert trained == ({replicates.replicate_id("teacher-112", r) for r in range(5)}
+                       | {replicates.replicate_id(t, r) for t in ("teacher-48", "teacher-160") for r in (3, 4)}), sorted(trained)
+    assert job_stats(text)["subset"] == 1  # digits-112 only
+
+
 # --------------------------------------------------------------------------- bad config
 
 

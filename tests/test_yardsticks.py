@@ -56,6 +56,51 @@ def test_yardstick_images(digits):
         yardstick_images("real", images, labels, subset, reserve, 41, seed=0)
 
 
+def test_each_replicates_heldout_set_is_a_resample_of_the_reserve_outside_training_and_classifier_images(digits):
+    """With a reserve larger than the yardstick (yardsticks.reserve), each replicate's real and blurred
+    sets draw without replacement from it: never a training image of any subset, never an image the
+    digits classifier trains on (the split's rest), no image twice, and a different set per replicate."""
+    from pipeline.yardsticks import replicated_kinds, yardstick_rows
+
+    images, labels, subset = digits
+    other = np.arange(100, 160)
+    reserve, rest = heldout_split(len(images), [subset.index, other], 90, seed=3)
+    training = set(subset.index.tolist()) | set(other.tolist())
+    sets = []
+    for r in range(5):
+        where, rows, _ = yardstick_rows("real", subset, reserve, 60, seed=3, replicate=r)
+        assert where == "source" and len(rows) == 60 and len(set(rows.tolist())) == 60
+        assert set(rows.tolist()) <= set(reserve.tolist())
+        assert not set(rows.tolist()) & training and not set(rows.tolist()) & set(rest.tolist())
+        assert np.array_equal(yardstick_rows("blur", subset, reserve, 60, seed=3, replicate=r)[1], rows)
+        sets.append(frozenset(rows.tolist()))
+    assert len(set(sets)) == 5
+    assert sets[0] == frozenset(reserve[:60].tolist())  # replicate 0: the set a single run has always used
+    again = yardstick_rows("real", subset, reserve, 60, seed=3, replicate=2)[1]
+    assert frozenset(again.tolist()) == sets[2]
+    assert replicated_kinds(90, 60) == ("replay", "real", "blur") and replicated_kinds(60, 60) == ("replay",)
+    with pytest.raises(ValueError, match="no replicates"):  # a reserve of exactly the set's size: one fixed set
+        yardstick_rows("real", subset, reserve[:60], 60, seed=3, replicate=1)
+    with pytest.raises(ValueError, match="no replicates"):
+        yardstick_rows("train", subset, reserve, 60, seed=3, replicate=1)
+
+
+def test_a_larger_reserve_gives_the_heldout_yardsticks_replicates_in_the_tables():
+    cfg = pconfig.load(EMBEDDED)
+    cfg["replicates"] = 2
+    fixed = {r["model"]: r["replicates"] for r in pconfig.table_rows(cfg, "demo")}
+    assert fixed["real~digits-48"] == ["real~digits-48"] and fixed["replay~digits-48"] == ["replay~digits-48", "replay~digits-48.r1"]
+    cfg["yardsticks"] = {"reserve": cfg["sampling"]["num_samples"] + 100}
+    pconfig.validate(cfg)
+    rows = {r["model"]: r["replicates"] for r in pconfig.table_rows(cfg, "demo")}
+    for kind in ("real", "blur", "replay"):
+        assert rows[f"{kind}~digits-48"] == [f"{kind}~digits-48", f"{kind}~digits-48.r1"]
+    assert rows["train~digits-48"] == ["train~digits-48"]
+    cfg["yardsticks"] = {"reserve": cfg["sampling"]["num_samples"] - 1}
+    with pytest.raises(pconfig.ConfigError, match="yardsticks.reserve"):
+        pconfig.validate(cfg)
+
+
 def test_train_yardstick_cycles_unique_images_and_names_each_rows_own_image(digits):
     images, labels, subset = digits
     train, train_labels, own = yardstick_images("train", images, labels, subset, np.empty(0, np.int64), 20, seed=0)

@@ -15,11 +15,11 @@ import jsonschema
 import yaml
 
 from . import replicates
-from .yardsticks import REPLICATED as YARDSTICK_REPLICATED
 from .yardsticks import KINDS as YARDSTICK_KINDS
 from .yardsticks import LABELS as YARDSTICK_LABELS
 from .yardsticks import SAMPLER as YARDSTICK_SAMPLER
 from .yardsticks import parse_id as parse_yardstick
+from .yardsticks import replicated_kinds
 from .yardsticks import yardstick_id
 
 
@@ -247,6 +247,10 @@ def _check_references(cfg: Mapping[str, Any], source: str) -> None:
     if "calibrate" in sscd and "real" not in yardstick_settings(cfg)["kinds"]:
         problems.append("  memorization.sscd.calibrate: calibrates on the real held-out yardstick, but "
                         "yardsticks.kinds leaves out `real`")
+    ys = yardstick_settings(cfg)
+    if ys["reserve"] < ys["num_samples"]:
+        problems.append(f"  yardsticks.reserve: {ys['reserve']} held-out images cannot give the real yardstick's "
+                        f"{ys['num_samples']} (yardsticks.num_samples)")
     if cfg["quality"].get("prompt_class") and cfg["quality"]["kind"] != "digits_fd":
         problems.append("  quality.prompt_class: reads samples with the digits classifier, which only digits_fd trains")
     if cfg["quality"]["kind"] == "inception_fid" and "weights" not in cfg["quality"]:
@@ -520,6 +524,7 @@ def yardstick_settings(cfg: Mapping[str, Any]) -> dict:
     ys.setdefault("kinds", list(YARDSTICK_KINDS))
     ys.setdefault("num_samples", cfg["sampling"]["num_samples"])
     ys.setdefault("blur_sigma", 1.0)
+    ys.setdefault("reserve", ys["num_samples"])
     return ys
 
 
@@ -547,15 +552,16 @@ def table_rows(cfg: Mapping[str, Any], table: str) -> list[dict]:
     for r in rows:
         if r["subset"] not in subsets:
             subsets.append(r["subset"])
-    sigma = yardstick_settings(cfg)["blur_sigma"]
+    ys = yardstick_settings(cfg)
+    sigma, replicated = ys["blur_sigma"], replicated_kinds(ys["reserve"], ys["num_samples"])
     for s in subsets:
-        for kind in yardstick_settings(cfg)["kinds"]:
+        for kind in ys["kinds"]:
             label = YARDSTICK_LABELS[kind] + (f" (sigma = {sigma:g} px)" if kind == "blur" else "")
             by_class = any(r["group_by"] == "class" for r in rows if r["subset"] == s and r["role"] != "yardstick")
             yid = yardstick_id(kind, s)
             rows.append({"setting": s, "label": label, "model": yid, "sampler": YARDSTICK_SAMPLER,
                          "subset": s, "role": "yardstick", "group_by": "class" if by_class else "neighbour",
-                         "replicates": replicates.of(yid, count if kind in YARDSTICK_REPLICATED else 1), "window": []})
+                         "replicates": replicates.of(yid, count if kind in replicated else 1), "window": []})
     return rows
 
 

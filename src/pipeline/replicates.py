@@ -9,7 +9,8 @@ teacher's replicate r. Training subsets are shared: replicates measure what the 
 study costs, on the same data, as the study's single runs would be repeated.
 
 The training-replay yardstick has replicates too (`replay~digits-48.r1`, a fresh draw from the
-training set); why the held-out yardsticks have none is said at yardsticks.REPLICATED.
+training set), and so do the real and blurred held-out yardsticks where `yardsticks.reserve` is larger than
+their sample count (a draw without replacement from the reserve); see yardsticks.REPLICATED.
 
 This module only names replicates and derives their seeds; config.expand_replicates applies them.
 """

@@ -329,11 +329,15 @@ def _layout(groups, rows, paper) -> tuple[list[str], list[list[str]], list[str |
     notes: list[str | list[str]] = []
     if replicated:
         counts = sorted({r.get("replicates", 1) for r in rows})
+        resampled = any((parse_yardstick(r["model"]) or ("",))[0] == "real" and r.get("replicates", 1) > 1 for r in rows)
+        heldout = ("the real held-out and blurred images drawn per replicate without replacement from a larger "
+                   "held-out reserve (a resample of the reserve: replicates share images, so their spread understates "
+                   "that of independent held-out sets)" if resampled else
+                   "the real held-out and blurred images are one fixed set (the whole held-out reserve)")
         notes.append(f"Each cell: mean ± sample standard deviation over the row's replicates ({_counts(counts)}): "
                      "models trained, distilled and sampled once per replicate seed on the same training subset; "
-                     "the training replay drawn afresh per replicate; the real held-out and blurred images are one "
-                     "fixed set (the whole held-out reserve), and train vs train is the training set itself. "
-                     "A cell without ± has one replicate.")
+                     f"the training replay drawn afresh per replicate; {heldout}, and train vs train is the training "
+                     "set itself. A cell without ± has one replicate.")
     if paired:
         notes.append(f"vs own teacher: the student minus its own teacher, replicate by replicate (replicate r of the "
                      f"student is distilled from replicate r of the teacher), in {qname} and in L2 Mem percentage "

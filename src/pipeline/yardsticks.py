@@ -50,12 +50,22 @@ def parse_id(model: str) -> tuple[str, str] | None:
 
 
 # Yardsticks with replicates: the replay draws its images with replacement from the training set, a
-# draw each replicate repeats afresh. The real and blurred held-out images are the whole held-out
-# reserve: a fresh draw of the same size would need held-out images the digits classifier trains on,
-# and a bootstrap resample adds its own noise to a Frechet distance (on the embedded digits it
-# raised the real images' digits-FD from 7 to about 20), so they stay one fixed set, as does train
-# vs train, which shows every unique training image.
+# draw each replicate repeats afresh. The real and blurred held-out images come from the held-out
+# reserve: with a reserve of exactly `num_samples` images (the default) they are the whole reserve, one
+# fixed set, since a fresh draw of the same size would need held-out images the digits classifier trains
+# on, and a bootstrap resample adds its own noise to a Frechet distance (duplicates: on the embedded
+# digits it raised the real images' digits-FD from 7 to about 20). With a larger reserve
+# (`yardsticks.reserve`), replicate r >= 1 draws its `num_samples` images from the reserve without
+# replacement, so each replicate's held-out set is a resample of the reserve that repeats no image and
+# still lies outside every training subset and the classifier's images (REPLICATED_WITH_RESERVE). Train
+# vs train shows every unique training image and stays one set.
 REPLICATED = ("replay",)
+REPLICATED_WITH_RESERVE = ("replay", "real", "blur")
+
+
+def replicated_kinds(reserve: int, num_samples: int) -> tuple[str, ...]:
+    """The yardstick kinds that have one set per replicate, given the held-out reserve's size."""
+    return REPLICATED_WITH_RESERVE if reserve > num_samples else REPLICATED
 
 
 def heldout_split(num_images: int, excluded: Sequence[np.ndarray], reserve: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,12 +96,18 @@ def yardstick_rows(kind: str, subset: Subset, reserve: np.ndarray, num_samples: 
     """Which images a yardstick shows: ("source", dataset rows) for real and blur, ("subset", subset rows)
     for replay and train, and for train the index of each row's own unique training image (which its
     nearest-neighbour search skips). Replicate r >= 1 of the replay is a fresh draw from the training set
-    (see REPLICATED)."""
-    if replicate and kind not in REPLICATED:
-        raise ValueError(f"the {kind!r} yardstick has no replicates (asked for {replicate}): {REPLICATED} only")
+    (see REPLICATED), and replicate r >= 1 of real and blur a draw without replacement from a reserve larger
+    than `num_samples` (REPLICATED_WITH_RESERVE)."""
+    kinds = replicated_kinds(len(reserve), num_samples)
+    if replicate and kind not in kinds:
+        raise ValueError(f"the {kind!r} yardstick has no replicates (asked for {replicate}) with a held-out reserve "
+                         f"of {len(reserve)} images for {num_samples} samples: {kinds} only")
     if kind in ("real", "blur"):
         if len(reserve) < num_samples:
             raise ValueError(f"the held-out reserve has {len(reserve)} images, the yardstick needs {num_samples}")
+        if replicate:
+            rows = np.random.default_rng([seed, 17, replicate]).choice(np.asarray(reserve, np.int64), num_samples, replace=False)
+            return "source", np.sort(rows), None
         return "source", np.asarray(reserve[:num_samples], np.int64), None
     if kind == "replay":
         rng = np.random.default_rng([seed, 11] + ([replicate] if replicate else []))

@@ -14,7 +14,7 @@ rule train_feature_net:
         dataset=as_json(dataset_spec(REFERENCE)),
         epochs=QUALITY.get("classifier_epochs", 30),
         out=lambda wc, output: os.path.dirname(output.weights),
-        reserve=YARDSTICKS["num_samples"],
+        reserve=YARDSTICKS["reserve"],
         seed=CFG["seed"],
     threads: 1
     log:

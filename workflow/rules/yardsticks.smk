@@ -17,6 +17,7 @@ rule yardstick:
         dataset=lambda wc: as_json(dataset_spec(pconfig.dataset_of_subset(CFG, yardstick_subset(wc)))),
         replicate=lambda wc: replicates.split(wc.ysubset)[1],
         num_samples=YARDSTICKS["num_samples"],
+        reserve=YARDSTICKS["reserve"],
         shard_size=SAMPLING["shard_size"],
         blur_sigma=YARDSTICKS["blur_sigma"],
         seed=CFG["seed"],
@@ -29,6 +30,6 @@ rule yardstick:
         "../envs/data.yaml"
     shell:
         "python -m pipeline yardstick --kind {wildcards.kind} --dataset {params.dataset:q} --subset {input.subset} "
-        "--subset-name {wildcards.ysubset} --replicate {params.replicate} --exclude {input.siblings} --reserve {params.num_samples} "
+        "--subset-name {wildcards.ysubset} --replicate {params.replicate} --exclude {input.siblings} --reserve {params.reserve} "
         "--num-samples {params.num_samples} --shard-size {params.shard_size} --blur-sigma {params.blur_sigma} "
         "--seed {params.seed} --out-dir {params.out_dir} > {log} 2>&1"
