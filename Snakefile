@@ -6,6 +6,7 @@
 #   train_teacher + search -> theory_bridge (the same analysis on a trained teacher's features)
 #   edge_lab -> edge_report (the edge-of-memorization laboratory of mixture denoisers, CPU only)
 #   sample -> pairing -> pairing_report (students against their teachers from the same noise)
+#   metrics + theory + edge + pairing -> claims (every claim of the studies beside our measurement, a verdict)
 # With no --configfile the embedded default (scikit-learn digits, CPU, minutes) runs;
 # the paper grid is --configfile config/config.yaml (no profile sets it: profiles say where jobs run).
 import gc
@@ -50,6 +51,7 @@ include: "workflow/rules/cluster.smk"
 include: "workflow/rules/theory.smk"
 include: "workflow/rules/edge.smk"
 include: "workflow/rules/pairing.smk"
+include: "workflow/rules/claims.smk"
 
 
 rule all:
@@ -58,4 +60,5 @@ rule all:
         THEORY_FILES + BRIDGE_FILES if THEORY else [],
         EDGE_FILES,
         PAIRING_FILES,
+        CLAIMS_FILES,
     default_target: True

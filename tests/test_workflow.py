@@ -617,6 +617,25 @@ def test_tiny_run_edge_branch(tiny_run):
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| 0.")] == ["0.500", "0.800"]
 
 
+def test_tiny_run_replication_report(tiny_run):
+    """The run ends in the replication report: every claim of config/claims.yaml with a computed verdict, the
+    ones this config measures (the theory and edge labs; its one table has none of the study's rows) at the
+    scale they were measured at, the rest NOT MEASURED with what would measure them."""
+    workdir, _, _ = tiny_run
+    claims_dir = workdir / "results" / "claims"
+    md = (claims_dir / "claims.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| 00")]
+    assert len(rows) >= 67 and md.splitlines()[2].startswith("Verdicts per scale: ")
+    assert "not measured: " in md.splitlines()[2] and "random features, d = 12" in md.splitlines()[2]
+    gen_share = next(r for r in rows if r.startswith("| 001-sec54-gen-share-nearly-all |"))
+    assert "(n = 2)" in gen_share and "(random features, d = 12" in gen_share
+    assert any(r.startswith("| 003-crossover-exists |") and "edge lab" in r for r in rows)
+    with open(claims_dir / "claims.csv") as f:
+        verdicts = {r["verdict"] for r in csv.DictReader(f)}
+    assert verdicts <= {"REPRODUCED", "DISAGREES", "INCONCLUSIVE", "NOT MEASURED"} and "NOT MEASURED" in verdicts
+    assert (claims_dir / "claims.html").read_text().startswith("<!DOCTYPE html>")
+
+
 def test_tiny_run_table(tiny_run):
     workdir, _, _ = tiny_run
     md = (workdir / "results" / "tables" / f"{TINY_TABLE}.md").read_text()
@@ -671,7 +690,7 @@ def test_tiny_run_rows_aggregate_their_replicates(tiny_run):
 # Rules whose jobs need none of torch (nor diffusers): each job is a fresh process, and torch alone
 # costs about 3 s to import. Every job logs the heavy modules it loaded (pipeline.cli).
 TORCH_FREE_RULES = ("subset", "yardstick", "sample_manifest", "search", "snapshot", "table",
-                    "curve_figure", "metrics", "reference_stats", "theory_analysis", "theory_report", "edge_report")
+                    "curve_figure", "metrics", "reference_stats", "theory_analysis", "theory_report", "edge_report", "claims")
 
 
 def test_tiny_run_rules_import_only_what_they_use(tiny_run):

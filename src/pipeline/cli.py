@@ -335,6 +335,14 @@ def cmd_theory_report(a):
     write_report(a.analyses, a.out_dir, a.tolerance)
 
 
+def cmd_claims(a):
+    from .claims import counts, run
+
+    rows = run(a.plan, a.out_dir)
+    for scale, tally in counts(rows).items():
+        logging.info("%s: %s", scale, dict(tally))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.fetch import SD15_REPO, SD15_REVISION
 
@@ -434,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("pairing-report", cmd_pairing_report, rows=js, out_md=req, out_png=req, teacher_sampler=req)
     add("edge-lab", cmd_edge_lab, case=js, spec=js, seed={"type": int, "required": True}, out=req)
     add("edge-report", cmd_edge_report, labs={"required": True, "nargs": "+"}, out_png=req, out_md=req)
+    add("claims", cmd_claims, plan={"required": True, "help": "the claims plan the claims_plan rule wrote"}, out_dir=req)
     add("theory-report", cmd_theory_report, analyses={"required": True, "nargs": "+"}, out_dir=req,
         tolerance={"type": float, "required": True})
     return p

@@ -12,8 +12,9 @@ replicates (n - 1 degrees of freedom). The verdict follows from the interval alo
 Memorization reads the same way with the words "less" and "more". A training curve has reached a
 plateau when the least-squares slope of its last points (the last third of training by default) has
 a t interval that holds 0; a curve whose slope interval lies wholly on one side is still moving. The
-tables and the replication report call these functions, so the same comparison gets the same words.
-numpy and scipy only.
+tables and the replication report call these functions, so the same comparison gets the same words: a
+claim's verdict (REPRODUCED, DISAGREES, INCONCLUSIVE: `claim_verdict`) is read off the same interval
+through `verdict`. numpy and scipy only.
 """
 from __future__ import annotations
 
@@ -141,3 +142,64 @@ def plateau(steps: Sequence[float], values: Sequence[float], fraction: float = 1
         improving = high < 0 if lower_is_better else low > 0
         word = "still improving" if improving else "still worsening"
     return Plateau(slope, low, high, len(s), word)
+
+
+# The replication report's verdicts (pipeline.claims), read off the same interval and verdict words.
+REPRODUCED, DISAGREES, INCONCLUSIVE, NOT_MEASURED = "REPRODUCED", "DISAGREES", "INCONCLUSIVE", "NOT MEASURED"
+CLAIM_VERDICTS = (REPRODUCED, DISAGREES, INCONCLUSIVE, NOT_MEASURED)
+
+
+@dataclass(frozen=True)
+class ClaimVerdict:
+    verdict: str  # one of CLAIM_VERDICTS
+    why: str      # what the interval says, e.g. "interval holds 0, leans toward the claim"
+
+
+def claim_verdict(interval: Interval, expect: str, tolerance: float | None = None) -> ClaimVerdict:
+    """A claim's verdict from the interval of its differences (first minus second, or value minus threshold).
+
+    `expect` "less" or "more": REPRODUCED when the whole interval lies on the claimed side of 0, DISAGREES
+    when it lies wholly on the other, else INCONCLUSIVE, saying which way the mean leans. `expect`
+    "equal" (with `tolerance` T): REPRODUCED when the whole interval lies in [-T, T], DISAGREES when it
+    lies wholly outside it, else INCONCLUSIVE. One replicate gives no interval: INCONCLUSIVE. The words
+    are `verdict`'s, so a table and the report never read one interval two ways."""
+    if expect not in ("less", "more", "equal"):
+        raise ValueError(f"expect is 'less', 'more' or 'equal', got {expect!r}")
+    if expect == "equal" and (tolerance is None or tolerance < 0):
+        raise ValueError("a claim of equality needs a non-negative tolerance")
+    word = verdict(interval, lower_is_better=True, tolerance=tolerance if expect == "equal" else None,
+                   words=MEMORIZATION_WORDS)
+    if expect == "equal":
+        lean = "toward the claim" if abs(interval.mean) <= tolerance else "against the claim"
+        if word.startswith("equal within"):
+            return ClaimVerdict(REPRODUCED, f"interval inside ±{tolerance:g}")
+        if interval.low is not None and (interval.low > tolerance or interval.high < -tolerance):
+            return ClaimVerdict(DISAGREES, f"interval wholly outside ±{tolerance:g}")
+        if interval.low is None:
+            return ClaimVerdict(INCONCLUSIVE, f"{word}; leans {lean}")
+        return ClaimVerdict(INCONCLUSIVE, f"interval reaches past ±{tolerance:g}; leans {lean}")
+    lean = "toward the claim" if (interval.mean < 0) == (expect == "less") and interval.mean != 0 else "against the claim"
+    if word == expect:
+        return ClaimVerdict(REPRODUCED, f"interval wholly {'below' if expect == 'less' else 'above'} 0")
+    if word in MEMORIZATION_WORDS:
+        return ClaimVerdict(DISAGREES, f"interval wholly {'above' if expect == 'less' else 'below'} 0")
+    if interval.low is None:
+        return ClaimVerdict(INCONCLUSIVE, f"{word}; leans {lean}")
+    return ClaimVerdict(INCONCLUSIVE, f"interval holds 0; leans {lean}")
+
+
+def combine_verdicts(verdicts: Sequence[ClaimVerdict]) -> ClaimVerdict:
+    """A pattern claim ("every student copies less than its teacher") over its comparisons: REPRODUCED
+    when every one reproduces, DISAGREES when any disagrees, else INCONCLUSIVE."""
+    if not verdicts:
+        raise ValueError("no comparison to combine")
+    words = [v.verdict for v in verdicts]
+    n = len(words)
+    if all(w == REPRODUCED for w in words):
+        return ClaimVerdict(REPRODUCED, verdicts[0].why if n == 1 else f"all {n} comparisons")
+    if DISAGREES in words:
+        k = words.count(DISAGREES)
+        return ClaimVerdict(DISAGREES, verdicts[words.index(DISAGREES)].why if n == 1 else f"{k} of {n} comparisons disagree")
+    if n == 1:
+        return verdicts[0]
+    return ClaimVerdict(INCONCLUSIVE, f"{words.count(REPRODUCED)} of {n} comparisons reproduce, none disagrees")
