@@ -240,3 +240,38 @@ def test_readme_states_the_rules_and_every_reading_the_claims_use(shipped):
     values = {m[k] for c in entries for m in c["measures"] for k in ("tolerance", "relative_tolerance", "threshold") if k in m}
     for v in sorted(values):
         assert re.search(rf"(?<![\d.]){re.escape(f'{v:g}' if v != int(v) else f'{v:.1f}')}(?!\d)", readings), v
+
+
+def test_a_fixed_yardstick_is_a_constant_and_undefined_values_do_not_crash(tmp_path):
+    """Three replicates against the one fixed held-out set: the set's value is a constant, the interval is the
+    replicates' own; a NaN (no crossover in the lab's grid) leaves a lab measure INCONCLUSIVE, or DISAGREES
+    where the measure says so; a row the config's table lacks is not compared (never an error at DAG time)."""
+    from pipeline.replicates import replicate_id
+
+    cfg = layered(["embedded.yaml"], replicates=3)
+    for r, mem in enumerate((0.30, 0.26, 0.34)):
+        path = tmp_path / "results" / "metrics" / replicate_id("teacher-48", r) / "heun-18.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metric(replicate_id("teacher-48", r), "heun-18", 50.0, mem)))
+    real = tmp_path / "results" / "metrics" / "real~digits-48" / "data.json"
+    real.parent.mkdir(parents=True)
+    real.write_text(json.dumps(metric("real~digits-48", "data", 7.0, 0.0)))
+    versus_real = {"table": "demo", "rows": {"setting": "48 digits", "label": "Teacher"}, "against": {"label": "Real held-out"},
+                   "metric": "mem", "expect": "more"}
+    missing_row = dict(versus_real, against={"label": "no such row"})
+    lab = tmp_path / "results" / "theory" / "analysis"
+    lab.mkdir(parents=True)
+    for seed, share in enumerate((0.97, float("nan"), 0.96)):
+        np.savez(lab / f"seed-{seed}.npz", simulated_gen_share=np.float64(share))
+    nan = {"requires": "theory", "files": "results/theory/analysis/seed-{seed}.npz", "key": "simulated_gen_share",
+           "expect": "more", "threshold": 0.9, "scale": "theory"}
+    entries = [claim("001-vs-real", [versus_real]), claim("001-no-row", [missing_row]), claim("001-nan", [nan], kind="value"),
+               claim("001-nan-disagrees", [dict(nan, undefined="disagrees")], kind="value")]
+    plan = claims.plan(entries, cfg, "embedded.yaml")
+    assert plan[0]["planned"][0]["comparisons"][0]["second"] == ["results/metrics/real~digits-48/data.json"]
+    assert not plan[1]["planned"]
+    got = {r["id"]: r for r in claims.evaluate(plan, tmp_path)}
+    assert got["001-vs-real"]["verdict"] == REPRODUCED and "+30.00 [+20.06, +39.94] points (n = 3)" in got["001-vs-real"]["ours"]
+    assert got["001-no-row"]["verdict"] == NOT_MEASURED
+    assert got["001-nan"]["verdict"] == INCONCLUSIVE and "undefined" in got["001-nan"]["why"]
+    assert got["001-nan-disagrees"]["verdict"] == DISAGREES

@@ -103,13 +103,16 @@ def _plan_table(cfg: Mapping[str, Any], m: Mapping[str, Any]) -> dict | None:
         else:
             selector = {"setting": row["setting"], **m["against"]}
             found = [k for k, other in enumerate(rows) if k != i and _matches(other, selector)]
-            if len(found) != 1:
-                raise ValueError(f"table {m['table']}: the row {row['setting']} / {row['label']} needs exactly one row "
-                                 f"{selector} to compare with, found {len(found)}")
+            if not found and "setting" not in m["against"]:  # a yardstick row: set under the row's training subset
+                found = [k for k, other in enumerate(rows) if other["role"] == "yardstick"
+                         and other["subset"] == row["subset"] and _matches(other, m["against"])]
+            if len(found) != 1:  # this config's table lacks the row to compare with (or has several): not measured
+                continue
             j = found[0]
         other = rows[j]
+        where = "" if other["setting"] == row["setting"] else f"{other['setting']} / "
         comparisons.append({"row": f"{row['setting']} / {row['label']} ({row['sampler']})",
-                            "against": f"{other['label']} ({other['sampler']})",
+                            "against": f"{where}{other['label']} ({other['sampler']})",
                             "first": _metric_paths(row), "second": _metric_paths(other),
                             "first_cfg": {k: row[k] for k in ("group_by",)},
                             "second_cfg": {k: other[k] for k in ("group_by",)}})
@@ -157,7 +160,7 @@ def _plan_files(cfg: Mapping[str, Any], m: Mapping[str, Any]) -> dict | None:
     section = cfg[requires[0].split(".")[0]]
     planned = {"source": m["files"].replace("{seed}", "*").replace("{r}", ""), "scale": m["scale"].format(**cfg),
                "metric": m["key"], "expect": m["expect"], "tolerance": m.get("tolerance"),
-               "files": _expand(m["files"], cfg, section)}
+               "undefined": m.get("undefined", "inconclusive"), "files": _expand(m["files"], cfg, section)}
     if "against" in m:
         planned["against_files"] = _expand(m["against"], cfg, section)
         planned["against"] = m["against"].replace("{seed}", "*").replace("{r}", "")
@@ -241,7 +244,16 @@ def _evaluate_measure(m: Mapping[str, Any], root: Path) -> dict:
     verdicts, parts = [], []
     if "files" in m:
         values = [_file_value(root / f, m["metric"]) for f in m["files"]]
-        if "against_files" in m:  # replicate r of one output against replicate r of another: paired
+        undefined = [f for f, v in zip(m["files"], values) if not np.isfinite(v)]
+        if "against_key" in m:
+            undefined += [f for f in m["files"] if not np.isfinite(_file_value(root / f, m["against_key"]))]
+        if "against_files" in m:
+            undefined += [f for f in m["against_files"] if not np.isfinite(_file_value(root / f, m["metric"]))]
+        if undefined:  # e.g. no crossover inside the lab's size grid
+            word = DISAGREES if m.get("undefined") == "disagrees" else INCONCLUSIVE
+            verdicts.append(ClaimVerdict(word, f"{len(set(undefined))} value(s) undefined (NaN)"))
+            parts.append(f"{m['metric']} undefined in {', '.join(sorted(set(undefined)))}")
+        elif "against_files" in m:  # replicate r of one output against replicate r of another: paired
             others = [_file_value(root / f, m["metric"]) for f in m["against_files"]]
             interval = t_interval([a - b for a, b in zip(values, others)])
             parts.append(f"{m['metric']}: {m['source']} - {m['against']}: {_interval_text(interval, '')}")
@@ -254,13 +266,20 @@ def _evaluate_measure(m: Mapping[str, Any], root: Path) -> dict:
             mean = t_interval(values)
             span = "" if mean.low is None else f" [{mean.low:.3g}, {mean.high:.3g}]"
             parts.append(f"{m['metric']} {mean.mean:.3g}{span} (n = {mean.n}) against {m['threshold']:g}")
-        verdicts.append(claim_verdict(interval, m["expect"], m.get("tolerance")))
+        if not undefined:
+            verdicts.append(claim_verdict(interval, m["expect"], m.get("tolerance")))
     else:
         for comp in m["comparisons"]:
             a = [scale * v for v in _table_values(comp["first"], comp["first_cfg"], m["metric"], root)]
             b = [scale * v for v in _table_values(comp["second"], comp["second_cfg"], m["metric"], root)]
+            if not np.all(np.isfinite(a + b)):
+                verdicts.append(ClaimVerdict(INCONCLUSIVE, "a value is undefined (NaN)"))
+                parts.append(f"{comp['row']} - {comp['against']}: undefined")
+                continue
             if len(a) == len(b):  # replicate r of each comes from the same teacher replicate or seed: paired
                 interval = t_interval([x - y for x, y in zip(a, b)])
+            elif len(b) == 1 or len(a) == 1:  # one side is one fixed set (a held-out yardstick): a constant
+                interval = t_interval([x - y for x in a for y in b])
             else:
                 interval = _welch(a, b)
             tolerance = m.get("tolerance")
