@@ -941,7 +941,8 @@ def test_tiny_run_logs(tiny_run):
     expected += [f"yardstick/{kind}~digits-48.log" for kind in ("real", "replay", "blur", "train")]
     expected += ["embed_subset/sscd/digits-48.log", "theory_analysis/seed-0.log", "theory_analysis/seed-1.log",
                  "theory_report/report.log", "theory_bridge/teacher-48.log", "theory_bridge/teacher-48.r1.log",
-                 "edge_lab/gaussian/seed-0.log", "edge_lab/gaussian/seed-1.log", "edge_report/report.log"]
+                 "edge_lab/gaussian/seed-0.log", "edge_lab/gaussian/seed-1.log", "edge_report/report.log",
+                 "claims/plan.log", "claims/claims.log"]
     for model, sampler in [(m, s) for m, s, _ in PAIRS] + [SNAPSHOT] + [(f"{k}~digits-48", "data") for k in ("real", "replay", "blur", "train")]:
         expected += [f"embed_samples/sscd/{model}/{sampler}.log", f"search/{model}/{sampler}.log"]
     missing = [p for p in expected if not (logs / p).is_file()]

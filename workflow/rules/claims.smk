@@ -26,8 +26,10 @@ rule claims_plan:
         "logs/claims/plan.log",
     benchmark:
         "results/benchmarks/claims/plan.tsv"
-    run:
-        pclaims.write_plan(params.plan, output[0], log[0])
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../scripts/claims_plan.py"
 
 
 rule claims:
