@@ -275,3 +275,16 @@ def test_a_fixed_yardstick_is_a_constant_and_undefined_values_do_not_crash(tmp_p
     assert got["001-no-row"]["verdict"] == NOT_MEASURED
     assert got["001-nan"]["verdict"] == INCONCLUSIVE and "undefined" in got["001-nan"]["why"]
     assert got["001-nan-disagrees"]["verdict"] == DISAGREES
+
+
+def test_rows_with_different_replicate_counts_get_welchs_interval():
+    from pipeline.claims import _welch
+
+    got = _welch([1.0, 2.0, 3.0, 4.0], [0.5, 0.7, 2.9])
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.7, 2.9])
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
+    from scipy.stats import t
+
+    half = t.ppf(0.975, (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)) * np.sqrt(va + vb)
+    assert got.mean == pytest.approx(a.mean() - b.mean()) and got.n == 3
+    assert (got.low, got.high) == pytest.approx((got.mean - half, got.mean + half))
